@@ -1,0 +1,50 @@
+// The lenet_ext._C extension module: operator schemas and build facts.
+// Kernels register themselves per device in ops/cpu and ops/cuda.
+#include <Python.h>
+#include <torch/library.h>
+
+#ifndef LENET_EXT_TORCH_VERSION
+#error "setup.py defines LENET_EXT_TORCH_VERSION"
+#endif
+#ifndef LENET_EXT_CUDA_ARCHS
+#define LENET_EXT_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(lenet_ext, m) {
+  // register_fake and register_autograd for these live in lenet_ext/ops.py.
+  m.set_python_module("lenet_ext.ops");
+  m.def(
+      "conv_sigmoid_avgpool2d(Tensor x, Tensor weight, Tensor? bias=None, int padding=0, "
+      "int pool=2) -> Tensor");
+  // Gradients for (x, weight, bias); an entry whose output_mask is false, or
+  // the bias entry when bias is None, comes back undefined (None).
+  m.def(
+      "conv_sigmoid_avgpool2d_backward(Tensor grad_out, Tensor x, Tensor weight, "
+      "Tensor? bias, int padding, int pool, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
+                          "Compiled kernels of lenet_ext; use lenet_ext.ops.", -1, nullptr};
+
+}  // namespace
+
+// A plain module: the operators are reached through torch.ops.lenet_ext, and
+// the attributes below record how this binary was built.
+PyMODINIT_FUNC PyInit__C() {
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+#ifdef LENET_EXT_WITH_CUDA
+  const int with_cuda = 1;
+#else
+  const int with_cuda = 0;
+#endif
+  if (PyModule_AddStringConstant(module, "torch_version", LENET_EXT_TORCH_VERSION) < 0 ||
+      PyModule_AddIntConstant(module, "with_cuda", with_cuda) < 0 ||
+      PyModule_AddStringConstant(module, "cuda_archs", LENET_EXT_CUDA_ARCHS) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

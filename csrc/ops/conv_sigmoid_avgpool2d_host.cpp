@@ -1,0 +1,106 @@
+#include "conv_sigmoid_avgpool2d_host.h"
+
+#include <ATen/ATen.h>
+
+#include <c10/util/Exception.h>
+
+namespace lenet_ext {
+
+namespace {
+
+bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble;
+}
+
+}  // namespace
+
+ConvPoolGeometry check_forward_args(
+    const at::Tensor& x, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, int64_t padding, int64_t pool) {
+  constexpr const char* op = "conv_sigmoid_avgpool2d: ";
+  TORCH_CHECK_VALUE(x.dim() == 4, op, "expected x to be 4-d (N, C_in, H, W), got a ",
+                    x.dim(), "-d tensor of shape ", x.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 4, op,
+                    "expected weight to be 4-d (C_out, C_in, K, K), got a ",
+                    weight.dim(), "-d tensor of shape ", weight.sizes());
+  TORCH_CHECK_TYPE(is_supported_dtype(x.scalar_type()), op,
+                   "expected x to be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), op,
+                   "expected weight to have x's dtype ", x.scalar_type(),
+                   ", got ", weight.scalar_type());
+  TORCH_CHECK_VALUE(weight.device() == x.device(), op,
+                    "expected weight on x's device ", x.device(), ", got ",
+                    weight.device());
+  TORCH_CHECK_VALUE(weight.size(1) == x.size(1), op,
+                    "channel mismatch: x has ", x.size(1),
+                    " input channels but weight expects ", weight.size(1),
+                    " (weight shape ", weight.sizes(), ")");
+  TORCH_CHECK_VALUE(weight.size(2) == weight.size(3), op,
+                    "expected a square kernel, got weight of shape ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.size(2) >= 1, op, "expected a kernel size >= 1, got weight of shape ",
+                    weight.sizes());
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == weight.size(0), op,
+                      "expected bias to be 1-d of size C_out = ", weight.size(0),
+                      ", got shape ", b.sizes());
+    TORCH_CHECK_TYPE(b.scalar_type() == x.scalar_type(), op,
+                     "expected bias to have x's dtype ", x.scalar_type(), ", got ",
+                     b.scalar_type());
+    TORCH_CHECK_VALUE(b.device() == x.device(), op, "expected bias on x's device ",
+                      x.device(), ", got ", b.device());
+  }
+  TORCH_CHECK_VALUE(padding >= 0, op, "expected padding >= 0, got ", padding);
+
+  ConvPoolGeometry g;
+  g.batch = x.size(0);
+  g.in_channels = x.size(1);
+  g.height = x.size(2);
+  g.width = x.size(3);
+  g.out_channels = weight.size(0);
+  g.kernel = weight.size(2);
+  g.padding = padding;
+  g.pool = pool;
+  TORCH_CHECK_VALUE(g.kernel <= g.height + 2 * padding && g.kernel <= g.width + 2 * padding, op,
+                    "kernel size ", g.kernel, " is larger than the padded input ",
+                    g.height + 2 * padding, "x", g.width + 2 * padding,
+                    " (x of shape ", x.sizes(), ", padding ", padding, ")");
+  g.conv_height = g.height + 2 * padding - g.kernel + 1;
+  g.conv_width = g.width + 2 * padding - g.kernel + 1;
+  TORCH_CHECK_VALUE(pool >= 1, op, "expected pool >= 1, got ", pool);
+  TORCH_CHECK_VALUE(pool <= g.conv_height && pool <= g.conv_width, op, "pool ", pool,
+                    " is larger than the conv output ", g.conv_height, "x", g.conv_width);
+  g.out_height = g.conv_height / pool;
+  g.out_width = g.conv_width / pool;
+  return g;
+}
+
+ConvPoolGeometry check_backward_args(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, int64_t padding, int64_t pool) {
+  const ConvPoolGeometry g = check_forward_args(x, weight, bias, padding, pool);
+  constexpr const char* op = "conv_sigmoid_avgpool2d_backward: ";
+  const std::vector<int64_t> expected{g.batch, g.out_channels, g.out_height, g.out_width};
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(expected), op,
+                    "expected grad_out of shape ", at::IntArrayRef(expected), ", got ",
+                    grad_out.sizes());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), op,
+                   "expected grad_out to have x's dtype ", x.scalar_type(), ", got ",
+                   grad_out.scalar_type());
+  TORCH_CHECK_VALUE(grad_out.device() == x.device(), op, "expected grad_out on x's device ",
+                    x.device(), ", got ", grad_out.device());
+  return g;
+}
+
+std::tuple<at::Tensor, at::Tensor> reduce_param_grads(
+    const at::Tensor& partials, const at::Tensor& weight, bool need_weight, bool need_bias) {
+  const int64_t weight_numel = weight.numel();
+  const at::Tensor totals = partials.sum(0).to(weight.scalar_type());
+  at::Tensor grad_weight =
+      need_weight ? totals.narrow(0, 0, weight_numel).view(weight.sizes()).clone() : at::Tensor();
+  at::Tensor grad_bias =
+      need_bias ? totals.narrow(0, weight_numel, weight.size(0)).clone() : at::Tensor();
+  return {grad_weight, grad_bias};
+}
+
+}  // namespace lenet_ext

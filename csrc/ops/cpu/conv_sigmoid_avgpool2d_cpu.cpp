@@ -1,0 +1,151 @@
+// CPU kernels of the fused conv -> sigmoid -> avgpool operator.
+// The per-element math lives in ../conv_sigmoid_avgpool2d.h, shared with CUDA.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../conv_sigmoid_avgpool2d.h"
+#include "../conv_sigmoid_avgpool2d_host.h"
+
+namespace lenet_ext {
+
+namespace {
+
+// Roughly how many multiply-adds a parallel_for chunk should hold, so that
+// tiny batches stay on one thread and large ones split evenly.
+constexpr int64_t kWorkPerChunk = 1 << 15;
+
+at::Tensor forward_cpu(const at::Tensor& x_arg, const at::Tensor& weight_arg,
+                       const std::optional<at::Tensor>& bias_arg, int64_t padding,
+                       int64_t pool) {
+  const ConvPoolGeometry g = check_forward_args(x_arg, weight_arg, bias_arg, padding, pool);
+  const at::Tensor x = x_arg.contiguous();
+  const at::Tensor weight = weight_arg.contiguous();
+  const at::Tensor bias = bias_arg.has_value() ? bias_arg->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_height, g.out_width}, x.options());
+  if (out.numel() == 0) return out;
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_sigmoid_avgpool2d_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+    const scalar_t* w_data = weight.const_data_ptr<scalar_t>();
+    const scalar_t* b_data = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
+    const int64_t plane_work = g.out_height * g.out_width * g.pool * g.pool *
+                               g.in_channels * g.kernel * g.kernel;
+    const int64_t grain = std::max<int64_t>(1, kWorkPerChunk / std::max<int64_t>(1, plane_work));
+    // One task is one (image, output channel) plane.
+    at::parallel_for(0, g.batch * g.out_channels, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t n = plane / g.out_channels;
+        const int64_t co = plane % g.out_channels;
+        const scalar_t* x_image = x_data + n * g.in_channels * g.height * g.width;
+        const scalar_t* filter = w_data + co * g.in_channels * g.kernel * g.kernel;
+        const acc_t b = b_data ? acc_t(b_data[co]) : acc_t(0);
+        scalar_t* out_plane = out_data + plane * g.out_height * g.out_width;
+        for (int64_t ph = 0; ph < g.out_height; ++ph) {
+          for (int64_t pw = 0; pw < g.out_width; ++pw) {
+            out_plane[ph * g.out_width + pw] =
+                static_cast<scalar_t>(pooled_output<scalar_t, acc_t>(x_image, filter, b, g, ph, pw));
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_out_arg, const at::Tensor& x_arg, const at::Tensor& weight_arg,
+    const std::optional<at::Tensor>& bias_arg, int64_t padding, int64_t pool,
+    std::array<bool, 3> output_mask) {
+  const ConvPoolGeometry g =
+      check_backward_args(grad_out_arg, x_arg, weight_arg, bias_arg, padding, pool);
+  const bool need_x = output_mask[0];
+  const bool need_w = output_mask[1];
+  const bool need_b = output_mask[2] && bias_arg.has_value();
+  const at::Tensor grad_out = grad_out_arg.contiguous();
+  const at::Tensor x = x_arg.contiguous();
+  const at::Tensor weight = weight_arg.contiguous();
+  const at::Tensor bias = bias_arg.has_value() ? bias_arg->contiguous() : at::Tensor();
+
+  at::Tensor grad_x = need_x ? at::empty_like(x) : at::Tensor();
+  const int64_t weight_numel = weight.numel();
+  // Each chunk of the batch accumulates its own weight and bias gradients
+  // (weight first, then bias); they are summed once at the end. A fixed
+  // chunking keeps the result independent of thread scheduling.
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.batch, at::get_num_threads()));
+  const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
+  at::Tensor partials = at::zeros({chunks, weight_numel + g.out_channels},
+                                  x.options().dtype(acc_type));
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_sigmoid_avgpool2d_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* go_data = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+    const scalar_t* w_data = weight.const_data_ptr<scalar_t>();
+    const scalar_t* b_data = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gx_data = need_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
+    acc_t* partial_data = partials.mutable_data_ptr<acc_t>();
+    const int64_t ext_h = pooled_extent(g.out_height, g.pool);
+    const int64_t ext_w = pooled_extent(g.out_width, g.pool);
+    const int64_t image_numel = g.in_channels * g.height * g.width;
+
+    at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+      // dL/dz of one image, reused for every image of the chunk.
+      std::vector<acc_t> dz(g.out_channels * ext_h * ext_w);
+      for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+        acc_t* partial = partial_data + chunk * (weight_numel + g.out_channels);
+        for (int64_t n = chunk * g.batch / chunks; n < (chunk + 1) * g.batch / chunks; ++n) {
+          const scalar_t* x_image = x_data + n * image_numel;
+          for (int64_t co = 0; co < g.out_channels; ++co) {
+            const scalar_t* grad_plane = go_data + (n * g.out_channels + co) * g.out_height * g.out_width;
+            const scalar_t* filter = w_data + co * g.in_channels * g.kernel * g.kernel;
+            const acc_t b = b_data ? acc_t(b_data[co]) : acc_t(0);
+            for (int64_t oh = 0; oh < ext_h; ++oh) {
+              for (int64_t ow = 0; ow < ext_w; ++ow) {
+                dz[(co * ext_h + oh) * ext_w + ow] =
+                    preactivation_grad<scalar_t, acc_t>(grad_plane, x_image, filter, b, g, oh, ow);
+              }
+            }
+          }
+          if (need_x) {
+            scalar_t* gx_image = gx_data + n * image_numel;
+            for (int64_t ci = 0; ci < g.in_channels; ++ci)
+              for (int64_t ih = 0; ih < g.height; ++ih)
+                for (int64_t iw = 0; iw < g.width; ++iw)
+                  gx_image[(ci * g.height + ih) * g.width + iw] = static_cast<scalar_t>(
+                      input_grad<scalar_t, acc_t>(dz.data(), w_data, g, ci, ih, iw));
+          }
+          if (need_w) {
+            int64_t i = 0;
+            for (int64_t co = 0; co < g.out_channels; ++co)
+              for (int64_t ci = 0; ci < g.in_channels; ++ci)
+                for (int64_t kh = 0; kh < g.kernel; ++kh)
+                  for (int64_t kw = 0; kw < g.kernel; ++kw)
+                    partial[i++] += weight_grad<scalar_t, acc_t>(dz.data(), x_image, g, co, ci, kh, kw);
+          }
+          if (need_b) {
+            for (int64_t co = 0; co < g.out_channels; ++co)
+              partial[weight_numel + co] += bias_grad<acc_t>(dz.data(), g, co);
+          }
+        }
+      }
+    });
+  });
+
+  auto [grad_w, grad_b] = reduce_param_grads(partials, weight, need_w, need_b);
+  return {grad_x, grad_w, grad_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lenet_ext, CPU, m) {
+  m.impl("conv_sigmoid_avgpool2d", &forward_cpu);
+  m.impl("conv_sigmoid_avgpool2d_backward", &backward_cpu);
+}
+
+}  // namespace lenet_ext

@@ -1,0 +1,233 @@
+// CUDA kernels of the fused conv -> sigmoid -> avgpool operator.
+// The per-element math lives in ../conv_sigmoid_avgpool2d.h, shared with the
+// CPU kernels; this file only maps it onto threads.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../conv_sigmoid_avgpool2d.h"
+#include "../conv_sigmoid_avgpool2d_host.h"
+
+namespace lenet_ext {
+
+namespace {
+
+constexpr int kThreads = 256;
+
+// Blocks for a grid-stride loop over `total` elements. The cap keeps the grid
+// legal; the 64-bit loop index covers whatever the cap leaves over.
+int64_t blocks_for(int64_t total) {
+  constexpr int64_t kMaxBlocks = int64_t(1) << 20;
+  return std::min<int64_t>((total + kThreads - 1) / kThreads, kMaxBlocks);
+}
+
+int multiprocessor_count(c10::DeviceIndex device) {
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
+__device__ __forceinline__ int64_t global_thread_index() {
+  return int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+
+__device__ __forceinline__ int64_t grid_stride() {
+  return int64_t(blockDim.x) * gridDim.x;
+}
+
+// One thread per pooled output (n, co, ph, pw).
+template <typename scalar_t>
+__global__ void forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
+                               const scalar_t* __restrict__ bias, scalar_t* __restrict__ out,
+                               ConvPoolGeometry g, int64_t total) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = global_thread_index(); i < total; i += grid_stride()) {
+    const int64_t pw = i % g.out_width;
+    const int64_t ph = (i / g.out_width) % g.out_height;
+    const int64_t co = (i / (g.out_width * g.out_height)) % g.out_channels;
+    const int64_t n = i / (g.out_width * g.out_height * g.out_channels);
+    const acc_t b = bias ? acc_t(bias[co]) : acc_t(0);
+    out[i] = static_cast<scalar_t>(pooled_output<scalar_t, acc_t>(
+        x + n * g.in_channels * g.height * g.width,
+        weight + co * g.in_channels * g.kernel * g.kernel, b, g, ph, pw));
+  }
+}
+
+// One thread per conv output (n, co, oh, ow) inside the pooled extent:
+// recomputes z and writes dL/dz.
+template <typename scalar_t, typename acc_t>
+__global__ void preactivation_grad_kernel(
+    const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ x,
+    const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias,
+    acc_t* __restrict__ dz, ConvPoolGeometry g, int64_t total) {
+  const int64_t ext_h = pooled_extent(g.out_height, g.pool);
+  const int64_t ext_w = pooled_extent(g.out_width, g.pool);
+  for (int64_t i = global_thread_index(); i < total; i += grid_stride()) {
+    const int64_t ow = i % ext_w;
+    const int64_t oh = (i / ext_w) % ext_h;
+    const int64_t co = (i / (ext_w * ext_h)) % g.out_channels;
+    const int64_t n = i / (ext_w * ext_h * g.out_channels);
+    const acc_t b = bias ? acc_t(bias[co]) : acc_t(0);
+    dz[i] = preactivation_grad<scalar_t, acc_t>(
+        grad_out + (n * g.out_channels + co) * g.out_height * g.out_width,
+        x + n * g.in_channels * g.height * g.width,
+        weight + co * g.in_channels * g.kernel * g.kernel, b, g, oh, ow);
+  }
+}
+
+// One thread per input element (n, ci, ih, iw): a gather, so no atomics.
+template <typename scalar_t, typename acc_t>
+__global__ void input_grad_kernel(const acc_t* __restrict__ dz, const scalar_t* __restrict__ weight,
+                                  scalar_t* __restrict__ grad_x, ConvPoolGeometry g,
+                                  int64_t total) {
+  const int64_t dz_image = g.out_channels * pooled_extent(g.out_height, g.pool) *
+                           pooled_extent(g.out_width, g.pool);
+  for (int64_t i = global_thread_index(); i < total; i += grid_stride()) {
+    const int64_t iw = i % g.width;
+    const int64_t ih = (i / g.width) % g.height;
+    const int64_t ci = (i / (g.width * g.height)) % g.in_channels;
+    const int64_t n = i / (g.width * g.height * g.in_channels);
+    grad_x[i] = static_cast<scalar_t>(
+        input_grad<scalar_t, acc_t>(dz + n * dz_image, weight, g, ci, ih, iw));
+  }
+}
+
+// blockIdx.x picks one weight element (or, past the weights, one bias),
+// blockIdx.y one chunk of the batch. Threads take images of the chunk in
+// turn and the block reduces their sums into partials[chunk, element].
+template <typename scalar_t, typename acc_t>
+__global__ void param_grad_kernel(const acc_t* __restrict__ dz, const scalar_t* __restrict__ x,
+                                  acc_t* __restrict__ partials, ConvPoolGeometry g,
+                                  int64_t images_per_chunk) {
+  const int64_t weight_numel = g.out_channels * g.in_channels * g.kernel * g.kernel;
+  const int64_t element = blockIdx.x;
+  const int64_t chunk = blockIdx.y;
+  const int64_t dz_image = g.out_channels * pooled_extent(g.out_height, g.pool) *
+                           pooled_extent(g.out_width, g.pool);
+  const int64_t n_begin = chunk * images_per_chunk;
+  const int64_t n_end = min(n_begin + images_per_chunk, g.batch);
+
+  acc_t sum = 0;
+  for (int64_t n = n_begin + threadIdx.x; n < n_end; n += blockDim.x) {
+    if (element < weight_numel) {
+      const int64_t kw = element % g.kernel;
+      const int64_t kh = (element / g.kernel) % g.kernel;
+      const int64_t ci = (element / (g.kernel * g.kernel)) % g.in_channels;
+      const int64_t co = element / (g.kernel * g.kernel * g.in_channels);
+      sum += weight_grad<scalar_t, acc_t>(dz + n * dz_image,
+                                          x + n * g.in_channels * g.height * g.width, g, co,
+                                          ci, kh, kw);
+    } else {
+      sum += bias_grad<acc_t>(dz + n * dz_image, g, element - weight_numel);
+    }
+  }
+
+  __shared__ acc_t block_sums[kThreads];
+  block_sums[threadIdx.x] = sum;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) block_sums[threadIdx.x] += block_sums[threadIdx.x + stride];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) partials[chunk * gridDim.x + element] = block_sums[0];
+}
+
+at::Tensor forward_cuda(const at::Tensor& x_arg, const at::Tensor& weight_arg,
+                        const std::optional<at::Tensor>& bias_arg, int64_t padding,
+                        int64_t pool) {
+  const ConvPoolGeometry g = check_forward_args(x_arg, weight_arg, bias_arg, padding, pool);
+  const c10::cuda::CUDAGuard device_guard(x_arg.device());
+  const at::Tensor x = x_arg.contiguous();
+  const at::Tensor weight = weight_arg.contiguous();
+  const at::Tensor bias = bias_arg.has_value() ? bias_arg->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_height, g.out_width}, x.options());
+  const int64_t total = out.numel();
+  if (total == 0) return out;
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_sigmoid_avgpool2d_cuda", [&] {
+    forward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+        bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+        out.mutable_data_ptr<scalar_t>(), g, total);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
+    const at::Tensor& grad_out_arg, const at::Tensor& x_arg, const at::Tensor& weight_arg,
+    const std::optional<at::Tensor>& bias_arg, int64_t padding, int64_t pool,
+    std::array<bool, 3> output_mask) {
+  const ConvPoolGeometry g =
+      check_backward_args(grad_out_arg, x_arg, weight_arg, bias_arg, padding, pool);
+  const c10::cuda::CUDAGuard device_guard(x_arg.device());
+  const bool need_x = output_mask[0];
+  const bool need_w = output_mask[1];
+  const bool need_b = output_mask[2] && bias_arg.has_value();
+  const at::Tensor grad_out = grad_out_arg.contiguous();
+  const at::Tensor x = x_arg.contiguous();
+  const at::Tensor weight = weight_arg.contiguous();
+  const at::Tensor bias = bias_arg.has_value() ? bias_arg->contiguous() : at::Tensor();
+
+  at::Tensor grad_x = need_x ? at::empty_like(x) : at::Tensor();
+  const int64_t param_numel = weight.numel() + g.out_channels;
+  // Enough batch chunks to fill the GPU, but no fewer than a block's worth
+  // of images each.
+  const int64_t max_chunks = std::max<int64_t>(1, (g.batch + kThreads - 1) / kThreads);
+  const int64_t wanted_chunks =
+      (2 * multiprocessor_count(x.device().index()) + param_numel - 1) / param_numel;
+  const int64_t chunks = std::max<int64_t>(1, std::min(max_chunks, wanted_chunks));
+  const int64_t images_per_chunk = std::max<int64_t>(1, (g.batch + chunks - 1) / chunks);
+  const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
+  at::Tensor partials = at::zeros({chunks, param_numel}, x.options().dtype(acc_type));
+
+  const int64_t dz_total = g.batch * g.out_channels * pooled_extent(g.out_height, g.pool) *
+                           pooled_extent(g.out_width, g.pool);
+  if (dz_total > 0 && (need_x || need_w || need_b)) {
+    // dL/dz, the gradient behind the pool and the sigmoid; x and the weights
+    // are read from it by the two gradient kernels below.
+    at::Tensor dz = at::empty({dz_total}, x.options().dtype(acc_type));
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_sigmoid_avgpool2d_backward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+      const scalar_t* w_data = weight.const_data_ptr<scalar_t>();
+      acc_t* dz_data = dz.mutable_data_ptr<acc_t>();
+      preactivation_grad_kernel<scalar_t, acc_t><<<blocks_for(dz_total), kThreads, 0, stream>>>(
+          grad_out.const_data_ptr<scalar_t>(), x_data, w_data,
+          bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, dz_data, g, dz_total);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (need_x) {
+        const int64_t x_total = x.numel();
+        input_grad_kernel<scalar_t, acc_t><<<blocks_for(x_total), kThreads, 0, stream>>>(
+            dz_data, w_data, grad_x.mutable_data_ptr<scalar_t>(), g, x_total);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      if (need_w || need_b) {
+        const dim3 grid(static_cast<unsigned>(param_numel), static_cast<unsigned>(chunks));
+        param_grad_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
+            dz_data, x_data, partials.mutable_data_ptr<acc_t>(), g, images_per_chunk);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+  } else if (need_x) {
+    grad_x.zero_();
+  }
+  auto [grad_w, grad_b] = reduce_param_grads(partials, weight, need_w, need_b);
+  return {grad_x, grad_w, grad_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lenet_ext, CUDA, m) {
+  m.impl("conv_sigmoid_avgpool2d", &forward_cuda);
+  m.impl("conv_sigmoid_avgpool2d_backward", &backward_cuda);
+}
+
+}  // namespace lenet_ext

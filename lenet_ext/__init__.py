@@ -1,0 +1,28 @@
+"""lenet_ext: LeNet-5 with fused conv -> sigmoid -> avgpool kernels for CPU and CUDA."""
+
+import torch
+
+from . import _extension
+
+_C = _extension.load()
+
+from . import ops  # noqa: E402  (registers fake kernels and autograd for the C++ ops)
+
+__version__ = "0.1.0"
+__all__ = ["ops", "build_info"]
+
+
+def build_info() -> dict:
+    """What this installation was built with, and what it runs with now."""
+    return {
+        "lenet_ext": __version__,
+        "torch_built_against": _C.torch_version,
+        "torch": torch.__version__,
+        "cuda_kernels": bool(_C.with_cuda),
+        "cuda_archs": _C.cuda_archs or None,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }

@@ -1,0 +1,122 @@
+"""Builds lenet_ext._C with torch.utils.cpp_extension.
+
+Build switches (environment variables):
+  USE_CUDA=0             build the CPU kernels only
+  FORCE_CUDA=1           build the CUDA kernels, or fail if no toolkit is found
+  CUDA_HOME              the CUDA toolkit to use (found automatically otherwise)
+  TORCH_CUDA_ARCH_LIST   GPU architectures; with no GPU visible and none given,
+                         DEFAULT_CUDA_ARCHS below
+  MAX_JOBS               parallel compile jobs
+  LENET_EXT_DEBUG=1      -O0 -g, for debugging the kernels
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+try:
+    import torch
+except ImportError:
+    sys.exit(
+        "lenet_ext is a PyTorch extension and needs torch to build.\n"
+        "Install torch first (pip install torch), then build lenet_ext with\n"
+        "  pip install --no-build-isolation ."
+    )
+
+# Used when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset: Ampere (8.0)
+# and Hopper (9.0) as machine code, plus PTX of 9.0 that newer GPUs can JIT.
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def env_flag(name):
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    return value.strip().lower() not in ("0", "false", "no", "off", "")
+
+
+def find_cuda_home():
+    """A CUDA toolkit directory holding bin/nvcc and lib64/libcudart, or None.
+
+    A wrapper script on PATH (such as /usr/local/bin/nvcc) fools the guess that
+    cpp_extension makes from `which nvcc`, so each candidate is checked for the
+    runtime library the link needs.
+    """
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for home in candidates:
+        if not home:
+            continue
+        has_nvcc = os.path.exists(os.path.join(home, "bin", "nvcc"))
+        has_cudart = glob.glob(os.path.join(home, "lib*", "libcudart.so*")) or glob.glob(
+            os.path.join(home, "targets", "*", "lib", "libcudart.so*")
+        )
+        if has_nvcc and has_cudart:
+            return home
+    return None
+
+
+def want_cuda():
+    use_cuda, force_cuda = env_flag("USE_CUDA"), env_flag("FORCE_CUDA")
+    if use_cuda is False:
+        return None
+    cuda_home = find_cuda_home()
+    if force_cuda or use_cuda:
+        if cuda_home is None:
+            sys.exit("FORCE_CUDA/USE_CUDA is set but no CUDA toolkit (bin/nvcc, libcudart) was found; set CUDA_HOME.")
+        if torch.version.cuda is None:
+            sys.exit(f"FORCE_CUDA/USE_CUDA is set but torch {torch.__version__} is a CPU-only build.")
+        return cuda_home
+    if cuda_home is None or torch.version.cuda is None:
+        return None
+    return cuda_home
+
+
+CUDA_HOME = want_cuda()
+if CUDA_HOME is not None:
+    # cpp_extension reads CUDA_HOME when it is first imported.
+    os.environ["CUDA_HOME"] = CUDA_HOME
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+
+from torch.utils import cpp_extension  # noqa: E402
+
+if CUDA_HOME is not None:
+    cpp_extension.CUDA_HOME = CUDA_HOME
+
+
+def extension():
+    debug = env_flag("LENET_EXT_DEBUG")
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/ops/cpu/*.cpp"))
+    define_macros = [("LENET_EXT_TORCH_VERSION", f'"{torch.__version__}"')]
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    # -fopenmp: at::parallel_for is inlined here and runs serially without it.
+    extra_compile_args = {"cxx": opt + ["-fopenmp"]}
+    extra_link_args = ["-fopenmp"]
+    builder = cpp_extension.CppExtension
+    if CUDA_HOME is not None:
+        sources += sorted(glob.glob("csrc/ops/cuda/*.cu"))
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "detected from the visible GPUs")
+        define_macros += [("LENET_EXT_WITH_CUDA", None), ("LENET_EXT_CUDA_ARCHS", f'"{archs}"')]
+        extra_compile_args["nvcc"] = opt + ["--expt-relaxed-constexpr"] + (["-lineinfo"] if not debug else ["-G"])
+        builder = cpp_extension.CUDAExtension
+    return builder(
+        name="lenet_ext._C",
+        sources=sources,
+        define_macros=define_macros,
+        extra_compile_args=extra_compile_args,
+        extra_link_args=extra_link_args,
+    )
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+)
