@@ -24,6 +24,9 @@ def conv_sigmoid_avgpool2d(
     stored: each pooled output is computed from x in one pass, and backward
     recomputes what it needs (see _setup_context).
     """
+    for name, value in (("padding", padding), ("pool", pool)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"conv_sigmoid_avgpool2d: expected {name} to be an int, got {type(value).__name__}")
     return torch.ops.lenet_ext.conv_sigmoid_avgpool2d.default(x, weight, bias, padding, pool)
 
 

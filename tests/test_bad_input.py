@@ -1,0 +1,97 @@
+"""Each bad argument gets an error that names it; none crashes or computes."""
+
+import pytest
+import torch
+
+from lenet_ext.ops import conv_sigmoid_avgpool2d
+
+from conftest import requires_cuda
+
+
+def lenet_layer2(**overrides):
+    args = dict(
+        x=torch.randn(2, 6, 14, 14),
+        weight=torch.randn(16, 6, 5, 5),
+        bias=torch.randn(16),
+        padding=0,
+        pool=2,
+    )
+    args.update(overrides)
+    return args
+
+
+BAD_INPUTS = {
+    "x_not_4d": (lenet_layer2(x=torch.randn(6, 14, 14)), ValueError, r"x to be 4-d"),
+    "weight_not_4d": (lenet_layer2(weight=torch.randn(16, 6, 25)), ValueError, r"weight to be 4-d"),
+    "channel_mismatch": (lenet_layer2(x=torch.randn(2, 3, 14, 14)), ValueError, r"channel mismatch: x has 3 input channels but weight expects 6"),
+    "non_square_kernel": (lenet_layer2(weight=torch.randn(16, 6, 5, 3)), ValueError, r"square kernel"),
+    "bias_2d": (lenet_layer2(bias=torch.randn(16, 1)), ValueError, r"bias to be 1-d of size C_out = 16"),
+    "bias_wrong_size": (lenet_layer2(bias=torch.randn(15)), ValueError, r"bias to be 1-d of size C_out = 16"),
+    "mixed_dtypes": (lenet_layer2(weight=torch.randn(16, 6, 5, 5, dtype=torch.float64)), TypeError, r"weight to have x's dtype"),
+    "bias_dtype": (lenet_layer2(bias=torch.randn(16, dtype=torch.float64)), TypeError, r"bias to have x's dtype"),
+    "integer_x": (
+        lenet_layer2(x=torch.ones(2, 6, 14, 14, dtype=torch.int32), weight=torch.ones(16, 6, 5, 5, dtype=torch.int32), bias=None),
+        TypeError,
+        r"x to be float32 or float64, got (Int|torch.int32)",
+    ),
+    "half_x": (
+        lenet_layer2(x=torch.randn(2, 6, 14, 14).half(), weight=torch.randn(16, 6, 5, 5).half(), bias=None),
+        TypeError,
+        r"x to be float32 or float64, got (Half|torch.float16)",
+    ),
+    "kernel_larger_than_padded_input": (
+        lenet_layer2(x=torch.randn(2, 6, 4, 4), padding=0), ValueError, r"kernel size 5 is larger than the padded input 4x4"
+    ),
+    "negative_padding": (lenet_layer2(padding=-1), ValueError, r"padding >= 0, got -1"),
+    "pool_zero": (lenet_layer2(pool=0), ValueError, r"pool >= 1, got 0"),
+    "pool_larger_than_conv_output": (lenet_layer2(pool=11), ValueError, r"pool 11 is larger than the conv output 10x10"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS.values()), ids=list(BAD_INPUTS))
+def test_bad_input_raises_a_named_error(case):
+    kwargs, error, message = case
+    with pytest.raises(error, match=message):
+        conv_sigmoid_avgpool2d(**kwargs)
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS.values()), ids=list(BAD_INPUTS))
+def test_fake_kernel_raises_the_same_error(case):
+    """Under torch.compile the fake kernel sees bad input first; it must say the same."""
+    kwargs, error, message = case
+    meta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    with pytest.raises(error, match=message):
+        conv_sigmoid_avgpool2d(**meta)
+
+
+@pytest.mark.parametrize("name", ["padding", "pool"])
+def test_non_integer_sizes(name):
+    with pytest.raises(TypeError, match=f"expected {name} to be an int, got float"):
+        conv_sigmoid_avgpool2d(**lenet_layer2(**{name: 2.0}))
+    # torch.ops goes through the schema, which also names the argument.
+    args = lenet_layer2(**{name: 2.0})
+    with pytest.raises(RuntimeError, match=f"type 'int' for argument '{name}'"):
+        torch.ops.lenet_ext.conv_sigmoid_avgpool2d(*args.values())
+
+
+def test_backward_checks_grad_out_shape():
+    args = lenet_layer2()
+    with pytest.raises(ValueError, match=r"grad_out of shape \[2, 16, 5, 5\]"):
+        torch.ops.lenet_ext.conv_sigmoid_avgpool2d_backward(
+            torch.randn(2, 16, 4, 4), args["x"], args["weight"], args["bias"], 0, 2, [True, True, True]
+        )
+
+
+@requires_cuda
+@pytest.mark.parametrize("moved", ["weight", "bias"])
+def test_tensors_on_different_devices(moved):
+    args = lenet_layer2()
+    args = lenet_layer2(**{moved: args[moved].cuda()})
+    with pytest.raises(ValueError, match=rf"{moved} on x's device cpu, got cuda"):
+        conv_sigmoid_avgpool2d(**args)
+
+
+def test_tensors_on_different_devices_meta():
+    """The device check, exercised without a GPU: a meta weight beside a CPU x."""
+    with pytest.raises((ValueError, RuntimeError), match=r"weight on x's device cpu"):
+        conv_sigmoid_avgpool2d(**lenet_layer2(weight=torch.randn(16, 6, 5, 5, device="meta")))

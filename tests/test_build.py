@@ -1,0 +1,52 @@
+"""What the build reports, and how it fails when torch is missing or mismatched."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lenet_ext
+from lenet_ext import _extension
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_build_info_describes_this_build():
+    info = lenet_ext.build_info()
+    assert info["torch_built_against"] == torch.__version__
+    assert info["cpu_threads"] == torch.get_num_threads()
+    assert isinstance(info["cuda_kernels"], bool)
+    if info["cuda_kernels"]:
+        assert info["cuda_archs"]
+    # The CUDA kernels are registered exactly when the build says so.
+    has_cuda_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(
+        "lenet_ext::conv_sigmoid_avgpool2d", "CUDA"
+    )
+    assert has_cuda_kernel == info["cuda_kernels"]
+
+
+def test_info_command():
+    out = subprocess.run(
+        [sys.executable, "-m", "lenet_ext", "info"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "torch_built_against" in out and torch.__version__ in out and "cuda_kernels" in out
+
+
+def test_mismatched_torch_asks_for_a_rebuild(monkeypatch):
+    monkeypatch.setattr(lenet_ext._C, "torch_version", "0.0.0-other")
+    with pytest.raises(ImportError, match=r"built against torch 0\.0\.0-other.*\n.*Rebuild"):
+        _extension.load()
+
+
+def test_setup_without_torch_stops_with_instructions():
+    # A None entry in sys.modules makes `import torch` fail as if torch were absent.
+    script = (
+        "import sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--version'];"
+        "exec(compile(open('setup.py').read(), 'setup.py', 'exec'))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "needs torch to build" in result.stderr
+    assert "pip install --no-build-isolation" in result.stderr

@@ -1,0 +1,222 @@
+"""The fused operator against the PyTorch composite, computed in float64."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+
+import lenet_ext
+from lenet_ext.ops import conv_sigmoid_avgpool2d
+
+from conftest import DEVICES, requires_cuda
+
+OP = torch.ops.lenet_ext.conv_sigmoid_avgpool2d.default
+BACKWARD_OP = torch.ops.lenet_ext.conv_sigmoid_avgpool2d_backward.default
+
+# (batch, in_channels, out_channels, height, width, kernel, padding, pool)
+CASES = {
+    "lenet_layer1": (3, 1, 6, 28, 28, 5, 2, 2),
+    "lenet_layer2": (3, 6, 16, 14, 14, 5, 0, 2),
+    "batch0": (0, 1, 6, 28, 28, 5, 2, 2),
+    "batch1": (1, 6, 16, 14, 14, 5, 0, 2),
+    "rgb_5_out": (3, 3, 5, 12, 12, 3, 1, 2),
+    "kernel1": (2, 3, 4, 7, 7, 1, 0, 2),
+    "kernel7_padded": (2, 2, 3, 9, 9, 7, 3, 2),
+    "pool_floors": (2, 2, 3, 13, 11, 3, 0, 2),  # conv 11x9 -> pool 5x4, last row and column dropped
+    "pool1": (2, 2, 3, 8, 8, 3, 1, 1),
+    "pool3_floors": (3, 1, 5, 12, 10, 3, 1, 3),  # conv 12x10 -> 4x3, one column dropped
+    "non_square": (2, 3, 2, 6, 15, 3, 2, 2),
+    "kernel_fills_input": (2, 2, 3, 5, 5, 5, 0, 1),
+}
+
+# Tolerances against the float64 reference. float32 accumulates in float32:
+# sums of up to C_in * K * K products in forward, and batch * H * W products
+# in the weight gradient.
+TOLERANCES = {
+    torch.float64: dict(atol=1e-12, rtol=1e-10),
+    torch.float32: dict(atol=2e-5, rtol=2e-4),
+}
+
+
+def reference(x, weight, bias, padding, pool):
+    return F.avg_pool2d(torch.sigmoid(F.conv2d(x, weight, bias, padding=padding)), pool, pool)
+
+
+def make_inputs(case, dtype, device, with_bias=True, seed=0):
+    n, c_in, c_out, h, w, k, padding, pool = case
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c_in, h, w, generator=gen, dtype=torch.float64)
+    weight = torch.randn(c_out, c_in, k, k, generator=gen, dtype=torch.float64) / k
+    bias = torch.randn(c_out, generator=gen, dtype=torch.float64) if with_bias else None
+    to = dict(dtype=dtype, device=device)
+    return x.to(**to), weight.to(**to), None if bias is None else bias.to(**to), padding, pool
+
+
+def grads_of(fn, tensors, grad_out):
+    leaves = [t.detach().requires_grad_() for t in tensors if t is not None]
+    it = iter(leaves)
+    args = [None if t is None else next(it) for t in tensors]
+    out = fn(*args)
+    return out, torch.autograd.grad(out, leaves, grad_out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_forward_and_gradients_match_reference(case, with_bias, dtype, device):
+    x, weight, bias, padding, pool = make_inputs(case, dtype, device, with_bias)
+    n, _, c_out, h, w, k, _, _ = case
+    out_shape = (n, c_out, (h + 2 * padding - k + 1) // pool, (w + 2 * padding - k + 1) // pool)
+    grad_out = torch.randn(out_shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    tensors = (x, weight, bias)
+    out, grads = grads_of(lambda *t: conv_sigmoid_avgpool2d(*t, padding, pool), tensors, grad_out.to(x))
+    ref_tensors = tuple(None if t is None else t.double().cpu() for t in tensors)
+    ref_out, ref_grads = grads_of(lambda *t: reference(*t, padding, pool), ref_tensors, grad_out)
+
+    assert out.shape == out_shape and out.dtype == dtype and out.device == x.device
+    torch.testing.assert_close(out.double().cpu(), ref_out, **TOLERANCES[dtype])
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double().cpu(), want, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "needs", [(True, False, False), (False, True, False), (False, False, True), (False, True, True)],
+    ids=["x", "weight", "bias", "params"],
+)
+def test_any_subset_of_gradients(needs, device):
+    x, weight, bias, padding, pool = make_inputs(CASES["rgb_5_out"], torch.float64, device)
+    tensors = [t.detach().requires_grad_(need) for t, need in zip((x, weight, bias), needs)]
+    conv_sigmoid_avgpool2d(*tensors, padding, pool).sum().backward()
+    ref = [t.detach().cpu().requires_grad_(need) for t, need in zip((x, weight, bias), needs)]
+    reference(*ref, padding, pool).sum().backward()
+    for got, want, need in zip(tensors, ref, needs):
+        assert (got.grad is not None) == need
+        if need:
+            torch.testing.assert_close(got.grad.cpu(), want.grad, **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["channels_last", "non_contiguous"])
+def test_strided_inputs(layout, device):
+    x, weight, bias, padding, pool = make_inputs(CASES["rgb_5_out"], torch.float64, device)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+        weight = weight.to(memory_format=torch.channels_last)
+    else:
+        x = x.transpose(2, 3).contiguous().transpose(2, 3)[:, :, 1:, ::2]
+        bias = torch.stack([bias, bias], 1)[:, 0]
+        assert not x.is_contiguous() and not bias.is_contiguous()
+    tensors = (x, weight, bias)
+    ref_out = reference(*(t.cpu() for t in tensors), padding, pool)
+    grad_out = torch.randn_like(ref_out)
+    out, grads = grads_of(lambda *t: conv_sigmoid_avgpool2d(*t, padding, pool), tensors, grad_out.to(device))
+    _, ref_grads = grads_of(lambda *t: reference(*t, padding, pool), tuple(t.cpu() for t in tensors), grad_out)
+    torch.testing.assert_close(out.cpu(), ref_out, **TOLERANCES[torch.float64])
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.cpu(), want, **TOLERANCES[torch.float64])
+
+
+def test_torch_ops_namespace_and_defaults():
+    x, weight, bias, _, _ = make_inputs(CASES["lenet_layer2"], torch.float64, "cpu")
+    torch.testing.assert_close(
+        torch.ops.lenet_ext.conv_sigmoid_avgpool2d(x, weight), reference(x, weight, None, 0, 2)
+    )
+    torch.testing.assert_close(
+        torch.ops.lenet_ext.conv_sigmoid_avgpool2d(x, weight, bias, 1, 3), reference(x, weight, bias, 1, 3)
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize(
+    "case",
+    [(2, 1, 2, 6, 6, 3, 1, 2), (1, 2, 3, 7, 5, 3, 0, 2), (2, 3, 2, 5, 5, 1, 0, 3)],
+    ids=["padded", "floors", "kernel1_pool3"],
+)
+def test_gradcheck(case, with_bias, device):
+    x, weight, bias, padding, pool = make_inputs(case, torch.float64, device, with_bias)
+    tensors = tuple(t.requires_grad_() for t in (x, weight, bias) if t is not None)
+    if with_bias:
+        fn = lambda x, w, b: conv_sigmoid_avgpool2d(x, w, b, padding, pool)  # noqa: E731
+    else:
+        fn = lambda x, w: conv_sigmoid_avgpool2d(x, w, None, padding, pool)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, tensors)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("requires_grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("case", ["lenet_layer1", "lenet_layer2", "pool3_floors", "batch0"])
+def test_opcheck_forward(case, requires_grad, device):
+    x, weight, bias, padding, pool = make_inputs(CASES[case], torch.float32, device)
+    for t in (x, weight, bias):
+        t.requires_grad_(requires_grad)
+    opcheck(OP, (x, weight, bias, padding, pool))
+    opcheck(OP, (x, weight), {"padding": padding, "pool": pool})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask", [[True, True, True], [False, True, False], [True, False, False]])
+@pytest.mark.parametrize("case", ["lenet_layer1", "pool3_floors"])
+def test_opcheck_backward(case, mask, device):
+    x, weight, bias, padding, pool = make_inputs(CASES[case], torch.float32, device)
+    grad_out = torch.randn_like(OP(x, weight, bias, padding, pool))
+    opcheck(BACKWARD_OP, (grad_out, x, weight, bias, padding, pool, mask))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_masks_return_none(device):
+    x, weight, bias, padding, pool = make_inputs(CASES["rgb_5_out"], torch.float64, device)
+    grad_out = torch.ones_like(OP(x, weight, bias, padding, pool))
+    grad_x, grad_weight, grad_bias = BACKWARD_OP(grad_out, x, weight, None, padding, pool, [False, True, True])
+    assert grad_x is None and grad_bias is None and grad_weight.shape == weight.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_matches_eager(device):
+    x, weight, bias, padding, pool = make_inputs(CASES["lenet_layer2"], torch.float32, device)
+
+    def block(x, weight, bias):
+        return conv_sigmoid_avgpool2d(x, weight, bias, padding, pool).square().sum()
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    eager_loss, eager_grads = grads_of(block, (x, weight, bias), torch.tensor(1.0, device=device))
+    loss, grads = grads_of(compiled, (x, weight, bias), torch.tensor(1.0, device=device))
+    torch.testing.assert_close(loss, eager_loss)
+    for got, want in zip(grads, eager_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_export_keeps_the_custom_op():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(6, 16, 5)
+
+        def forward(self, x):
+            return conv_sigmoid_avgpool2d(x, self.conv.weight, self.conv.bias, 0, 2)
+
+    x = torch.randn(2, 6, 14, 14)
+    batch = torch.export.Dim("batch", min=1)
+    exported = torch.export.export(Block(), (x,), dynamic_shapes={"x": {0: batch}})
+    targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]
+    assert OP in targets
+    y = torch.randn(5, 6, 14, 14)
+    torch.testing.assert_close(exported.module()(y), exported.module().forward(y))
+    assert exported.module()(y).shape == (5, 16, 5, 5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", ["lenet_layer1", "lenet_layer2", "pool3_floors"])
+def test_cpu_and_cuda_agree(case):
+    x, weight, bias, padding, pool = make_inputs(CASES[case], torch.float32, "cpu")
+    grad_out = torch.randn_like(reference(x, weight, bias, padding, pool))
+    fn = lambda *t: conv_sigmoid_avgpool2d(*t, padding, pool)  # noqa: E731
+    cpu_out, cpu_grads = grads_of(fn, (x, weight, bias), grad_out)
+    cuda_out, cuda_grads = grads_of(fn, tuple(t.cuda() for t in (x, weight, bias)), grad_out.cuda())
+    torch.testing.assert_close(cuda_out.cpu(), cpu_out, **TOLERANCES[torch.float32])
+    for got, want in zip(cuda_grads, cpu_grads):
+        torch.testing.assert_close(got.cpu(), want, **TOLERANCES[torch.float32])
