@@ -7,9 +7,21 @@ from . import _extension
 _C = _extension.load()
 
 from . import ops  # noqa: E402  (registers fake kernels and autograd for the C++ ops)
+from .fuse import FusedSequential, fuse  # noqa: E402
+from .model import LeNet, reference_lenet  # noqa: E402
+from .shapes import get_output_size, summary  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ops", "build_info"]
+__all__ = [
+    "LeNet",
+    "reference_lenet",
+    "fuse",
+    "FusedSequential",
+    "get_output_size",
+    "summary",
+    "ops",
+    "build_info",
+]
 
 
 def build_info() -> dict:

@@ -1,0 +1,158 @@
+"""Running Conv2d -> Sigmoid -> AvgPool2d runs of an nn.Sequential through the fused operator."""
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .ops import conv_sigmoid_avgpool2d
+
+__all__ = ["FusedSequential", "fuse"]
+
+_FUSED_DTYPES = (torch.float32, torch.float64)
+_FUSED_DEVICES = ("cpu", "cuda")
+
+
+def _square(value) -> Optional[int]:
+    """The side of a square size given as an int or a pair, else None."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, (tuple, list)) and len(value) == 2 and value[0] == value[1]:
+        return int(value[0])
+    return None
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
+
+
+def _conv_padding(conv: nn.Conv2d) -> Optional[int]:
+    kernel = _square(conv.kernel_size)
+    if conv.padding == "valid":
+        return 0
+    if conv.padding == "same":
+        return (kernel - 1) // 2 if kernel is not None and kernel % 2 == 1 else None
+    return _square(conv.padding)
+
+
+def fusable(conv: nn.Module, act: nn.Module, pool: nn.Module) -> bool:
+    """Whether conv_sigmoid_avgpool2d computes exactly what these three modules do.
+
+    Read at every call, so that a layer changed after construction is run
+    unfused rather than wrongly.
+    """
+    return (
+        isinstance(conv, nn.Conv2d)
+        and isinstance(act, nn.Sigmoid)
+        and isinstance(pool, nn.AvgPool2d)
+        and _square(conv.kernel_size) is not None
+        and _square(conv.stride) == 1
+        and _square(conv.dilation) == 1
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and _conv_padding(conv) is not None
+        and _square(pool.kernel_size) is not None
+        and _square(pool.stride) == _square(pool.kernel_size)
+        and _square(pool.padding) == 0
+        and not pool.ceil_mode
+        and pool.divisor_override is None
+        and not (_has_hooks(conv) or _has_hooks(act) or _has_hooks(pool))
+    )
+
+
+class _ConvBlock:
+    """One fused Conv2d -> Sigmoid -> AvgPool2d run; falls back to the modules when it can't fuse."""
+
+    def __init__(self, conv, act, pool):
+        self.modules = (conv, act, pool)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        conv, act, pool = self.modules
+        if (
+            x.dtype in _FUSED_DTYPES
+            and x.device.type in _FUSED_DEVICES
+            and x.dim() == 4
+            and fusable(conv, act, pool)
+        ):
+            return conv_sigmoid_avgpool2d(x, conv.weight, conv.bias, _conv_padding(conv), _square(pool.kernel_size))
+        return pool(act(conv(x)))
+
+
+class _LinearSigmoid:
+    """Linear -> Sigmoid as two kernels (addmm, sigmoid), without the module calls."""
+
+    def __init__(self, linear, act):
+        self.modules = (linear, act)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        linear, act = self.modules
+        if _has_hooks(linear) or _has_hooks(act) or not isinstance(act, nn.Sigmoid):
+            return act(linear(x))
+        return torch.sigmoid(F.linear(x, linear.weight, linear.bias))
+
+
+def _plan(children: Tuple[nn.Module, ...]):
+    """Steps that compute the children in order; returns (steps, fused runs)."""
+    steps, runs, i = [], [], 0
+    while i < len(children):
+        if i + 2 < len(children) and fusable(*children[i : i + 3]):
+            steps.append(_ConvBlock(*children[i : i + 3]))
+            runs.append((i, i + 3))
+            i += 3
+        elif (
+            i + 1 < len(children)
+            and type(children[i]) is nn.Linear
+            and type(children[i + 1]) is nn.Sigmoid
+        ):
+            steps.append(_LinearSigmoid(children[i], children[i + 1]))
+            i += 2
+        else:
+            steps.append(children[i])
+            i += 1
+    return steps, runs
+
+
+class FusedSequential(nn.Sequential):
+    """An nn.Sequential whose Conv2d -> Sigmoid -> AvgPool2d runs run fused.
+
+    Its children, parameters and state_dict are those of a plain nn.Sequential
+    built from the same modules; only forward differs. The plan is rebuilt
+    whenever a child is replaced, added or removed.
+    """
+
+    def _current_plan(self):
+        children = tuple(self._modules.values())
+        if getattr(self, "_plan_children", None) != children:
+            self._plan_steps = _plan(children)[0]
+            self._plan_children = children
+        return self._plan_steps
+
+    def fused_runs(self) -> List[Tuple[int, int]]:
+        """[start, stop) child indices of each run that forward computes fused, as the layers are now."""
+        return _plan(tuple(self._modules.values()))[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        for step in self._current_plan():
+            x = step(x)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"fused_runs={self.fused_runs()}"
+
+
+def fuse(model: nn.Module) -> nn.Module:
+    """A module computing what `model` computes, with its fusable runs fused.
+
+    `model` is an nn.Sequential (nested ones are fused too). The result holds
+    the very same child modules, so it shares every parameter and buffer with
+    `model`: training either one trains both. Other modules are returned as
+    they are.
+    """
+    if not isinstance(model, nn.Sequential):
+        return model
+    fused = FusedSequential()
+    for name, child in model.named_children():
+        fused.add_module(name, fuse(child) if type(child) is nn.Sequential else child)
+    fused.train(model.training)
+    return fused

@@ -1,0 +1,349 @@
+"""LeNet is the d2l nn.Sequential, layer for layer, with fused conv blocks."""
+
+import contextlib
+import io
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lenet_ext
+from lenet_ext import LeNet, reference_lenet
+
+from conftest import DEVICES
+
+# The chapter's table, as its loop prints it.
+REFERENCE_TABLE = """\
+Conv2d output shape: \t torch.Size([1, 6, 28, 28])
+Sigmoid output shape: \t torch.Size([1, 6, 28, 28])
+AvgPool2d output shape: \t torch.Size([1, 6, 14, 14])
+Conv2d output shape: \t torch.Size([1, 16, 10, 10])
+Sigmoid output shape: \t torch.Size([1, 16, 10, 10])
+AvgPool2d output shape: \t torch.Size([1, 16, 5, 5])
+Flatten output shape: \t torch.Size([1, 400])
+Linear output shape: \t torch.Size([1, 120])
+Sigmoid output shape: \t torch.Size([1, 120])
+Linear output shape: \t torch.Size([1, 84])
+Sigmoid output shape: \t torch.Size([1, 84])
+Linear output shape: \t torch.Size([1, 10])
+"""
+
+TOLERANCES = {
+    torch.float64: dict(atol=1e-12, rtol=1e-10),
+    torch.float32: dict(atol=1e-5, rtol=1e-4),
+}
+
+
+def d2l_net():
+    """The chapter's model, written out as the chapter writes it."""
+    return nn.Sequential(
+        nn.Conv2d(1, 6, kernel_size=5, padding=2), nn.Sigmoid(),
+        nn.AvgPool2d(kernel_size=2, stride=2),
+        nn.Conv2d(6, 16, kernel_size=5), nn.Sigmoid(),
+        nn.AvgPool2d(kernel_size=2, stride=2),
+        nn.Flatten(),
+        nn.Linear(16 * 5 * 5, 120), nn.Sigmoid(),
+        nn.Linear(120, 84), nn.Sigmoid(),
+        nn.Linear(84, 10))  # fmt: skip
+
+
+def twin_pair(dtype=torch.float32, device="cpu", seed=0):
+    torch.manual_seed(seed)
+    net = LeNet().to(dtype=dtype, device=device)
+    ref = d2l_net().to(dtype=dtype, device=device)
+    ref.load_state_dict(net.state_dict())
+    return net, ref
+
+
+def outputs_and_grads(model, x, target):
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    out = model(x)
+    nn.functional.cross_entropy(out, target).backward()
+    return out.detach(), x.grad, [p.grad for p in model.parameters()]
+
+
+def test_children_are_the_reference_layers():
+    net, ref = LeNet(), d2l_net()
+    assert len(net) == len(ref) == 12
+    assert isinstance(net, nn.Sequential)
+    for mine, theirs in zip(net, ref):
+        assert type(mine) is type(theirs)
+        assert repr(mine) == repr(theirs)
+    assert [type(net[i]) for i in range(12)] == [type(m) for m in ref]
+    assert type(net[-1]) is nn.Linear and isinstance(net[0:3], nn.Sequential)
+    assert str(net).splitlines()[1:] == str(ref).splitlines()[1:]
+
+
+def test_state_dict_round_trips_with_the_reference():
+    net, ref = LeNet(), d2l_net()
+    mine, theirs = net.state_dict(), ref.state_dict()
+    assert list(mine) == list(theirs)
+    assert all(mine[k].shape == theirs[k].shape for k in mine)
+    ref.load_state_dict(mine, strict=True)
+    fresh = LeNet()
+    fresh.load_state_dict(ref.state_dict(), strict=True)
+    for a, b in zip(fresh.state_dict().values(), mine.values()):
+        assert torch.equal(a, b)
+
+
+def test_d2l_init_weights_reaches_every_weight():
+    net = LeNet()
+    seen = []
+
+    def init_weights(m):
+        if type(m) == nn.Linear or type(m) == nn.Conv2d:  # noqa: E721  (as d2l writes it)
+            nn.init.constant_(m.weight, 0.5)
+            seen.append(m)
+
+    net.apply(init_weights)
+    assert len(seen) == 5
+    assert all(torch.all(m.weight == 0.5) for m in seen)
+
+
+def test_reference_loop_prints_the_reference_table():
+    net = LeNet()
+    X = torch.rand(size=(1, 1, 28, 28), dtype=torch.float32)
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        for layer in net:
+            X = layer(X)
+            print(layer.__class__.__name__, "output shape: \t", X.shape)
+    assert buffer.getvalue() == REFERENCE_TABLE
+
+
+class AtenOpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_forward_runs_the_fused_operator_and_no_aten_conv_or_pool():
+    net = LeNet()
+    x = torch.rand(2, 1, 28, 28, requires_grad=True)
+    with AtenOpRecorder() as recorder:
+        net(x).sum().backward()
+    assert recorder.ops.count("lenet_ext.conv_sigmoid_avgpool2d") == 2
+    assert recorder.ops.count("lenet_ext.conv_sigmoid_avgpool2d_backward") == 2
+    assert not [op for op in recorder.ops if "conv" in op and not op.startswith("lenet_ext") or "pool" in op and not op.startswith("lenet_ext")]
+    assert net.fused_runs() == [(0, 3), (3, 6)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_outputs_and_gradients_match_the_reference(mode, dtype, device):
+    net, ref = twin_pair(dtype, device)
+    getattr(net, mode)(), getattr(ref, mode)()
+    x = torch.rand(5, 1, 28, 28, dtype=dtype, device=device)
+    target = torch.randint(0, 10, (5,), device=device)
+    out, grad_x, grads = outputs_and_grads(net, x, target)
+    ref_out, ref_grad_x, ref_grads = outputs_and_grads(ref, x, target)
+    torch.testing.assert_close(out, ref_out, **TOLERANCES[dtype])
+    torch.testing.assert_close(grad_x, ref_grad_x, **TOLERANCES[dtype])
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_without_autograd(context, device):
+    net, ref = twin_pair(torch.float64, device)
+    x = torch.rand(3, 1, 28, 28, dtype=torch.float64, device=device)
+    with getattr(torch, context)():
+        out = net(x)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, ref(x).detach(), **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph(device):
+    net, ref = twin_pair(torch.float32, device)
+    compiled = torch.compile(net, fullgraph=True)
+    x = torch.rand(4, 1, 28, 28, device=device)
+    target = torch.randint(0, 10, (4,), device=device)
+    out, grad_x, grads = outputs_and_grads(compiled, x, target)
+    ref_out, ref_grad_x, ref_grads = outputs_and_grads(ref, x, target)
+    torch.testing.assert_close(out, ref_out, **TOLERANCES[torch.float32])
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
+
+
+def test_to_dtype_and_load_state_dict_keep_matching():
+    net, ref = LeNet(), d2l_net()
+    net.to(torch.float64)
+    ref.to(torch.float64)
+    torch.manual_seed(3)
+    ref.apply(lambda m: nn.init.normal_(m.weight) if isinstance(m, (nn.Linear, nn.Conv2d)) else None)
+    net.load_state_dict(ref.state_dict())
+    x = torch.rand(2, 1, 28, 28, dtype=torch.float64)
+    torch.testing.assert_close(net(x), ref(x), **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize(
+    "kwargs, input_shape, out_features",
+    [
+        (dict(num_classes=47), (2, 1, 28, 28), 47),
+        (dict(in_channels=3), (2, 3, 28, 28), 10),
+        (dict(image_size=32), (2, 1, 32, 32), 10),
+    ],
+)
+def test_family_options(kwargs, input_shape, out_features):
+    net = LeNet(**kwargs)
+    ref = reference_lenet(**kwargs)
+    ref.load_state_dict(net.state_dict())
+    x = torch.rand(input_shape)
+    out = net(x)
+    assert out.shape == (2, out_features)
+    assert net[7].in_features == 400
+    torch.testing.assert_close(out, ref(x), **TOLERANCES[torch.float32])
+    if "image_size" in kwargs:
+        assert net[0].padding == (0, 0)
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="image_size must be 28"):
+        LeNet(image_size=30)
+    with pytest.raises(ValueError, match="num_classes"):
+        LeNet(num_classes=0)
+
+
+def test_edited_layers_are_honoured():
+    net, ref = twin_pair(torch.float64)
+    net[1] = nn.ReLU()
+    ref[1] = nn.ReLU()
+    net[3].stride = (2, 2)
+    ref[3].stride = (2, 2)
+    net[7] = nn.Linear(64, 120, dtype=torch.float64)
+    ref[7] = net[7]
+    x = torch.rand(2, 1, 28, 28, dtype=torch.float64)
+    torch.testing.assert_close(net(x), ref(x))
+    assert net.fused_runs() == []
+
+
+def test_layer_attributes_changed_after_a_forward_are_honoured():
+    net, ref = twin_pair(torch.float64)
+    x = torch.rand(2, 1, 28, 28, dtype=torch.float64)
+    net(x)
+    net[3].stride = ref[3].stride = (2, 2)
+    net[7] = ref[7] = nn.Linear(64, 120, dtype=torch.float64)
+    torch.testing.assert_close(net(x), ref(x))
+    assert net.fused_runs() == [(0, 3)]
+    # An attribute change alone keeps the plan; the block checks it at call time.
+    net[2].ceil_mode = True
+    with AtenOpRecorder() as recorder:
+        net(x)
+    assert "lenet_ext.conv_sigmoid_avgpool2d" not in recorder.ops
+    assert net.fused_runs() == []
+
+
+def test_forward_hooks_on_a_fused_layer_still_fire():
+    net = LeNet()
+    seen = []
+    net[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    net(torch.rand(1, 1, 28, 28))
+    assert seen == [torch.Size([1, 6, 28, 28])]
+
+
+def test_unsupported_dtype_falls_back_to_the_modules():
+    net, ref = twin_pair(torch.bfloat16)
+    x = torch.rand(2, 1, 28, 28, dtype=torch.bfloat16)
+    torch.testing.assert_close(net(x), ref(x))
+
+
+# --- fuse -------------------------------------------------------------------
+
+
+def test_fuse_shares_parameters_and_fuses_the_conv_blocks():
+    model = d2l_net()
+    fused = lenet_ext.fuse(model)
+    assert fused.fused_runs() == [(0, 3), (3, 6)]
+    assert "fused_runs=[(0, 3), (3, 6)]" in repr(fused)
+    for a, b in zip(fused.parameters(), model.parameters()):
+        assert a is b
+    x = torch.rand(8, 1, 28, 28)
+    target = torch.randint(0, 10, (8,))
+    before = model(x).detach()
+    torch.testing.assert_close(fused(x), before, **TOLERANCES[torch.float32])
+    # Training the fused model trains the original.
+    opt = torch.optim.SGD(fused.parameters(), lr=0.5)
+    nn.functional.cross_entropy(fused(x), target).backward()
+    opt.step()
+    assert not torch.allclose(model(x), before)
+    torch.testing.assert_close(fused(x), model(x), **TOLERANCES[torch.float32])
+
+
+def test_fuse_leaves_other_layers_alone():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.Sigmoid(), nn.AvgPool2d(2),          # fused
+        nn.Conv2d(4, 4, 3, stride=2), nn.Sigmoid(), nn.AvgPool2d(2),           # stride 2: not fused
+        nn.Conv2d(4, 5, 1, bias=False), nn.Sigmoid(), nn.AvgPool2d(3, 3),      # fused, no bias, pool 3
+        nn.Sequential(nn.Conv2d(5, 5, 1), nn.Sigmoid(), nn.AvgPool2d(1)),      # nested: fused
+        nn.Conv2d(5, 5, 1), nn.ReLU(), nn.AvgPool2d(1),                        # ReLU: not fused
+        nn.Conv2d(5, 5, 1), nn.Sigmoid(), nn.AvgPool2d(1, ceil_mode=True),     # ceil_mode: not fused
+        nn.Flatten(), nn.Linear(5, 3),
+    ).double()  # fmt: skip
+    fused = lenet_ext.fuse(model)
+    assert fused.fused_runs() == [(0, 3), (6, 9)]
+    assert fused[9].fused_runs() == [(0, 3)]
+    x = torch.rand(2, 3, 40, 40, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(fused(x), model(x))
+    (g_fused,) = torch.autograd.grad(fused(x).sum(), x)
+    (g_model,) = torch.autograd.grad(model(x).sum(), x)
+    torch.testing.assert_close(g_fused, g_model)
+
+
+def test_fuse_keeps_the_state_dict_and_mode():
+    model = d2l_net().eval()
+    fused = lenet_ext.fuse(model)
+    assert not fused.training
+    assert list(fused.state_dict()) == list(model.state_dict())
+
+
+def test_fuse_returns_non_sequential_modules_unchanged():
+    conv = nn.Conv2d(1, 1, 3)
+    assert lenet_ext.fuse(conv) is conv
+
+
+# --- shapes -----------------------------------------------------------------
+
+
+def test_get_output_size_reproduces_the_chapter():
+    assert lenet_ext.get_output_size((28, 28), (5, 5), (2 * 2, 2 * 2), (1, 1)) == (28, 28)
+    assert lenet_ext.get_output_size((28, 28), (2, 2), (0, 0), (2, 2)) == (14, 14)
+    assert lenet_ext.get_output_size(14, 5, 0, 1) == (10, 10)
+    assert lenet_ext.get_output_size((11, 9), (2, 2), (0, 0), (2, 2)) == (5, 4)
+
+
+def test_get_output_size_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="slide_size >= 1"):
+        lenet_ext.get_output_size((28, 28), (5, 5), (0, 0), (0, 1))
+    with pytest.raises(ValueError, match="does not fit"):
+        lenet_ext.get_output_size((3, 3), (5, 5), (0, 0), (1, 1))
+    with pytest.raises(TypeError, match="kernel_size"):
+        lenet_ext.get_output_size((28, 28), "5", (0, 0), (1, 1))
+
+
+def test_summary_prints_the_table_with_parameter_counts():
+    lines = []
+    total = lenet_ext.summary(LeNet(), print_fn=lines.append)
+    assert total == sum(p.numel() for p in d2l_net().parameters()) == 61706
+    table = [line.split("\t params: ")[0] for line in lines[:-1]]
+    assert "\n".join(table) + "\n" == REFERENCE_TABLE
+    assert lines[0].endswith("params: 156") and lines[7].endswith("params: 48120")
+    assert lines[-1] == "Total params: 61706"
+
+
+def test_summary_command():
+    out = subprocess.run(
+        [sys.executable, "-m", "lenet_ext", "summary"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "Conv2d output shape: \t torch.Size([1, 6, 28, 28])" in out
+    assert "Total params: 61706" in out
