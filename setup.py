@@ -94,7 +94,7 @@ if CUDA_HOME is not None:
 
 def extension():
     debug = env_flag("LENET_EXT_DEBUG")
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/ops/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/ops/cpu/*.cpp") + glob.glob("csrc/ops/cpu/isa/*.cpp"))
     define_macros = [("LENET_EXT_TORCH_VERSION", f'"{torch.__version__}"')]
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # -fopenmp: at::parallel_for is inlined here and runs serially without it.

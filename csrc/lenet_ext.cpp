@@ -3,6 +3,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "ops/cpu/simd_kernels.h"
+
 #ifndef LENET_EXT_TORCH_VERSION
 #error "setup.py defines LENET_EXT_TORCH_VERSION"
 #endif
@@ -25,8 +27,22 @@ TORCH_LIBRARY(lenet_ext, m) {
 
 namespace {
 
+// _C.cpu_kernel(): which CPU kernels float32 calls run on now.
+PyObject* cpu_kernel(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(lenet_ext::cpu::selected_kernel_name());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+}
+
+PyMethodDef module_methods[] = {
+    {"cpu_kernel", cpu_kernel, METH_NOARGS, "The CPU kernels float32 calls run on now."},
+    {nullptr, nullptr, 0, nullptr}};
+
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
-                          "Compiled kernels of lenet_ext; use lenet_ext.ops.", -1, nullptr};
+                          "Compiled kernels of lenet_ext; use lenet_ext.ops.", -1, module_methods};
 
 }  // namespace
 

@@ -36,5 +36,7 @@ def build_info() -> dict:
         "cuda_available": torch.cuda.is_available(),
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "cpu_threads": torch.get_num_threads(),
+        # float32 kernels in use; LENET_EXT_CPU_KERNEL=generic|baseline|avx2|avx512 overrides.
+        "cpu_kernel": _C.cpu_kernel(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }

@@ -1,5 +1,10 @@
 // CPU kernels of the fused conv -> sigmoid -> avgpool operator.
-// The per-element math lives in ../conv_sigmoid_avgpool2d.h, shared with CUDA.
+//
+// float32 runs the vectorised kernels of conv_sigmoid_avgpool2d_simd.h, built
+// per instruction set and chosen at run time (simd_kernels.h). float64, and
+// float32 under LENET_EXT_CPU_KERNEL=generic, run the generic kernels below,
+// made of the per-element math in ../conv_sigmoid_avgpool2d.h that the CUDA
+// kernels share.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -9,6 +14,7 @@
 
 #include "../conv_sigmoid_avgpool2d.h"
 #include "../conv_sigmoid_avgpool2d_host.h"
+#include "simd_kernels.h"
 
 namespace lenet_ext {
 
@@ -17,6 +23,72 @@ namespace {
 // Roughly how many multiply-adds a parallel_for chunk should hold, so that
 // tiny batches stay on one thread and large ones split evenly.
 constexpr int64_t kWorkPerChunk = 1 << 15;
+
+int64_t image_work(const ConvPoolGeometry& g) {
+  return g.out_channels * g.out_height * g.out_width * g.pool * g.pool * g.in_channels *
+         g.kernel * g.kernel;
+}
+
+// Weights as the vectorised kernels read them: [C_out / 16][C_in][K][K][16],
+// and bias as [C_out / 16][16], zero-padded to whole blocks of 16 channels.
+std::pair<at::Tensor, at::Tensor> pack_for_simd(const at::Tensor& weight, const at::Tensor& bias) {
+  const int64_t c_out = weight.size(0);
+  const int64_t blocks = (c_out + 15) / 16;
+  at::Tensor w = at::zeros({blocks * 16, weight.size(1), weight.size(2), weight.size(3)}, weight.options());
+  w.narrow(0, 0, c_out).copy_(weight);
+  at::Tensor packed_weights =
+      w.view({blocks, 16, weight.size(1), weight.size(2), weight.size(3)}).permute({0, 2, 3, 4, 1}).contiguous();
+  at::Tensor packed_bias = at::zeros({blocks * 16}, weight.options());
+  if (bias.defined()) packed_bias.narrow(0, 0, c_out).copy_(bias);
+  return {packed_weights, packed_bias};
+}
+
+void forward_simd(const cpu::SimdKernels& kernels, const ConvPoolGeometry& g, const at::Tensor& x,
+                  const at::Tensor& weight, const at::Tensor& bias, at::Tensor& out) {
+  auto [packed_weights, packed_bias] = pack_for_simd(weight, bias);
+  const float* x_data = x.const_data_ptr<float>();
+  const float* w_data = packed_weights.const_data_ptr<float>();
+  const float* b_data = packed_bias.const_data_ptr<float>();
+  float* out_data = out.mutable_data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, kWorkPerChunk / std::max<int64_t>(1, image_work(g)));
+  at::parallel_for(0, g.batch, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> xp(kernels.xp_size(g), 0.0f);
+    kernels.forward_images(g, x_data, w_data, b_data, out_data, begin, end, xp.data());
+  });
+}
+
+void backward_simd(const cpu::SimdKernels& kernels, const ConvPoolGeometry& g,
+                   const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                   const at::Tensor& bias, at::Tensor& grad_x, bool need_w, at::Tensor& partials) {
+  auto [packed_weights, packed_bias] = pack_for_simd(weight, bias);
+  const int64_t chunks = partials.size(0);
+  const int64_t weight_numel = weight.numel();
+  const int64_t bias_lanes = packed_bias.numel();
+  float* gx_data = grad_x.defined() ? grad_x.mutable_data_ptr<float>() : nullptr;
+  float* partial_data = partials.mutable_data_ptr<float>();
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    std::vector<float> xp(kernels.xp_size(g), 0.0f);
+    std::vector<float> dz(kernels.dz_size(g), 0.0f);
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      // Weight gradients with their 16 lanes unsummed until the chunk ends.
+      std::vector<float> grad_weight_lanes(need_w ? weight_numel * 16 : 0, 0.0f);
+      std::vector<float> grad_bias_lanes(bias_lanes, 0.0f);
+      kernels.backward_images(g, grad_out.const_data_ptr<float>(), x.const_data_ptr<float>(),
+                              packed_weights.const_data_ptr<float>(),
+                              packed_bias.const_data_ptr<float>(), weight.const_data_ptr<float>(),
+                              gx_data, need_w ? grad_weight_lanes.data() : nullptr,
+                              grad_bias_lanes.data(), chunk * g.batch / chunks,
+                              (chunk + 1) * g.batch / chunks, xp.data(), dz.data());
+      float* partial = partial_data + chunk * (weight_numel + g.out_channels);
+      for (int64_t i = 0; i < weight_numel && need_w; ++i) {
+        float sum = 0;
+        for (int l = 0; l < 16; ++l) sum += grad_weight_lanes[i * 16 + l];
+        partial[i] = sum;
+      }
+      for (int64_t co = 0; co < g.out_channels; ++co) partial[weight_numel + co] = grad_bias_lanes[co];
+    }
+  });
+}
 
 at::Tensor forward_cpu(const at::Tensor& x_arg, const at::Tensor& weight_arg,
                        const std::optional<at::Tensor>& bias_arg, int64_t padding,
@@ -28,6 +100,13 @@ at::Tensor forward_cpu(const at::Tensor& x_arg, const at::Tensor& weight_arg,
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_height, g.out_width}, x.options());
   if (out.numel() == 0) return out;
 
+  if (x.scalar_type() == at::kFloat) {
+    const cpu::SimdKernels* kernels = cpu::selected_kernels();
+    if (kernels != nullptr && kernels->supported(g)) {
+      forward_simd(*kernels, g, x, weight, bias, out);
+      return out;
+    }
+  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_sigmoid_avgpool2d_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
@@ -81,6 +160,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
   at::Tensor partials = at::zeros({chunks, weight_numel + g.out_channels},
                                   x.options().dtype(acc_type));
+  if (g.batch > 0 && x.scalar_type() == at::kFloat) {
+    const cpu::SimdKernels* kernels = cpu::selected_kernels();
+    if (kernels != nullptr && kernels->supported(g)) {
+      backward_simd(*kernels, g, grad_out, x, weight, bias, grad_x, need_w, partials);
+      auto [grad_w, grad_b] = reduce_param_grads(partials, weight, need_w, need_b);
+      return {grad_x, grad_w, grad_b};
+    }
+  }
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_sigmoid_avgpool2d_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -1,0 +1,15 @@
+// The vectorised CPU kernels built for AVX-512.
+// Headers come before the target pragma, so that only these kernels use the
+// wider instructions; selected_kernels() calls them only where the CPU has them.
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "../../conv_sigmoid_avgpool2d.h"
+#include "../simd_kernels.h"
+
+#if defined(__x86_64__)
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
+#define LENET_ISA avx512
+#include "../conv_sigmoid_avgpool2d_simd.h"
+#endif
