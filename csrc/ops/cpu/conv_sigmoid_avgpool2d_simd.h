@@ -5,10 +5,14 @@
 // AVX-512 as the target allows. conv_sigmoid_avgpool2d_cpu.cpp picks one at
 // run time.
 //
-// Two vector layouts, each where it fills the lanes best:
-//  * forward and dz: lanes are 16 output channels. LeNet's second block has
-//    exactly 16, and a whole strip of conv outputs of one channel block stays
-//    in registers through the sigmoid and the pooling.
+// Three vector layouts, each where it fills the lanes best:
+//  * forward and dz, many channels: lanes are 16 output channels. LeNet's
+//    second block has exactly 16, and a whole strip of conv outputs of one
+//    channel block stays in registers through the sigmoid and the pooling.
+//  * forward and dz, few channels and a 2x2 pool: lanes are 16 pooled
+//    columns (LeNet's first block fills 14 of them, where its 6 channels
+//    would fill 6). x is split into even and odd columns, so each of the four
+//    conv outputs under a pooled output is a plain vector of its own.
 //  * grad_x and grad_weight: lanes are 16 columns of a row, read from dz
 //    stored as planes with a zero border, so no tap needs a bounds check.
 //
@@ -39,6 +43,8 @@ typedef float vec_unaligned __attribute__((vector_size(kLanes * sizeof(float)), 
 
 inline vec load(const float* p) { return *reinterpret_cast<const vec_unaligned*>(p); }
 inline void store(float* p, vec v) { *reinterpret_cast<vec_unaligned*>(p) = v; }
+// For constants, which fold; a scalar operand of a vector operation is the
+// way to broadcast a variable (a single vbroadcastss).
 inline vec splat(float s) { return vec{} + s; }
 
 // exp(x) for float32 vectors: 2^n * e^r with |r| <= ln(2)/2 and a degree-6
@@ -72,6 +78,7 @@ struct Workspace {
   int64_t dz_border;             // zero rows/columns before dz, K - 1
   int64_t dz_height, dz_width;   // dz planes with their zero border
   int64_t channel_blocks;        // ceil(C_out / 16)
+  int64_t half_width;            // columns of xp's even and odd halves, plus slack
 
   explicit Workspace(const ConvPoolGeometry& g) {
     const int64_t ext_h = g.out_height * g.pool, ext_w = g.out_width * g.pool;
@@ -83,8 +90,13 @@ struct Workspace {
     dz_height = dz_border + max(ext_h, g.height + g.padding);
     dz_width = dz_border + max(round16(ext_w), round16(g.width) + g.padding);
     channel_blocks = (g.out_channels + kLanes - 1) / kLanes;
+    half_width = (xp_width + 1) / 2 + kLanes;
   }
-  int64_t xp_size(const ConvPoolGeometry& g) const { return g.in_channels * xp_height * xp_width; }
+  // xp, then its even and odd columns: [C_in][2][xp_height][half_width].
+  int64_t halves_offset(const ConvPoolGeometry& g) const { return g.in_channels * xp_height * xp_width; }
+  int64_t xp_size(const ConvPoolGeometry& g) const {
+    return halves_offset(g) + g.in_channels * 2 * xp_height * half_width;
+  }
   int64_t dz_size(const ConvPoolGeometry& g) const { return g.out_channels * dz_height * dz_width; }
 };
 
@@ -95,6 +107,148 @@ inline void load_padded_image(const ConvPoolGeometry& g, const Workspace& ws, co
       std::memcpy(xp + (ci * ws.xp_height + ih + g.padding) * ws.xp_width + g.padding,
                   x_image + (ci * g.height + ih) * g.width, g.width * sizeof(float));
 }
+
+// Whether lanes over pooled columns fill more lanes than lanes over channels.
+inline bool use_column_lanes(const ConvPoolGeometry& g) {
+  const auto round16 = [](int64_t v) { return (v + kLanes - 1) / kLanes * kLanes; };
+  return g.pool == 2 && g.out_width * round16(g.out_channels) > g.out_channels * round16(g.out_width);
+}
+
+// Splits xp into its even and odd columns; their slack columns stay zero.
+inline void split_columns(const ConvPoolGeometry& g, const Workspace& ws, float* xp) {
+  float* halves = xp + ws.halves_offset(g);
+  for (int64_t ci = 0; ci < g.in_channels; ++ci) {
+    for (int64_t r = 0; r < ws.xp_height; ++r) {
+      const float* src = xp + (ci * ws.xp_height + r) * ws.xp_width;
+      float* even = halves + ((ci * 2) * ws.xp_height + r) * ws.half_width;
+      float* odd = halves + ((ci * 2 + 1) * ws.xp_height + r) * ws.half_width;
+      for (int64_t m = 0; 2 * m < ws.xp_width; ++m) even[m] = src[2 * m];
+      for (int64_t m = 0; 2 * m + 1 < ws.xp_width; ++m) odd[m] = src[2 * m + 1];
+    }
+  }
+}
+
+// z, less the bias, for CB channels from co0 under pooled row ph and pooled
+// columns j0 .. j0 + 15: acc[c][dy][dx] is conv output (2 ph + dy, 2 j + dx).
+// Conv column 2 j + dx + kw of xp is column j + (dx + kw) / 2 of its even or
+// odd half, so every tap is one unaligned load.
+template <int CB>
+inline void column_conv(const ConvPoolGeometry& g, const Workspace& ws, const float* xp,
+                        const float* packed_weights, int64_t co0, int64_t ph, int64_t j0,
+                        vec (&acc)[CB][2][2]) {
+  const float* halves = xp + ws.halves_offset(g);
+  const int64_t K = g.kernel;
+  for (int c = 0; c < CB; ++c)
+    for (int dy = 0; dy < 2; ++dy)
+      for (int dx = 0; dx < 2; ++dx) acc[c][dy][dx] = vec{};
+  for (int64_t ci = 0; ci < g.in_channels; ++ci) {
+    for (int64_t kh = 0; kh < K; ++kh) {
+      for (int64_t kw = 0; kw < K; ++kw) {
+        float w[CB];
+        for (int c = 0; c < CB; ++c) {
+          const int64_t co = co0 + c;
+          w[c] = packed_weights[(((co / kLanes) * g.in_channels + ci) * K * K + kh * K + kw) * kLanes + co % kLanes];
+        }
+        for (int dy = 0; dy < 2; ++dy) {
+          for (int dx = 0; dx < 2; ++dx) {
+            const int64_t t = dx + kw;
+            const vec v = load(halves + ((ci * 2 + (t & 1)) * ws.xp_height + 2 * ph + dy + kh) * ws.half_width +
+                               j0 + (t >> 1));
+            for (int c = 0; c < CB; ++c) acc[c][dy][dx] += v * w[c];
+          }
+        }
+      }
+    }
+  }
+}
+
+template <int CB>
+inline void column_forward_block(const ConvPoolGeometry& g, const Workspace& ws, const float* xp,
+                                 const float* packed_weights, const float* packed_bias, int64_t co0,
+                                 float* out_image) {
+  for (int64_t ph = 0; ph < g.out_height; ++ph) {
+    for (int64_t j0 = 0; j0 < g.out_width; j0 += kLanes) {
+      vec acc[CB][2][2];
+      column_conv<CB>(g, ws, xp, packed_weights, co0, ph, j0, acc);
+      const int64_t cols = g.out_width - j0 < kLanes ? g.out_width - j0 : kLanes;
+      for (int c = 0; c < CB; ++c) {
+        const float b = packed_bias[co0 + c];
+        vec sum{};
+        for (int dy = 0; dy < 2; ++dy)
+          for (int dx = 0; dx < 2; ++dx) sum += sigmoid_vec(acc[c][dy][dx] + b);
+        sum *= 0.25f;
+        float* dst = out_image + ((co0 + c) * g.out_height + ph) * g.out_width + j0;
+        if (cols == kLanes) store(dst, sum);
+        else for (int64_t l = 0; l < cols; ++l) dst[l] = sum[l];
+      }
+    }
+  }
+}
+
+template <int CB>
+inline void column_dz_block(const ConvPoolGeometry& g, const Workspace& ws, const float* xp,
+                            const float* packed_weights, const float* packed_bias, int64_t co0,
+                            const float* grad_image, float* dz, float* grad_bias) {
+  vec bias_sum[CB] = {};
+  for (int64_t ph = 0; ph < g.out_height; ++ph) {
+    for (int64_t j0 = 0; j0 < g.out_width; j0 += kLanes) {
+      vec acc[CB][2][2];
+      column_conv<CB>(g, ws, xp, packed_weights, co0, ph, j0, acc);
+      const int64_t cols = g.out_width - j0 < kLanes ? g.out_width - j0 : kLanes;
+      for (int c = 0; c < CB; ++c) {
+        const float b = packed_bias[co0 + c];
+        vec go{};  // lanes past the last column stay zero, and so does their dz
+        const float* src = grad_image + ((co0 + c) * g.out_height + ph) * g.out_width + j0;
+        for (int64_t l = 0; l < cols; ++l) go[l] = src[l];
+        go *= 0.25f;
+        for (int dy = 0; dy < 2; ++dy) {
+          float* dst = dz + ((co0 + c) * ws.dz_height + ws.dz_border + 2 * ph + dy) * ws.dz_width +
+                       ws.dz_border + 2 * j0;
+          for (int dx = 0; dx < 2; ++dx) {
+            const vec s = sigmoid_vec(acc[c][dy][dx] + b);
+            const vec d = go * s * (1.0f - s);
+            bias_sum[c] += d;
+            for (int64_t l = 0; l < cols; ++l) dst[2 * l + dx] = d[l];
+          }
+        }
+      }
+    }
+  }
+  for (int c = 0; c < CB; ++c)
+    for (int l = 0; l < kLanes; ++l) grad_bias[co0 + c] += bias_sum[c][l];
+}
+
+// Runs Block<CB> over the output channels in blocks of up to 6, which keeps
+// 6 * 4 accumulators in registers.
+template <template <int> class Block, typename... Args>
+inline void for_each_channel_block(const ConvPoolGeometry& g, Args&&... args) {
+  for (int64_t co0 = 0; co0 < g.out_channels; co0 += 6) {
+    switch (g.out_channels - co0 < 6 ? g.out_channels - co0 : 6) {
+      case 1: Block<1>::run(g, co0, args...); break;
+      case 2: Block<2>::run(g, co0, args...); break;
+      case 3: Block<3>::run(g, co0, args...); break;
+      case 4: Block<4>::run(g, co0, args...); break;
+      case 5: Block<5>::run(g, co0, args...); break;
+      default: Block<6>::run(g, co0, args...); break;
+    }
+  }
+}
+
+template <int CB>
+struct ColumnForward {
+  static void run(const ConvPoolGeometry& g, int64_t co0, const Workspace& ws, const float* xp,
+                  const float* w, const float* b, float* out_image) {
+    column_forward_block<CB>(g, ws, xp, w, b, co0, out_image);
+  }
+};
+
+template <int CB>
+struct ColumnDz {
+  static void run(const ConvPoolGeometry& g, int64_t co0, const Workspace& ws, const float* xp,
+                  const float* w, const float* b, const float* grad_image, float* dz, float* grad_bias) {
+    column_dz_block<CB>(g, ws, xp, w, b, co0, grad_image, dz, grad_bias);
+  }
+};
 
 // z for a strip of PW pooled outputs of pooled row ph, for one block of 16
 // output channels: P * P * PW accumulators, all in registers. Accumulator
@@ -223,6 +377,11 @@ inline void forward_images(const ConvPoolGeometry& g, const float* x, const floa
   for (int64_t n = n_begin; n < n_end; ++n) {
     load_padded_image(g, ws, x + n * g.in_channels * g.height * g.width, xp);
     float* out_image = out + n * g.out_channels * g.out_height * g.out_width;
+    if (use_column_lanes(g)) {
+      split_columns(g, ws, xp);
+      for_each_channel_block<ColumnForward>(g, ws, xp, weights, bias, out_image);
+      continue;
+    }
     switch (g.pool) {
       case 1: forward_pool<1>(g, ws, xp, weights, bias, out_image); break;
       case 2: forward_pool<2>(g, ws, xp, weights, bias, out_image); break;
@@ -232,67 +391,88 @@ inline void forward_images(const ConvPoolGeometry& g, const float* x, const floa
   }
 }
 
-// dL/dx of one image from its dz planes: lanes are 16 input columns.
-inline void input_grad_image(const ConvPoolGeometry& g, const Workspace& ws, const float* dz,
-                             const float* weight, float* grad_image) {
+// ROWS rows of dL/dx of one input channel, from the dz planes: lanes are 16
+// input columns. ROWS is a compile-time count so the accumulators stay in
+// registers.
+template <int ROWS>
+inline void input_grad_rows(const ConvPoolGeometry& g, const Workspace& ws, const float* dz,
+                            const float* weight, int64_t ci, int64_t ih0, float* grad_image) {
   const int64_t K = g.kernel;
-  constexpr int kRows = 4;
-  for (int64_t ci = 0; ci < g.in_channels; ++ci) {
-    for (int64_t ih0 = 0; ih0 < g.height; ih0 += kRows) {
-      const int rows = g.height - ih0 < kRows ? int(g.height - ih0) : kRows;
-      for (int64_t iw0 = 0; iw0 < g.width; iw0 += kLanes) {
-        vec acc[kRows] = {};
-        for (int64_t co = 0; co < g.out_channels; ++co) {
-          const float* w = weight + (co * g.in_channels + ci) * K * K;
-          const float* plane = dz + co * ws.dz_height * ws.dz_width;
-          for (int64_t kh = 0; kh < K; ++kh) {
-            // dz row of input row ih: ih + padding - kh, shifted by the border.
-            const float* base = plane + (ih0 + g.padding - kh + ws.dz_border) * ws.dz_width +
-                                iw0 + g.padding + ws.dz_border;
-            for (int64_t kw = 0; kw < K; ++kw) {
-              const vec wv = splat(w[kh * K + kw]);
-              for (int r = 0; r < kRows; ++r)
-                if (r < rows) acc[r] += wv * load(base + r * ws.dz_width - kw);
-            }
-          }
-        }
-        const int64_t cols = g.width - iw0 < kLanes ? g.width - iw0 : kLanes;
-        for (int r = 0; r < rows; ++r) {
-          float* dst = grad_image + (ci * g.height + ih0 + r) * g.width + iw0;
-          if (cols == kLanes) store(dst, acc[r]);
-          else for (int64_t l = 0; l < cols; ++l) dst[l] = acc[r][l];
+  for (int64_t iw0 = 0; iw0 < g.width; iw0 += kLanes) {
+    vec acc[ROWS] = {};
+    for (int64_t co = 0; co < g.out_channels; ++co) {
+      const float* w = weight + (co * g.in_channels + ci) * K * K;
+      const float* plane = dz + co * ws.dz_height * ws.dz_width;
+      for (int64_t kh = 0; kh < K; ++kh) {
+        // dz row of input row ih: ih + padding - kh, shifted by the border.
+        const float* base = plane + (ih0 + g.padding - kh + ws.dz_border) * ws.dz_width + iw0 +
+                            g.padding + ws.dz_border;
+        for (int64_t kw = 0; kw < K; ++kw) {
+          const float wk = w[kh * K + kw];
+          for (int r = 0; r < ROWS; ++r) acc[r] += load(base + r * ws.dz_width - kw) * wk;
         }
       }
+    }
+    const int64_t cols = g.width - iw0 < kLanes ? g.width - iw0 : kLanes;
+    for (int r = 0; r < ROWS; ++r) {
+      float* dst = grad_image + (ci * g.height + ih0 + r) * g.width + iw0;
+      if (cols == kLanes) store(dst, acc[r]);
+      else for (int64_t l = 0; l < cols; ++l) dst[l] = acc[r][l];
     }
   }
 }
 
-// Adds one image's dL/dweight, lanes still unsummed, to grad_weight_lanes
-// ([C_out][C_in][K][K][16]): lanes are 16 conv output columns.
+inline void input_grad_image(const ConvPoolGeometry& g, const Workspace& ws, const float* dz,
+                             const float* weight, float* grad_image) {
+  for (int64_t ci = 0; ci < g.in_channels; ++ci) {
+    int64_t ih0 = 0;
+    for (; ih0 + 4 <= g.height; ih0 += 4) input_grad_rows<4>(g, ws, dz, weight, ci, ih0, grad_image);
+    switch (g.height - ih0) {
+      case 3: input_grad_rows<3>(g, ws, dz, weight, ci, ih0, grad_image); break;
+      case 2: input_grad_rows<2>(g, ws, dz, weight, ci, ih0, grad_image); break;
+      case 1: input_grad_rows<1>(g, ws, dz, weight, ci, ih0, grad_image); break;
+      default: break;
+    }
+  }
+}
+
+// Adds TAPS consecutive taps (kw0 ...) of one image's dL/dweight[co][ci][kh],
+// lanes unsummed, to acc_out: lanes are 16 conv output columns. Columns past
+// the pooled extent read dz's zero border, so they add nothing.
+template <int TAPS>
+inline void weight_grad_taps(const ConvPoolGeometry& g, const Workspace& ws, const float* dz_plane,
+                             const float* x_rows, float* acc_out) {
+  const int64_t ext_h = g.out_height * g.pool, ext_w = g.out_width * g.pool;
+  vec acc[TAPS] = {};
+  for (int64_t oh = 0; oh < ext_h; ++oh) {
+    const float* xrow = x_rows + oh * ws.xp_width;
+    for (int64_t ow0 = 0; ow0 < ext_w; ow0 += kLanes) {
+      const vec d = load(dz_plane + oh * ws.dz_width + ow0);
+      for (int t = 0; t < TAPS; ++t) acc[t] += d * load(xrow + ow0 + t);
+    }
+  }
+  for (int t = 0; t < TAPS; ++t) store(acc_out + t * kLanes, load(acc_out + t * kLanes) + acc[t]);
+}
+
+// Adds one image's dL/dweight, lanes unsummed, to grad_weight_lanes
+// ([C_out][C_in][K][K][16]).
 inline void weight_grad_image(const ConvPoolGeometry& g, const Workspace& ws, const float* dz,
                               const float* xp, float* grad_weight_lanes) {
   const int64_t K = g.kernel;
-  const int64_t ext_h = g.out_height * g.pool, ext_w = g.out_width * g.pool;
-  constexpr int kMaxKernel = 8;
   for (int64_t co = 0; co < g.out_channels; ++co) {
     const float* plane = dz + (co * ws.dz_height + ws.dz_border) * ws.dz_width + ws.dz_border;
     for (int64_t ci = 0; ci < g.in_channels; ++ci) {
       for (int64_t kh = 0; kh < K; ++kh) {
         float* acc_out = grad_weight_lanes + (((co * g.in_channels + ci) * K + kh) * K) * kLanes;
-        for (int64_t kw0 = 0; kw0 < K; kw0 += kMaxKernel) {
-          const int taps = K - kw0 < kMaxKernel ? int(K - kw0) : kMaxKernel;
-          vec acc[kMaxKernel] = {};
-          for (int64_t oh = 0; oh < ext_h; ++oh) {
-            const float* xrow = xp + (ci * ws.xp_height + oh + kh) * ws.xp_width + kw0;
-            for (int64_t ow0 = 0; ow0 < ext_w; ow0 += kLanes) {
-              // Columns past ext_w read dz's zero border, so they add nothing.
-              const vec d = load(plane + oh * ws.dz_width + ow0);
-              for (int t = 0; t < kMaxKernel; ++t)
-                if (t < taps) acc[t] += d * load(xrow + ow0 + t);
-            }
-          }
-          for (int t = 0; t < taps; ++t)
-            store(acc_out + (kw0 + t) * kLanes, load(acc_out + (kw0 + t) * kLanes) + acc[t]);
+        const float* x_rows = xp + (ci * ws.xp_height + kh) * ws.xp_width;
+        int64_t kw0 = 0;
+        for (; kw0 + 4 <= K; kw0 += 4)
+          weight_grad_taps<4>(g, ws, plane, x_rows + kw0, acc_out + kw0 * kLanes);
+        switch (K - kw0) {
+          case 3: weight_grad_taps<3>(g, ws, plane, x_rows + kw0, acc_out + kw0 * kLanes); break;
+          case 2: weight_grad_taps<2>(g, ws, plane, x_rows + kw0, acc_out + kw0 * kLanes); break;
+          case 1: weight_grad_taps<1>(g, ws, plane, x_rows + kw0, acc_out + kw0 * kLanes); break;
+          default: break;
         }
       }
     }
@@ -312,11 +492,17 @@ inline void backward_images(const ConvPoolGeometry& g, const float* grad_out, co
   for (int64_t n = n_begin; n < n_end; ++n) {
     load_padded_image(g, ws, x + n * g.in_channels * g.height * g.width, xp);
     const float* grad_image = grad_out + n * g.out_channels * g.out_height * g.out_width;
-    switch (g.pool) {
+    if (use_column_lanes(g)) {
+      split_columns(g, ws, xp);
+      for_each_channel_block<ColumnDz>(g, ws, xp, packed_weights, packed_bias, grad_image, dz,
+                                       grad_bias_lanes);
+    } else {
+      switch (g.pool) {
       case 1: dz_pool<1>(g, ws, xp, packed_weights, packed_bias, grad_image, dz, grad_bias_lanes); break;
       case 2: dz_pool<2>(g, ws, xp, packed_weights, packed_bias, grad_image, dz, grad_bias_lanes); break;
       case 3: dz_pool<3>(g, ws, xp, packed_weights, packed_bias, grad_image, dz, grad_bias_lanes); break;
       default: dz_pool<4>(g, ws, xp, packed_weights, packed_bias, grad_image, dz, grad_bias_lanes); break;
+      }
     }
     if (grad_x) input_grad_image(g, ws, dz, weight, grad_x + n * g.in_channels * g.height * g.width);
     if (grad_weight_lanes) weight_grad_image(g, ws, dz, xp, grad_weight_lanes);
