@@ -80,11 +80,7 @@ void backward_simd(const cpu::SimdKernels& kernels, const ConvPoolGeometry& g,
                               grad_bias_lanes.data(), chunk * g.batch / chunks,
                               (chunk + 1) * g.batch / chunks, xp.data(), dz.data());
       float* partial = partial_data + chunk * (weight_numel + g.out_channels);
-      for (int64_t i = 0; i < weight_numel && need_w; ++i) {
-        float sum = 0;
-        for (int l = 0; l < 16; ++l) sum += grad_weight_lanes[i * 16 + l];
-        partial[i] = sum;
-      }
+      if (need_w) kernels.sum_weight_lanes(g, grad_weight_lanes.data(), partial);
       for (int64_t co = 0; co < g.out_channels; ++co) partial[weight_numel + co] = grad_bias_lanes[co];
     }
   });

@@ -97,7 +97,12 @@ struct Workspace {
   int64_t xp_size(const ConvPoolGeometry& g) const {
     return halves_offset(g) + g.in_channels * 2 * xp_height * half_width;
   }
-  int64_t dz_size(const ConvPoolGeometry& g) const { return g.out_channels * dz_height * dz_width; }
+  // dz planes [C_out][dz_height][dz_width], then, for the channel-lane path,
+  // dz as vectors of 16 channels: [channel blocks][ext_h][ext_w][16].
+  int64_t dz_lanes_offset(const ConvPoolGeometry& g) const { return g.out_channels * dz_height * dz_width; }
+  int64_t dz_size(const ConvPoolGeometry& g) const {
+    return dz_lanes_offset(g) + channel_blocks * g.out_height * g.pool * g.out_width * g.pool * kLanes;
+  }
 };
 
 // Copies image n into xp's interior; the zero border was set once.
@@ -315,6 +320,8 @@ inline void dz_strip(const ConvPoolGeometry& g, const Workspace& ws, const float
         const int64_t oh = ph * P + dy, ow = (pw0 + q) * P + dx;
         float* dst = dz + (co0 * ws.dz_height + ws.dz_border + oh) * ws.dz_width + ws.dz_border + ow;
         for (int64_t l = 0; l < lanes; ++l) dst[l * ws.dz_height * ws.dz_width] = d[l];
+        const int64_t ext_h = g.out_height * P, ext_w = g.out_width * P;
+        store(dz + ws.dz_lanes_offset(g) + (((co0 / kLanes) * ext_h + oh) * ext_w + ow) * kLanes, d);
       }
     }
   }
@@ -454,26 +461,94 @@ inline void weight_grad_taps(const ConvPoolGeometry& g, const Workspace& ws, con
   for (int t = 0; t < TAPS; ++t) store(acc_out + t * kLanes, load(acc_out + t * kLanes) + acc[t]);
 }
 
-// Adds one image's dL/dweight, lanes unsummed, to grad_weight_lanes
-// ([C_out][C_in][K][K][16]).
+// Adds TAPS taps (kw0 ...) of one image's dL/dweight[channel block][ci][kh]
+// to acc_out, from dz as channel vectors: lanes are 16 output channels, and
+// each tap is a broadcast of x.
+template <int TAPS>
+inline void weight_grad_channel_taps(const ConvPoolGeometry& g, const Workspace& ws,
+                                     const float* dz_lanes, const float* x_rows, float* acc_out) {
+  const int64_t ext_h = g.out_height * g.pool, ext_w = g.out_width * g.pool;
+  vec acc[TAPS] = {};
+  for (int64_t oh = 0; oh < ext_h; ++oh) {
+    const float* xrow = x_rows + oh * ws.xp_width;
+    const float* drow = dz_lanes + oh * ext_w * kLanes;
+    for (int64_t ow = 0; ow < ext_w; ++ow) {
+      const vec d = load(drow + ow * kLanes);
+      for (int t = 0; t < TAPS; ++t) acc[t] += d * xrow[ow + t];
+    }
+  }
+  for (int t = 0; t < TAPS; ++t) store(acc_out + t * kLanes, load(acc_out + t * kLanes) + acc[t]);
+}
+
+// Runs Taps<4> over the kernel's columns, then the remainder, for one kernel row.
+template <template <int> class Taps, typename... Args>
+inline void for_each_tap_block(int64_t K, Args&&... args) {
+  int64_t kw0 = 0;
+  for (; kw0 + 4 <= K; kw0 += 4) Taps<4>::run(kw0, args...);
+  switch (K - kw0) {
+    case 3: Taps<3>::run(kw0, args...); break;
+    case 2: Taps<2>::run(kw0, args...); break;
+    case 1: Taps<1>::run(kw0, args...); break;
+    default: break;
+  }
+}
+
+template <int TAPS>
+struct ColumnWeightTaps {
+  static void run(int64_t kw0, const ConvPoolGeometry& g, const Workspace& ws, const float* dz_plane,
+                  const float* x_rows, float* acc_out) {
+    weight_grad_taps<TAPS>(g, ws, dz_plane, x_rows + kw0, acc_out + kw0 * kLanes);
+  }
+};
+
+template <int TAPS>
+struct ChannelWeightTaps {
+  static void run(int64_t kw0, const ConvPoolGeometry& g, const Workspace& ws, const float* dz_lanes,
+                  const float* x_rows, float* acc_out) {
+    weight_grad_channel_taps<TAPS>(g, ws, dz_lanes, x_rows + kw0, acc_out + kw0 * kLanes);
+  }
+};
+
+// Adds one image's dL/dweight, lanes unsummed, to grad_weight_lanes, laid out
+// as weight_lanes_layout() says.
 inline void weight_grad_image(const ConvPoolGeometry& g, const Workspace& ws, const float* dz,
                               const float* xp, float* grad_weight_lanes) {
   const int64_t K = g.kernel;
+  if (use_column_lanes(g)) {
+    for (int64_t co = 0; co < g.out_channels; ++co) {
+      const float* plane = dz + (co * ws.dz_height + ws.dz_border) * ws.dz_width + ws.dz_border;
+      for (int64_t ci = 0; ci < g.in_channels; ++ci)
+        for (int64_t kh = 0; kh < K; ++kh)
+          for_each_tap_block<ColumnWeightTaps>(
+              K, g, ws, plane, xp + (ci * ws.xp_height + kh) * ws.xp_width,
+              grad_weight_lanes + (((co * g.in_channels + ci) * K + kh) * K) * kLanes);
+    }
+    return;
+  }
+  const int64_t ext = g.out_height * g.pool * g.out_width * g.pool;
+  for (int64_t cb = 0; cb < ws.channel_blocks; ++cb)
+    for (int64_t ci = 0; ci < g.in_channels; ++ci)
+      for (int64_t kh = 0; kh < K; ++kh)
+        for_each_tap_block<ChannelWeightTaps>(
+            K, g, ws, dz + ws.dz_lanes_offset(g) + cb * ext * kLanes,
+            xp + (ci * ws.xp_height + kh) * ws.xp_width,
+            grad_weight_lanes + (((cb * g.in_channels + ci) * K + kh) * K) * kLanes);
+}
+
+// Sums the lanes of grad_weight_lanes into out ([C_out][C_in][K][K]). With
+// column lanes it is [C_out][C_in][K][K][16 columns]; with channel lanes
+// [channel blocks][C_in][K][K][16 channels].
+inline void sum_weight_lanes(const ConvPoolGeometry& g, const float* lanes, float* out) {
+  const int64_t per_channel = g.in_channels * g.kernel * g.kernel;
+  const bool columns = use_column_lanes(g);
   for (int64_t co = 0; co < g.out_channels; ++co) {
-    const float* plane = dz + (co * ws.dz_height + ws.dz_border) * ws.dz_width + ws.dz_border;
-    for (int64_t ci = 0; ci < g.in_channels; ++ci) {
-      for (int64_t kh = 0; kh < K; ++kh) {
-        float* acc_out = grad_weight_lanes + (((co * g.in_channels + ci) * K + kh) * K) * kLanes;
-        const float* x_rows = xp + (ci * ws.xp_height + kh) * ws.xp_width;
-        int64_t kw0 = 0;
-        for (; kw0 + 4 <= K; kw0 += 4)
-          weight_grad_taps<4>(g, ws, plane, x_rows + kw0, acc_out + kw0 * kLanes);
-        switch (K - kw0) {
-          case 3: weight_grad_taps<3>(g, ws, plane, x_rows + kw0, acc_out + kw0 * kLanes); break;
-          case 2: weight_grad_taps<2>(g, ws, plane, x_rows + kw0, acc_out + kw0 * kLanes); break;
-          case 1: weight_grad_taps<1>(g, ws, plane, x_rows + kw0, acc_out + kw0 * kLanes); break;
-          default: break;
-        }
+    for (int64_t i = 0; i < per_channel; ++i) {
+      if (columns) {
+        float sum = 0;
+        for (int l = 0; l < kLanes; ++l) sum += lanes[(co * per_channel + i) * kLanes + l];
+        out[co * per_channel + i] = sum;
+      } else {
+        out[co * per_channel + i] = lanes[((co / kLanes) * per_channel + i) * kLanes + co % kLanes];
       }
     }
   }
@@ -509,7 +584,8 @@ inline void backward_images(const ConvPoolGeometry& g, const float* grad_out, co
   }
 }
 
-const SimdKernels kernels = {&supported, &xp_size, &dz_size, &forward_images, &backward_images};
+const SimdKernels kernels = {&supported, &xp_size, &dz_size, &forward_images, &backward_images,
+                             &sum_weight_lanes};
 
 }  // namespace LENET_ISA
 }  // namespace cpu

@@ -22,6 +22,9 @@ struct SimdKernels {
                           const float* weight, float* grad_x, float* grad_weight_lanes,
                           float* grad_bias_lanes, int64_t n_begin, int64_t n_end, float* xp,
                           float* dz);
+  // Turns the weight-gradient lanes that backward_images accumulates
+  // (C_out * C_in * K * K * 16 floats) into C_out * C_in * K * K sums.
+  void (*sum_weight_lanes)(const ConvPoolGeometry& g, const float* lanes, float* out);
 };
 
 namespace baseline { extern const SimdKernels kernels; }
