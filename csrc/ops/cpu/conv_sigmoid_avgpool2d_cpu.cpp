@@ -29,26 +29,40 @@ int64_t image_work(const ConvPoolGeometry& g) {
          g.kernel * g.kernel;
 }
 
-// Weights as the vectorised kernels read them: [C_out / 16][C_in][K][K][16],
-// and bias as [C_out / 16][16], zero-padded to whole blocks of 16 channels.
-std::pair<at::Tensor, at::Tensor> pack_for_simd(const at::Tensor& weight, const at::Tensor& bias) {
+// Weights as the vectorised kernels read them, [C_out / 16][C_in][K][K][16],
+// then the bias as [C_out / 16][16], zero-padded to whole blocks of 16
+// channels. One allocation and one pass: at batch 1 this is a visible part of
+// the call.
+struct PackedParams {
+  at::Tensor storage;
+  const float* weights;
+  const float* bias;
+};
+
+PackedParams pack_for_simd(const at::Tensor& weight, const at::Tensor& bias) {
   const int64_t c_out = weight.size(0);
+  const int64_t per_channel = weight.size(1) * weight.size(2) * weight.size(3);
   const int64_t blocks = (c_out + 15) / 16;
-  at::Tensor w = at::zeros({blocks * 16, weight.size(1), weight.size(2), weight.size(3)}, weight.options());
-  w.narrow(0, 0, c_out).copy_(weight);
-  at::Tensor packed_weights =
-      w.view({blocks, 16, weight.size(1), weight.size(2), weight.size(3)}).permute({0, 2, 3, 4, 1}).contiguous();
-  at::Tensor packed_bias = at::zeros({blocks * 16}, weight.options());
-  if (bias.defined()) packed_bias.narrow(0, 0, c_out).copy_(bias);
-  return {packed_weights, packed_bias};
+  at::Tensor storage = at::empty({blocks * 16 * (per_channel + 1)}, weight.options());
+  float* packed = storage.mutable_data_ptr<float>();
+  float* packed_bias = packed + blocks * 16 * per_channel;
+  const float* w = weight.const_data_ptr<float>();
+  const float* b = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  for (int64_t co = 0; co < blocks * 16; ++co) {
+    const bool real = co < c_out;
+    float* dst = packed + (co / 16) * per_channel * 16 + co % 16;
+    for (int64_t i = 0; i < per_channel; ++i) dst[i * 16] = real ? w[co * per_channel + i] : 0.0f;
+    packed_bias[co] = real && b ? b[co] : 0.0f;
+  }
+  return {storage, packed, packed_bias};
 }
 
 void forward_simd(const cpu::SimdKernels& kernels, const ConvPoolGeometry& g, const at::Tensor& x,
                   const at::Tensor& weight, const at::Tensor& bias, at::Tensor& out) {
-  auto [packed_weights, packed_bias] = pack_for_simd(weight, bias);
+  const PackedParams packed = pack_for_simd(weight, bias);
   const float* x_data = x.const_data_ptr<float>();
-  const float* w_data = packed_weights.const_data_ptr<float>();
-  const float* b_data = packed_bias.const_data_ptr<float>();
+  const float* w_data = packed.weights;
+  const float* b_data = packed.bias;
   float* out_data = out.mutable_data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, kWorkPerChunk / std::max<int64_t>(1, image_work(g)));
   at::parallel_for(0, g.batch, grain, [&](int64_t begin, int64_t end) {
@@ -60,10 +74,10 @@ void forward_simd(const cpu::SimdKernels& kernels, const ConvPoolGeometry& g, co
 void backward_simd(const cpu::SimdKernels& kernels, const ConvPoolGeometry& g,
                    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                    const at::Tensor& bias, at::Tensor& grad_x, bool need_w, at::Tensor& partials) {
-  auto [packed_weights, packed_bias] = pack_for_simd(weight, bias);
+  const PackedParams packed = pack_for_simd(weight, bias);
   const int64_t chunks = partials.size(0);
   const int64_t weight_numel = weight.numel();
-  const int64_t bias_lanes = packed_bias.numel();
+  const int64_t bias_lanes = (g.out_channels + 15) / 16 * 16;
   float* gx_data = grad_x.defined() ? grad_x.mutable_data_ptr<float>() : nullptr;
   float* partial_data = partials.mutable_data_ptr<float>();
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
@@ -74,8 +88,7 @@ void backward_simd(const cpu::SimdKernels& kernels, const ConvPoolGeometry& g,
       std::vector<float> grad_weight_lanes(need_w ? weight_numel * 16 : 0, 0.0f);
       std::vector<float> grad_bias_lanes(bias_lanes, 0.0f);
       kernels.backward_images(g, grad_out.const_data_ptr<float>(), x.const_data_ptr<float>(),
-                              packed_weights.const_data_ptr<float>(),
-                              packed_bias.const_data_ptr<float>(), weight.const_data_ptr<float>(),
+                              packed.weights, packed.bias, weight.const_data_ptr<float>(),
                               gx_data, need_w ? grad_weight_lanes.data() : nullptr,
                               grad_bias_lanes.data(), chunk * g.batch / chunks,
                               (chunk + 1) * g.batch / chunks, xp.data(), dz.data());
