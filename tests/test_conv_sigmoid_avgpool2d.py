@@ -82,6 +82,23 @@ def test_forward_and_gradients_match_reference(case, with_bias, dtype, device):
         torch.testing.assert_close(got.double().cpu(), want, **TOLERANCES[dtype])
 
 
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_every_cpu_kernel_matches_reference(case, with_bias, cpu_kernel):
+    """float32 on each CPU kernel: the generic one (the CUDA arithmetic) and each vectorised build."""
+    assert lenet_ext._C.cpu_kernel() == cpu_kernel
+    test_forward_and_gradients_match_reference(case, with_bias, torch.float32, "cpu")
+
+
+def test_cpu_kernel_choice_is_validated(monkeypatch):
+    monkeypatch.setenv("LENET_EXT_CPU_KERNEL", "sse9")
+    x, weight, bias, padding, pool = make_inputs(CASES["lenet_layer2"], torch.float32, "cpu")
+    with pytest.raises(ValueError, match="LENET_EXT_CPU_KERNEL=sse9: expected one of auto, avx512, avx2, baseline, generic"):
+        conv_sigmoid_avgpool2d(x, weight, bias, padding, pool)
+    with pytest.raises(ValueError, match="LENET_EXT_CPU_KERNEL=sse9"):
+        lenet_ext._C.cpu_kernel()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "needs", [(True, False, False), (False, True, False), (False, False, True), (False, True, True)],
