@@ -1,0 +1,134 @@
+"""The training command and the benchmark script, run end to end on tiny inputs."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from lenet_ext import reference_lenet
+from lenet_ext import train as train_mod
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_idx(path, array):
+    dtype_code = {np.uint8: 0x08}[array.dtype.type]
+    header = bytes([0, 0, dtype_code, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def fake_mnist(directory, gz, n_train=96, n_test=32):
+    rng = np.random.default_rng(0)
+    suffix = ".gz" if gz else ""
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(os.path.join(directory, f"{split}-images-idx3-ubyte{suffix}"), rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx(os.path.join(directory, f"{split}-labels-idx1-ubyte{suffix}"), rng.integers(0, 10, (n,), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("gz", [True, False], ids=["gzipped", "raw"])
+def test_read_idx_round_trip(tmp_path, gz):
+    array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    path = str(tmp_path / ("a.idx" + (".gz" if gz else "")))
+    write_idx(path, array)
+    np.testing.assert_array_equal(train_mod.read_idx(path), array)
+
+
+def test_read_idx_rejects_other_files(tmp_path):
+    path = tmp_path / "bad"
+    path.write_bytes(b"\x01\x02\x03\x04rest")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        train_mod.read_idx(str(path))
+
+
+def test_missing_idx_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+        train_mod.load_idx_dataset(str(tmp_path))
+
+
+def test_digits_dataset_is_fixed_and_28x28():
+    (x_train, y_train), (x_test, y_test) = train_mod.load_digits_dataset()
+    assert x_train.shape == (1500, 1, 28, 28) and x_test.shape == (297, 1, 28, 28)
+    assert 0 <= x_train.min() and x_train.max() <= 1
+    (x_again, _), _ = train_mod.load_digits_dataset()
+    assert torch.equal(x_train, x_again)
+    assert set(y_train.tolist()) == set(range(10))
+
+
+def test_train_end_to_end_with_compare_save_plot_and_load(tmp_path):
+    fake_mnist(str(tmp_path), gz=True)
+    saved, plot = tmp_path / "lenet.pt", tmp_path / "curves.png"
+    args = train_mod.parse_args([
+        "--data-dir", str(tmp_path), "--epochs", "2", "--batch-size", "32", "--lr", "0.5",
+        "--compare", "--save", str(saved), "--plot", str(plot), "--quiet", "--device", "cpu",
+    ])  # fmt: skip
+    history = train_mod.train(args)
+    assert set(history) == {"lenet_ext", "torch"}
+    for h in history.values():
+        assert len(h["loss"]) == len(h["test_acc"]) == len(h["images_per_s"]) == 2
+    # Same start, same batches: the fused and the reference model train alike.
+    np.testing.assert_allclose(history["lenet_ext"]["loss"], history["torch"]["loss"], rtol=1e-4)
+    assert plot.stat().st_size > 0
+    state = torch.load(saved, weights_only=True)
+    reference_lenet().load_state_dict(state, strict=True)
+
+    args = train_mod.parse_args(["--data-dir", str(tmp_path), "--epochs", "0", "--load", str(saved), "--quiet"])
+    assert train_mod.train(args)["lenet_ext"]["loss"] == []
+
+
+def test_train_seed_makes_runs_repeatable(tmp_path):
+    fake_mnist(str(tmp_path), gz=False)
+    argv = ["--data-dir", str(tmp_path), "--epochs", "1", "--quiet", "--seed", "7", "--device", "cpu"]
+    first = train_mod.train(train_mod.parse_args(argv))["lenet_ext"]["loss"]
+    second = train_mod.train(train_mod.parse_args(argv))["lenet_ext"]["loss"]
+    assert first == second
+
+
+def test_train_command_line_help_and_errors():
+    out = subprocess.run([sys.executable, "-m", "lenet_ext.train", "--help"], capture_output=True, text=True, check=True)
+    for flag in ("--lr", "--batch-size", "--epochs", "--data-dir", "--compare", "--plot", "--save", "--load", "--device", "--seed"):
+        assert flag in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "lenet_ext.train", "--batch-size", "0"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--batch-size" in bad.stderr
+
+
+def test_bench_smoke(tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--batch-sizes", "2",
+         "--min-run-time", "0.01", "--output-dir", str(tmp_path), "--quiet"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| inference | 2 | lenet_ext |" in result.stdout
+    data = json.loads((tmp_path / "results.json").read_text())
+    env = data["environment"]
+    for key in ("date", "torch", "lenet_ext", "cpu", "gpu", "threads", "tf32"):
+        assert key in env
+    assert env["tf32"] == {"matmul": False, "cudnn": False}
+    assert data["peak_gflops"]["cpu"] > 0
+    providers = {r["provider"] for r in data["rows"]}
+    assert {"torch", "torch.compile", "lenet_ext", "lenet_ext+compile"} <= providers
+    modes = {r["mode"] for r in data["rows"]}
+    assert {"inference", "training", "layer block1 forward", "layer block2 forward+backward"} <= modes
+    for row in data["rows"]:
+        for key in ("images_per_s", "median_s", "iqr_s", "speedup_vs_eager", "gflops", "peak_fraction"):
+            assert row[key] >= 0
+        if row["mode"] == "training":
+            assert row["saved_bytes_per_sample"] > 0
+    assert (tmp_path / "throughput.png").stat().st_size > 0
+
+
+def test_bench_stops_on_a_mismatch():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(SystemExit, match="does not match the eager reference"):
+        bench.check("broken", torch.zeros(3), torch.ones(3), "inference output")
