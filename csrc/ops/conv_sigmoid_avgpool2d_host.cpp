@@ -1,6 +1,7 @@
 #include "conv_sigmoid_avgpool2d_host.h"
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 
 #include <c10/util/Exception.h>
 
@@ -92,15 +93,47 @@ ConvPoolGeometry check_backward_args(
   return g;
 }
 
-std::tuple<at::Tensor, at::Tensor> reduce_param_grads(
-    const at::Tensor& partials, const at::Tensor& weight, bool need_weight, bool need_bias) {
+ForwardCall prepare_forward(const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, int64_t padding, int64_t pool) {
+  ForwardCall call;
+  call.g = check_forward_args(x, weight, bias, padding, pool);
+  call.x = x.contiguous();
+  call.weight = weight.contiguous();
+  call.bias = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const ConvPoolGeometry& g = call.g;
+  call.out = at::empty({g.batch, g.out_channels, g.out_height, g.out_width}, call.x.options());
+  return call;
+}
+
+BackwardCall prepare_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                              const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              int64_t padding, int64_t pool, std::array<bool, 3> output_mask) {
+  BackwardCall call;
+  call.g = check_backward_args(grad_out, x, weight, bias, padding, pool);
+  call.grad_out = grad_out.contiguous();
+  call.x = x.contiguous();
+  call.weight = weight.contiguous();
+  call.bias = bias.has_value() ? bias->contiguous() : at::Tensor();
+  call.need_x = output_mask[0];
+  call.need_weight = output_mask[1];
+  call.need_bias = output_mask[2] && bias.has_value();
+  call.grad_x = call.need_x ? at::empty_like(call.x) : at::Tensor();
+  return call;
+}
+
+at::Tensor BackwardCall::param_partials(int64_t chunks) const {
+  return at::zeros({chunks, weight.numel() + g.out_channels},
+                   x.options().dtype(at::toOpMathType(x.scalar_type())));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> BackwardCall::finish(const at::Tensor& partials) const {
   const int64_t weight_numel = weight.numel();
   const at::Tensor totals = partials.sum(0).to(weight.scalar_type());
   at::Tensor grad_weight =
       need_weight ? totals.narrow(0, 0, weight_numel).view(weight.sizes()).clone() : at::Tensor();
   at::Tensor grad_bias =
-      need_bias ? totals.narrow(0, weight_numel, weight.size(0)).clone() : at::Tensor();
-  return {grad_weight, grad_bias};
+      need_bias ? totals.narrow(0, weight_numel, g.out_channels).clone() : at::Tensor();
+  return {grad_x, grad_weight, grad_bias};
 }
 
 }  // namespace lenet_ext

@@ -1,11 +1,13 @@
 // Host-side steps shared by the CPU and CUDA launchers: argument checks, which
 // run before any kernel so that every device reports bad input the same way,
-// and the final reduction of the per-chunk weight and bias gradients.
+// the preparation of the tensors, and the final reduction of the per-chunk
+// weight and bias gradients.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <array>
 #include <tuple>
 
 #include "conv_sigmoid_avgpool2d.h"
@@ -22,11 +24,34 @@ ConvPoolGeometry check_backward_args(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, int64_t padding, int64_t pool);
 
-// The backward kernels accumulate weight and bias gradients per chunk of the
-// batch into `partials` (chunks, weight.numel() + C_out), weight first. This
-// sums the chunks and returns (grad_weight, grad_bias) in weight's dtype; an
-// entry is undefined where it was not asked for.
-std::tuple<at::Tensor, at::Tensor> reduce_param_grads(
-    const at::Tensor& partials, const at::Tensor& weight, bool need_weight, bool need_bias);
+// A checked forward call: its sizes, its tensors made contiguous (bias is
+// undefined when None) and its allocated output.
+struct ForwardCall {
+  ConvPoolGeometry g;
+  at::Tensor x, weight, bias, out;
+};
+
+ForwardCall prepare_forward(const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, int64_t padding, int64_t pool);
+
+// A checked backward call, likewise, with the gradients asked for; grad_x is
+// allocated when need_x. need_bias is false when bias is None.
+struct BackwardCall {
+  ConvPoolGeometry g;
+  at::Tensor grad_out, x, weight, bias, grad_x;
+  bool need_x, need_weight, need_bias;
+
+  // Zeroed per-chunk sums of the weight and bias gradients, weight first:
+  // (chunks, weight.numel() + C_out) in the accumulation dtype.
+  at::Tensor param_partials(int64_t chunks) const;
+
+  // Sums the chunks of `partials` and returns (grad_x, grad_weight, grad_bias);
+  // an entry not asked for is undefined.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> finish(const at::Tensor& partials) const;
+};
+
+BackwardCall prepare_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                              const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              int64_t padding, int64_t pool, std::array<bool, 3> output_mask);
 
 }  // namespace lenet_ext

@@ -73,7 +73,7 @@ void forward_simd(const cpu::SimdKernels& kernels, const ConvPoolGeometry& g, co
 
 void backward_simd(const cpu::SimdKernels& kernels, const ConvPoolGeometry& g,
                    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-                   const at::Tensor& bias, at::Tensor& grad_x, bool need_w, at::Tensor& partials) {
+                   const at::Tensor& bias, const at::Tensor& grad_x, bool need_w, at::Tensor& partials) {
   const PackedParams packed = pack_for_simd(weight, bias);
   const int64_t chunks = partials.size(0);
   const int64_t weight_numel = weight.numel();
@@ -102,11 +102,11 @@ void backward_simd(const cpu::SimdKernels& kernels, const ConvPoolGeometry& g,
 at::Tensor forward_cpu(const at::Tensor& x_arg, const at::Tensor& weight_arg,
                        const std::optional<at::Tensor>& bias_arg, int64_t padding,
                        int64_t pool) {
-  const ConvPoolGeometry g = check_forward_args(x_arg, weight_arg, bias_arg, padding, pool);
-  const at::Tensor x = x_arg.contiguous();
-  const at::Tensor weight = weight_arg.contiguous();
-  const at::Tensor bias = bias_arg.has_value() ? bias_arg->contiguous() : at::Tensor();
-  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_height, g.out_width}, x.options());
+  ForwardCall call = prepare_forward(x_arg, weight_arg, bias_arg, padding, pool);
+  // Plain references, not structured bindings: lambdas capture these under C++17.
+  const ConvPoolGeometry& g = call.g;
+  const at::Tensor &x = call.x, &weight = call.weight, &bias = call.bias;
+  at::Tensor& out = call.out;
   if (out.numel() == 0) return out;
 
   if (x.scalar_type() == at::kFloat) {
@@ -150,31 +150,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_out_arg, const at::Tensor& x_arg, const at::Tensor& weight_arg,
     const std::optional<at::Tensor>& bias_arg, int64_t padding, int64_t pool,
     std::array<bool, 3> output_mask) {
-  const ConvPoolGeometry g =
-      check_backward_args(grad_out_arg, x_arg, weight_arg, bias_arg, padding, pool);
-  const bool need_x = output_mask[0];
-  const bool need_w = output_mask[1];
-  const bool need_b = output_mask[2] && bias_arg.has_value();
-  const at::Tensor grad_out = grad_out_arg.contiguous();
-  const at::Tensor x = x_arg.contiguous();
-  const at::Tensor weight = weight_arg.contiguous();
-  const at::Tensor bias = bias_arg.has_value() ? bias_arg->contiguous() : at::Tensor();
-
-  at::Tensor grad_x = need_x ? at::empty_like(x) : at::Tensor();
-  const int64_t weight_numel = weight.numel();
-  // Each chunk of the batch accumulates its own weight and bias gradients
-  // (weight first, then bias); they are summed once at the end. A fixed
-  // chunking keeps the result independent of thread scheduling.
+  const BackwardCall call =
+      prepare_backward(grad_out_arg, x_arg, weight_arg, bias_arg, padding, pool, output_mask);
+  // Plain references, not structured bindings: lambdas capture these under C++17.
+  const ConvPoolGeometry& g = call.g;
+  const at::Tensor &grad_out = call.grad_out, &x = call.x, &weight = call.weight, &bias = call.bias,
+                   &grad_x = call.grad_x;
+  const bool need_x = call.need_x, need_w = call.need_weight, need_b = call.need_bias;
+  // Each chunk of the batch accumulates its own weight and bias gradients,
+  // summed once at the end. A fixed chunking keeps the result independent of
+  // thread scheduling.
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.batch, at::get_num_threads()));
-  const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
-  at::Tensor partials = at::zeros({chunks, weight_numel + g.out_channels},
-                                  x.options().dtype(acc_type));
+  at::Tensor partials = call.param_partials(chunks);
+  const int64_t weight_numel = weight.numel();
   if (g.batch > 0 && x.scalar_type() == at::kFloat) {
     const cpu::SimdKernels* kernels = cpu::selected_kernels();
     if (kernels != nullptr && kernels->supported(g)) {
       backward_simd(*kernels, g, grad_out, x, weight, bias, grad_x, need_w, partials);
-      auto [grad_w, grad_b] = reduce_param_grads(partials, weight, need_w, need_b);
-      return {grad_x, grad_w, grad_b};
+      return call.finish(partials);
     }
   }
 
@@ -233,8 +226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     });
   });
 
-  auto [grad_w, grad_b] = reduce_param_grads(partials, weight, need_w, need_b);
-  return {grad_x, grad_w, grad_b};
+  return call.finish(partials);
 }
 
 }  // namespace

@@ -223,18 +223,18 @@ inline void column_dz_block(const ConvPoolGeometry& g, const Workspace& ws, cons
     for (int l = 0; l < kLanes; ++l) grad_bias[co0 + c] += bias_sum[c][l];
 }
 
-// Runs Block<CB> over the output channels in blocks of up to 6, which keeps
-// 6 * 4 accumulators in registers.
+// Runs Block<CB>::run(g, c0, args...) over `channels` channels in blocks of
+// up to 6, which keeps 6 * 4 accumulators in registers.
 template <template <int> class Block, typename... Args>
-inline void for_each_channel_block(const ConvPoolGeometry& g, Args&&... args) {
-  for (int64_t co0 = 0; co0 < g.out_channels; co0 += 6) {
-    switch (g.out_channels - co0 < 6 ? g.out_channels - co0 : 6) {
-      case 1: Block<1>::run(g, co0, args...); break;
-      case 2: Block<2>::run(g, co0, args...); break;
-      case 3: Block<3>::run(g, co0, args...); break;
-      case 4: Block<4>::run(g, co0, args...); break;
-      case 5: Block<5>::run(g, co0, args...); break;
-      default: Block<6>::run(g, co0, args...); break;
+inline void for_each_channel_block(const ConvPoolGeometry& g, int64_t channels, Args&&... args) {
+  for (int64_t c0 = 0; c0 < channels; c0 += 6) {
+    switch (channels - c0 < 6 ? channels - c0 : 6) {
+      case 1: Block<1>::run(g, c0, args...); break;
+      case 2: Block<2>::run(g, c0, args...); break;
+      case 3: Block<3>::run(g, c0, args...); break;
+      case 4: Block<4>::run(g, c0, args...); break;
+      case 5: Block<5>::run(g, c0, args...); break;
+      default: Block<6>::run(g, c0, args...); break;
     }
   }
 }
@@ -386,7 +386,7 @@ inline void forward_images(const ConvPoolGeometry& g, const float* x, const floa
     float* out_image = out + n * g.out_channels * g.out_height * g.out_width;
     if (use_column_lanes(g)) {
       split_columns(g, ws, xp);
-      for_each_channel_block<ColumnForward>(g, ws, xp, weights, bias, out_image);
+      for_each_channel_block<ColumnForward>(g, g.out_channels, ws, xp, weights, bias, out_image);
       continue;
     }
     switch (g.pool) {
@@ -398,50 +398,54 @@ inline void forward_images(const ConvPoolGeometry& g, const float* x, const floa
   }
 }
 
-// ROWS rows of dL/dx of one input channel, from the dz planes: lanes are 16
-// input columns. ROWS is a compile-time count so the accumulators stay in
+// dL/dx for ROWS input rows from ih0 and CB input channels from ci0, from the
+// dz planes: lanes are 16 input columns. Each dz vector loaded feeds all CB
+// channels (their weights are broadcasts), as in the forward strip; ROWS and
+// CB are compile-time counts so that the ROWS * CB accumulators stay in
 // registers.
-template <int ROWS>
-inline void input_grad_rows(const ConvPoolGeometry& g, const Workspace& ws, const float* dz,
-                            const float* weight, int64_t ci, int64_t ih0, float* grad_image) {
+template <int ROWS, int CB>
+inline void input_grad_block(const ConvPoolGeometry& g, const Workspace& ws, const float* dz,
+                             const float* weight, int64_t ci0, int64_t ih0, float* grad_image) {
   const int64_t K = g.kernel;
   for (int64_t iw0 = 0; iw0 < g.width; iw0 += kLanes) {
-    vec acc[ROWS] = {};
+    vec acc[ROWS][CB] = {};
     for (int64_t co = 0; co < g.out_channels; ++co) {
-      const float* w = weight + (co * g.in_channels + ci) * K * K;
+      const float* w = weight + (co * g.in_channels + ci0) * K * K;
       const float* plane = dz + co * ws.dz_height * ws.dz_width;
       for (int64_t kh = 0; kh < K; ++kh) {
         // dz row of input row ih: ih + padding - kh, shifted by the border.
         const float* base = plane + (ih0 + g.padding - kh + ws.dz_border) * ws.dz_width + iw0 +
                             g.padding + ws.dz_border;
         for (int64_t kw = 0; kw < K; ++kw) {
-          const float wk = w[kh * K + kw];
-          for (int r = 0; r < ROWS; ++r) acc[r] += load(base + r * ws.dz_width - kw) * wk;
+          float wk[CB];
+          for (int c = 0; c < CB; ++c) wk[c] = w[c * K * K + kh * K + kw];
+          for (int r = 0; r < ROWS; ++r) {
+            const vec v = load(base + r * ws.dz_width - kw);
+            for (int c = 0; c < CB; ++c) acc[r][c] += v * wk[c];
+          }
         }
       }
     }
     const int64_t cols = g.width - iw0 < kLanes ? g.width - iw0 : kLanes;
     for (int r = 0; r < ROWS; ++r) {
-      float* dst = grad_image + (ci * g.height + ih0 + r) * g.width + iw0;
-      if (cols == kLanes) store(dst, acc[r]);
-      else for (int64_t l = 0; l < cols; ++l) dst[l] = acc[r][l];
+      for (int c = 0; c < CB; ++c) {
+        float* dst = grad_image + ((ci0 + c) * g.height + ih0 + r) * g.width + iw0;
+        if (cols == kLanes) store(dst, acc[r][c]);
+        else for (int64_t l = 0; l < cols; ++l) dst[l] = acc[r][c][l];
+      }
     }
   }
 }
 
-inline void input_grad_image(const ConvPoolGeometry& g, const Workspace& ws, const float* dz,
-                             const float* weight, float* grad_image) {
-  for (int64_t ci = 0; ci < g.in_channels; ++ci) {
+template <int CB>
+struct InputGradChannels {
+  static void run(const ConvPoolGeometry& g, int64_t ci0, const Workspace& ws, const float* dz,
+                  const float* weight, float* grad_image) {
     int64_t ih0 = 0;
-    for (; ih0 + 4 <= g.height; ih0 += 4) input_grad_rows<4>(g, ws, dz, weight, ci, ih0, grad_image);
-    switch (g.height - ih0) {
-      case 3: input_grad_rows<3>(g, ws, dz, weight, ci, ih0, grad_image); break;
-      case 2: input_grad_rows<2>(g, ws, dz, weight, ci, ih0, grad_image); break;
-      case 1: input_grad_rows<1>(g, ws, dz, weight, ci, ih0, grad_image); break;
-      default: break;
-    }
+    for (; ih0 + 2 <= g.height; ih0 += 2) input_grad_block<2, CB>(g, ws, dz, weight, ci0, ih0, grad_image);
+    if (ih0 < g.height) input_grad_block<1, CB>(g, ws, dz, weight, ci0, ih0, grad_image);
   }
-}
+};
 
 // Adds TAPS consecutive taps (kw0 ...) of one image's dL/dweight[co][ci][kh],
 // lanes unsummed, to acc_out: lanes are 16 conv output columns. Columns past
@@ -569,7 +573,7 @@ inline void backward_images(const ConvPoolGeometry& g, const float* grad_out, co
     const float* grad_image = grad_out + n * g.out_channels * g.out_height * g.out_width;
     if (use_column_lanes(g)) {
       split_columns(g, ws, xp);
-      for_each_channel_block<ColumnDz>(g, ws, xp, packed_weights, packed_bias, grad_image, dz,
+      for_each_channel_block<ColumnDz>(g, g.out_channels, ws, xp, packed_weights, packed_bias, grad_image, dz,
                                        grad_bias_lanes);
     } else {
       switch (g.pool) {
@@ -579,7 +583,9 @@ inline void backward_images(const ConvPoolGeometry& g, const float* grad_out, co
       default: dz_pool<4>(g, ws, xp, packed_weights, packed_bias, grad_image, dz, grad_bias_lanes); break;
       }
     }
-    if (grad_x) input_grad_image(g, ws, dz, weight, grad_x + n * g.in_channels * g.height * g.width);
+    if (grad_x)
+      for_each_channel_block<InputGradChannels>(g, g.in_channels, ws, dz, weight,
+                                                grad_x + n * g.in_channels * g.height * g.width);
     if (grad_weight_lanes) weight_grad_image(g, ws, dz, xp, grad_weight_lanes);
   }
 }

@@ -140,12 +140,11 @@ __global__ void param_grad_kernel(const acc_t* __restrict__ dz, const scalar_t* 
 at::Tensor forward_cuda(const at::Tensor& x_arg, const at::Tensor& weight_arg,
                         const std::optional<at::Tensor>& bias_arg, int64_t padding,
                         int64_t pool) {
-  const ConvPoolGeometry g = check_forward_args(x_arg, weight_arg, bias_arg, padding, pool);
+  const ForwardCall call = prepare_forward(x_arg, weight_arg, bias_arg, padding, pool);
   const c10::cuda::CUDAGuard device_guard(x_arg.device());
-  const at::Tensor x = x_arg.contiguous();
-  const at::Tensor weight = weight_arg.contiguous();
-  const at::Tensor bias = bias_arg.has_value() ? bias_arg->contiguous() : at::Tensor();
-  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_height, g.out_width}, x.options());
+  // Plain references, not structured bindings: lambdas capture these under C++17.
+  const ConvPoolGeometry& g = call.g;
+  const at::Tensor &x = call.x, &weight = call.weight, &bias = call.bias, &out = call.out;
   const int64_t total = out.numel();
   if (total == 0) return out;
 
@@ -164,18 +163,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& grad_out_arg, const at::Tensor& x_arg, const at::Tensor& weight_arg,
     const std::optional<at::Tensor>& bias_arg, int64_t padding, int64_t pool,
     std::array<bool, 3> output_mask) {
-  const ConvPoolGeometry g =
-      check_backward_args(grad_out_arg, x_arg, weight_arg, bias_arg, padding, pool);
+  const BackwardCall call =
+      prepare_backward(grad_out_arg, x_arg, weight_arg, bias_arg, padding, pool, output_mask);
   const c10::cuda::CUDAGuard device_guard(x_arg.device());
-  const bool need_x = output_mask[0];
-  const bool need_w = output_mask[1];
-  const bool need_b = output_mask[2] && bias_arg.has_value();
-  const at::Tensor grad_out = grad_out_arg.contiguous();
-  const at::Tensor x = x_arg.contiguous();
-  const at::Tensor weight = weight_arg.contiguous();
-  const at::Tensor bias = bias_arg.has_value() ? bias_arg->contiguous() : at::Tensor();
-
-  at::Tensor grad_x = need_x ? at::empty_like(x) : at::Tensor();
+  const ConvPoolGeometry& g = call.g;
+  const at::Tensor &grad_out = call.grad_out, &x = call.x, &weight = call.weight, &bias = call.bias,
+                   &grad_x = call.grad_x;
+  const bool need_x = call.need_x, need_w = call.need_weight, need_b = call.need_bias;
   const int64_t param_numel = weight.numel() + g.out_channels;
   // Enough batch chunks to fill the GPU, but no fewer than a block's worth
   // of images each.
@@ -184,15 +178,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
       (2 * multiprocessor_count(x.device().index()) + param_numel - 1) / param_numel;
   const int64_t chunks = std::max<int64_t>(1, std::min(max_chunks, wanted_chunks));
   const int64_t images_per_chunk = std::max<int64_t>(1, (g.batch + chunks - 1) / chunks);
-  const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
-  at::Tensor partials = at::zeros({chunks, param_numel}, x.options().dtype(acc_type));
+  at::Tensor partials = call.param_partials(chunks);
 
   const int64_t dz_total = g.batch * g.out_channels * pooled_extent(g.out_height, g.pool) *
                            pooled_extent(g.out_width, g.pool);
   if (dz_total > 0 && (need_x || need_w || need_b)) {
     // dL/dz, the gradient behind the pool and the sigmoid; x and the weights
     // are read from it by the two gradient kernels below.
-    at::Tensor dz = at::empty({dz_total}, x.options().dtype(acc_type));
+    at::Tensor dz = at::empty({dz_total}, x.options().dtype(at::toOpMathType(x.scalar_type())));
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_sigmoid_avgpool2d_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -219,8 +212,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   } else if (need_x) {
     grad_x.zero_();
   }
-  auto [grad_w, grad_b] = reduce_param_grads(partials, weight, need_w, need_b);
-  return {grad_x, grad_w, grad_b};
+  return call.finish(partials);
 }
 
 }  // namespace
