@@ -5,6 +5,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_globals
 
 from .ops import conv_sigmoid_avgpool2d
 
@@ -12,6 +13,11 @@ __all__ = ["FusedSequential", "fuse"]
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
 _FUSED_DEVICES = ("cpu", "cuda")
+
+
+# Sizes that mean 1 however they are written (modules store pairs; users may set ints).
+_ONES = ((1, 1), 1, [1, 1])
+_ZEROS = ((0, 0), 0, [0, 0])
 
 
 def _square(value) -> Optional[int]:
@@ -24,16 +30,45 @@ def _square(value) -> Optional[int]:
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+    )
+
+
+def _global_hooks() -> bool:
+    """Hooks registered for every module (torch.nn.modules.module.register_module_forward_hook, ...)."""
+    return bool(
+        _module_globals._global_forward_hooks
+        or _module_globals._global_forward_pre_hooks
+        or _module_globals._global_backward_hooks
+        or _module_globals._global_backward_pre_hooks
+    )
 
 
 def _conv_padding(conv: nn.Conv2d) -> Optional[int]:
-    kernel = _square(conv.kernel_size)
     if conv.padding == "valid":
         return 0
     if conv.padding == "same":
+        kernel = _square(conv.kernel_size)
         return (kernel - 1) // 2 if kernel is not None and kernel % 2 == 1 else None
     return _square(conv.padding)
+
+
+def fusable_config(conv: nn.Conv2d, pool: nn.AvgPool2d) -> bool:
+    """Whether a Conv2d and an AvgPool2d are configured as the fused operator computes them."""
+    return (
+        conv.stride in _ONES
+        and conv.dilation in _ONES
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and _square(conv.kernel_size) is not None
+        and _conv_padding(conv) is not None
+        and _square(pool.kernel_size) is not None
+        and (pool.stride == pool.kernel_size or _square(pool.stride) == _square(pool.kernel_size))
+        and pool.padding in _ZEROS
+        and not pool.ceil_mode
+        and pool.divisor_override is None
+    )
 
 
 def fusable(conv: nn.Module, act: nn.Module, pool: nn.Module) -> bool:
@@ -46,17 +81,7 @@ def fusable(conv: nn.Module, act: nn.Module, pool: nn.Module) -> bool:
         isinstance(conv, nn.Conv2d)
         and isinstance(act, nn.Sigmoid)
         and isinstance(pool, nn.AvgPool2d)
-        and _square(conv.kernel_size) is not None
-        and _square(conv.stride) == 1
-        and _square(conv.dilation) == 1
-        and conv.groups == 1
-        and conv.padding_mode == "zeros"
-        and _conv_padding(conv) is not None
-        and _square(pool.kernel_size) is not None
-        and _square(pool.stride) == _square(pool.kernel_size)
-        and _square(pool.padding) == 0
-        and not pool.ceil_mode
-        and pool.divisor_override is None
+        and fusable_config(conv, pool)
         and not (_has_hooks(conv) or _has_hooks(act) or _has_hooks(pool))
     )
 
@@ -74,6 +99,7 @@ class _ConvBlock:
             and x.device.type in _FUSED_DEVICES
             and x.dim() == 4
             and fusable(conv, act, pool)
+            and not _global_hooks()
         ):
             return conv_sigmoid_avgpool2d(x, conv.weight, conv.bias, _conv_padding(conv), _square(pool.kernel_size))
         return pool(act(conv(x)))
@@ -87,7 +113,7 @@ class _LinearSigmoid:
 
     def __call__(self, x: Tensor) -> Tensor:
         linear, act = self.modules
-        if _has_hooks(linear) or _has_hooks(act) or not isinstance(act, nn.Sigmoid):
+        if _has_hooks(linear) or _has_hooks(act) or not isinstance(act, nn.Sigmoid) or _global_hooks():
             return act(linear(x))
         return torch.sigmoid(F.linear(x, linear.weight, linear.bias))
 

@@ -2,9 +2,11 @@
 
 from collections import OrderedDict
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-from .fuse import FusedSequential
+from .fuse import _FUSED_DEVICES, _FUSED_DTYPES, FusedSequential, _global_hooks, fusable_config
+from .ops import lenet_forward
 
 __all__ = ["LeNet", "reference_lenet"]
 
@@ -29,6 +31,29 @@ def _lenet_layers(num_classes: int, in_channels: int, image_size: int):
     )  # fmt: skip
 
 
+_LENET_TYPES = (
+    nn.Conv2d, nn.Sigmoid, nn.AvgPool2d, nn.Conv2d, nn.Sigmoid, nn.AvgPool2d,
+    nn.Flatten, nn.Linear, nn.Sigmoid, nn.Linear, nn.Sigmoid, nn.Linear,
+)  # fmt: skip
+
+
+def _is_reference_layout(layers) -> bool:
+    """Whether the 12 layers still are the reference's kinds, so that lenet_forward computes them."""
+    if tuple(map(type, layers)) != _LENET_TYPES:
+        return False
+    for m in layers:  # inline: at batch 1 this check is a visible part of the forward
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return False
+    flatten = layers[6]
+    return (
+        fusable_config(layers[0], layers[2])
+        and fusable_config(layers[3], layers[5])
+        and flatten.start_dim == 1
+        and flatten.end_dim == -1
+        and not _global_hooks()
+    )
+
+
 def reference_lenet(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> nn.Sequential:
     """The d2l model as a plain nn.Sequential: the reference LeNet is checked against."""
     return nn.Sequential(*_lenet_layers(num_classes, in_channels, image_size))
@@ -45,6 +70,15 @@ class LeNet(FusedSequential):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28):
         super().__init__(*_lenet_layers(num_classes, in_channels, image_size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # With gradients off, the whole network is one operator call: at small
+        # batches the dispatches, not the arithmetic, are most of the time.
+        if not torch.is_grad_enabled() and x.dtype in _FUSED_DTYPES and x.device.type in _FUSED_DEVICES and x.dim() == 4:
+            layers = tuple(self._modules.values())
+            if _is_reference_layout(layers):
+                return lenet_forward(x, layers)
+        return super().forward(x)
 
     def __getitem__(self, idx):
         # A slice is no longer a whole LeNet; keep its layers, and its fusion.

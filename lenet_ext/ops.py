@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["conv_sigmoid_avgpool2d"]
+__all__ = ["conv_sigmoid_avgpool2d", "lenet_forward"]
 
 
 def conv_sigmoid_avgpool2d(
@@ -28,6 +28,20 @@ def conv_sigmoid_avgpool2d(
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(f"conv_sigmoid_avgpool2d: expected {name} to be an int, got {type(value).__name__}")
     return torch.ops.lenet_ext.conv_sigmoid_avgpool2d.default(x, weight, bias, padding, pool)
+
+
+def lenet_forward(x: Tensor, net) -> Tensor:
+    """LeNet's whole forward in one operator call, for inference (no autograd).
+
+    `net` holds the 12 layers of the d2l model; LeNet.forward calls this when
+    gradients are off and the layers are the reference's.
+    """
+    conv1, _, pool1, conv2, _, pool2, _, fc1, _, fc2, _, fc3 = net
+    return torch.ops.lenet_ext.lenet_forward.default(
+        x, conv1.weight, conv1.bias, conv1.padding[0], pool1.kernel_size,
+        conv2.weight, conv2.bias, conv2.padding[0], pool2.kernel_size,
+        fc1.weight, fc1.bias, fc2.weight, fc2.bias, fc3.weight, fc3.bias,
+    )  # fmt: skip
 
 
 def _output_shape(x, weight, bias, padding, pool):
@@ -85,6 +99,22 @@ def _conv_sigmoid_avgpool2d_backward_fake(grad_out, x, weight, bias, padding, po
         torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight else None,
         torch.empty_like(bias) if need_bias and bias is not None else None,
     )
+
+
+@torch.library.register_fake("lenet_ext::lenet_forward")
+def _lenet_forward_fake(x, conv1_weight, conv1_bias, conv1_padding, pool1, conv2_weight, conv2_bias,
+                        conv2_padding, pool2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc3_weight, fc3_bias):
+    n, c, h, w = _output_shape(x, conv1_weight, conv1_bias, conv1_padding, pool1)
+    block1 = x.new_empty((n, c, h, w))
+    n, c, h, w = _output_shape(block1, conv2_weight, conv2_bias, conv2_padding, pool2)
+    features = c * h * w
+    for name, weight in (("fc1_weight", fc1_weight), ("fc2_weight", fc2_weight), ("fc3_weight", fc3_weight)):
+        torch._check_value(
+            weight.dim() == 2 and weight.shape[1] == features,
+            lambda: f"lenet_forward: expected {name} of shape (out_features, {features}), got {tuple(weight.shape)}",
+        )
+        features = weight.shape[0]
+    return x.new_empty((n, features))
 
 
 # Values of the schema's trailing defaults (bias, padding, pool): the

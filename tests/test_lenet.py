@@ -136,6 +136,52 @@ def test_forward_runs_the_fused_operator_and_no_aten_conv_or_pool():
     assert net.fused_runs() == [(0, 3), (3, 6)]
 
 
+def test_inference_is_one_operator_call():
+    net = LeNet().eval()
+    with torch.inference_mode(), AtenOpRecorder() as recorder:
+        net(torch.rand(2, 1, 28, 28))
+    assert "lenet_ext.lenet_forward" in recorder.ops
+    assert not [op for op in recorder.ops if "conv" in op and not op.startswith("lenet_ext") or "pool" in op and not op.startswith("lenet_ext")]
+
+
+def test_inference_with_a_hook_or_an_edited_layer_takes_the_layer_path():
+    net, ref = twin_pair(torch.float64)
+    x = torch.rand(2, 1, 28, 28, dtype=torch.float64)
+    seen = []
+    handle = net[8].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.no_grad(), AtenOpRecorder() as recorder:
+        out = net(x)
+    handle.remove()
+    assert seen == [torch.Size([2, 120])] and "lenet_ext.lenet_forward" not in recorder.ops
+    torch.testing.assert_close(out, ref(x).detach(), **TOLERANCES[torch.float64])
+    net[10] = ref[10] = nn.Tanh()
+    with torch.no_grad(), AtenOpRecorder() as recorder:
+        out = net(x)
+    assert "lenet_ext.lenet_forward" not in recorder.ops
+    torch.testing.assert_close(out, ref(x).detach(), **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lenet_forward_operator(device):
+    from torch.library import opcheck
+
+    net = LeNet().to(device)
+    layers = tuple(net)
+    x = torch.rand(3, 1, 28, 28, device=device)
+    args = (x, layers[0].weight, layers[0].bias, 2, 2, layers[3].weight, layers[3].bias, 0, 2,
+            layers[7].weight, layers[7].bias, layers[9].weight, layers[9].bias, layers[11].weight, layers[11].bias)  # fmt: skip
+    with torch.no_grad():
+        opcheck(torch.ops.lenet_ext.lenet_forward.default, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+    ref = d2l_net().to(device)
+    ref.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(lenet_ext.ops.lenet_forward(x, layers), ref(x), **TOLERANCES[torch.float32])
+    bad = list(args)
+    bad[9] = torch.randn(120, 399, device=device)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"fc1_weight of shape \(out_features, 400\)"):
+        torch.ops.lenet_ext.lenet_forward(*bad)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -174,6 +220,8 @@ def test_compile_fullgraph(device):
     torch.testing.assert_close(out, ref_out, **TOLERANCES[torch.float32])
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
+    with torch.inference_mode():  # the whole-network operator, traced
+        torch.testing.assert_close(compiled(x), ref(x), **TOLERANCES[torch.float32])
 
 
 def test_to_dtype_and_load_state_dict_keep_matching():
