@@ -5,8 +5,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
-from .fuse import _FUSED_DEVICES, _FUSED_DTYPES, FusedSequential, _global_hooks, fusable_config
-from .ops import lenet_forward
+from .fuse import _FUSED_DEVICES, _FUSED_DTYPES, FusedSequential, _conv_padding, _global_hooks, _square, fusable_config
 
 __all__ = ["LeNet", "reference_lenet"]
 
@@ -54,6 +53,16 @@ def _is_reference_layout(layers) -> bool:
     )
 
 
+def _lenet_forward(x: Tensor, layers) -> Tensor:
+    """The 12 layers in one call of lenet_ext::lenet_forward (no autograd)."""
+    conv1, _, pool1, conv2, _, pool2, _, fc1, _, fc2, _, fc3 = layers
+    return torch.ops.lenet_ext.lenet_forward.default(
+        x, conv1.weight, conv1.bias, _conv_padding(conv1), _square(pool1.kernel_size),
+        conv2.weight, conv2.bias, _conv_padding(conv2), _square(pool2.kernel_size),
+        fc1.weight, fc1.bias, fc2.weight, fc2.bias, fc3.weight, fc3.bias,
+    )  # fmt: skip
+
+
 def reference_lenet(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> nn.Sequential:
     """The d2l model as a plain nn.Sequential: the reference LeNet is checked against."""
     return nn.Sequential(*_lenet_layers(num_classes, in_channels, image_size))
@@ -77,7 +86,7 @@ class LeNet(FusedSequential):
         if not torch.is_grad_enabled() and x.dtype in _FUSED_DTYPES and x.device.type in _FUSED_DEVICES and x.dim() == 4:
             layers = tuple(self._modules.values())
             if _is_reference_layout(layers):
-                return lenet_forward(x, layers)
+                return _lenet_forward(x, layers)
         return super().forward(x)
 
     def __getitem__(self, idx):

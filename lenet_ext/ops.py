@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["conv_sigmoid_avgpool2d", "lenet_forward"]
+__all__ = ["conv_sigmoid_avgpool2d"]
 
 
 def conv_sigmoid_avgpool2d(
@@ -28,20 +28,6 @@ def conv_sigmoid_avgpool2d(
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(f"conv_sigmoid_avgpool2d: expected {name} to be an int, got {type(value).__name__}")
     return torch.ops.lenet_ext.conv_sigmoid_avgpool2d.default(x, weight, bias, padding, pool)
-
-
-def lenet_forward(x: Tensor, net) -> Tensor:
-    """LeNet's whole forward in one operator call, for inference (no autograd).
-
-    `net` holds the 12 layers of the d2l model; LeNet.forward calls this when
-    gradients are off and the layers are the reference's.
-    """
-    conv1, _, pool1, conv2, _, pool2, _, fc1, _, fc2, _, fc3 = net
-    return torch.ops.lenet_ext.lenet_forward.default(
-        x, conv1.weight, conv1.bias, conv1.padding[0], pool1.kernel_size,
-        conv2.weight, conv2.bias, conv2.padding[0], pool2.kernel_size,
-        fc1.weight, fc1.bias, fc2.weight, fc2.bias, fc3.weight, fc3.bias,
-    )  # fmt: skip
 
 
 def _output_shape(x, weight, bias, padding, pool):

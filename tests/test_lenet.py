@@ -161,6 +161,17 @@ def test_inference_with_a_hook_or_an_edited_layer_takes_the_layer_path():
     torch.testing.assert_close(out, ref(x).detach(), **TOLERANCES[torch.float64])
 
 
+def test_inference_with_padding_written_as_a_string():
+    net, ref = twin_pair(torch.float64)
+    net[3].padding = ref[3].padding = "valid"
+    net[2].kernel_size = ref[2].kernel_size = (2, 2)
+    x = torch.rand(2, 1, 28, 28, dtype=torch.float64)
+    with torch.no_grad(), AtenOpRecorder() as recorder:
+        out = net(x)
+    assert "lenet_ext.lenet_forward" in recorder.ops
+    torch.testing.assert_close(out, ref(x), **TOLERANCES[torch.float64])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_lenet_forward_operator(device):
     from torch.library import opcheck
@@ -175,7 +186,7 @@ def test_lenet_forward_operator(device):
     ref = d2l_net().to(device)
     ref.load_state_dict(net.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(lenet_ext.ops.lenet_forward(x, layers), ref(x), **TOLERANCES[torch.float32])
+        torch.testing.assert_close(torch.ops.lenet_ext.lenet_forward(*args), ref(x), **TOLERANCES[torch.float32])
     bad = list(args)
     bad[9] = torch.randn(120, 399, device=device)
     with torch.no_grad(), pytest.raises(ValueError, match=r"fc1_weight of shape \(out_features, 400\)"):
