@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-CUDA_SKIP_REASON = "no CUDA device visible: the CUDA kernels are compiled but cannot run here"
+CUDA_SKIP_REASON = "no CUDA device visible (torch.cuda.is_available() is False)"
 
 DEVICES = [
     "cpu",
