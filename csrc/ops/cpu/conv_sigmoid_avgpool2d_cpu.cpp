@@ -122,8 +122,7 @@ at::Tensor forward_cpu(const at::Tensor& x_arg, const at::Tensor& weight_arg,
     const scalar_t* w_data = weight.const_data_ptr<scalar_t>();
     const scalar_t* b_data = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
-    const int64_t plane_work = g.out_height * g.out_width * g.pool * g.pool *
-                               g.in_channels * g.kernel * g.kernel;
+    const int64_t plane_work = image_work(g) / std::max<int64_t>(1, g.out_channels);
     const int64_t grain = std::max<int64_t>(1, kWorkPerChunk / std::max<int64_t>(1, plane_work));
     // One task is one (image, output channel) plane.
     at::parallel_for(0, g.batch * g.out_channels, grain, [&](int64_t begin, int64_t end) {
