@@ -144,6 +144,23 @@ def test_inference_is_one_operator_call():
     assert not [op for op in recorder.ops if "conv" in op and not op.startswith("lenet_ext") or "pool" in op and not op.startswith("lenet_ext")]
 
 
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_inference_in_tiles_of_the_batch(context):
+    """Batches over 64 images run through the network tile by tile, in parallel."""
+    net, ref = twin_pair(torch.float64)
+    x = torch.rand(64 * 3 + 5, 1, 28, 28, dtype=torch.float64)
+    with getattr(torch, context)():
+        out = net(x)
+        want = ref(x)
+    torch.testing.assert_close(out, want, **TOLERANCES[torch.float64])
+    layers = tuple(net)
+    bad_fc1 = torch.randn(120, 399, dtype=torch.float64)
+    args = (x, layers[0].weight, layers[0].bias, 2, 2, layers[3].weight, layers[3].bias, 0, 2,
+            bad_fc1, layers[7].bias, layers[9].weight, layers[9].bias, layers[11].weight, layers[11].bias)  # fmt: skip
+    with getattr(torch, context)(), pytest.raises(ValueError, match="fc1_weight"):
+        torch.ops.lenet_ext.lenet_forward(*args)
+
+
 def test_inference_with_a_hook_or_an_edited_layer_takes_the_layer_path():
     net, ref = twin_pair(torch.float64)
     x = torch.rand(2, 1, 28, 28, dtype=torch.float64)
