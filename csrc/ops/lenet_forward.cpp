@@ -33,22 +33,31 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   return at::mm(x, weight.t());
 }
 
-at::Tensor whole_batch(const at::Tensor& x, const at::Tensor& conv1_weight,
-                         const std::optional<at::Tensor>& conv1_bias, int64_t conv1_padding,
-                         int64_t pool1, const at::Tensor& conv2_weight,
-                         const std::optional<at::Tensor>& conv2_bias, int64_t conv2_padding,
-                         int64_t pool2, const at::Tensor& fc1_weight,
-                         const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
-                         const std::optional<at::Tensor>& fc2_bias, const at::Tensor& fc3_weight,
-                         const std::optional<at::Tensor>& fc3_bias) {
+// The operator's arguments after x.
+struct LeNetParams {
+  const at::Tensor& conv1_weight;
+  const std::optional<at::Tensor>& conv1_bias;
+  int64_t conv1_padding, pool1;
+  const at::Tensor& conv2_weight;
+  const std::optional<at::Tensor>& conv2_bias;
+  int64_t conv2_padding, pool2;
+  const at::Tensor& fc1_weight;
+  const std::optional<at::Tensor>& fc1_bias;
+  const at::Tensor& fc2_weight;
+  const std::optional<at::Tensor>& fc2_bias;
+  const at::Tensor& fc3_weight;
+  const std::optional<at::Tensor>& fc3_bias;
+};
+
+at::Tensor whole_batch(const at::Tensor& x, const LeNetParams& p) {
   // Nothing here is differentiated, and worker threads must not reach the
   // Python autograd wrapper of the conv operator: dispatch below autograd.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  at::Tensor h = conv_block(x, conv1_weight, conv1_bias, conv1_padding, pool1);
-  h = conv_block(h, conv2_weight, conv2_bias, conv2_padding, pool2).flatten(1);
-  h = linear(h, fc1_weight, fc1_bias, "fc1_weight").sigmoid_();
-  h = linear(h, fc2_weight, fc2_bias, "fc2_weight").sigmoid_();
-  return linear(h, fc3_weight, fc3_bias, "fc3_weight");
+  at::Tensor h = conv_block(x, p.conv1_weight, p.conv1_bias, p.conv1_padding, p.pool1);
+  h = conv_block(h, p.conv2_weight, p.conv2_bias, p.conv2_padding, p.pool2).flatten(1);
+  h = linear(h, p.fc1_weight, p.fc1_bias, "fc1_weight").sigmoid_();
+  h = linear(h, p.fc2_weight, p.fc2_bias, "fc2_weight").sigmoid_();
+  return linear(h, p.fc3_weight, p.fc3_bias, "fc3_weight");
 }
 
 // On the CPU, tiles of this many images run through the whole network one at
@@ -64,11 +73,11 @@ at::Tensor lenet_forward(const at::Tensor& x, const at::Tensor& conv1_weight,
                          const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
                          const std::optional<at::Tensor>& fc2_bias, const at::Tensor& fc3_weight,
                          const std::optional<at::Tensor>& fc3_bias) {
-  const auto run = [&](const at::Tensor& images) {
-    return whole_batch(images, conv1_weight, conv1_bias, conv1_padding, pool1, conv2_weight,
-                       conv2_bias, conv2_padding, pool2, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                       fc3_weight, fc3_bias);
-  };
+  const LeNetParams params{conv1_weight, conv1_bias, conv1_padding, pool1,
+                           conv2_weight, conv2_bias, conv2_padding, pool2,
+                           fc1_weight,   fc1_bias,   fc2_weight,    fc2_bias,
+                           fc3_weight,   fc3_bias};
+  const auto run = [&](const at::Tensor& images) { return whole_batch(images, params); };
   if (!x.device().is_cpu() || x.dim() != 4 || x.size(0) <= kCpuTile) return run(x);
   const int64_t batch = x.size(0);
   const int64_t tiles = (batch + kCpuTile - 1) / kCpuTile;

@@ -94,6 +94,9 @@ inline vec sigmoid_vec(vec z) {
 #endif
 }
 
+// v rounded up to a whole number of vectors.
+inline int64_t round16(int64_t v) { return (v + kLanes - 1) / kLanes * kLanes; }
+
 // Sizes of the per-thread buffers, all in floats.
 struct Workspace {
   int64_t xp_height, xp_width;   // x of one image with `padding` zeros around, plus slack columns
@@ -104,7 +107,6 @@ struct Workspace {
 
   explicit Workspace(const ConvPoolGeometry& g) {
     const int64_t ext_h = g.out_height * g.pool, ext_w = g.out_width * g.pool;
-    const auto round16 = [](int64_t v) { return (v + kLanes - 1) / kLanes * kLanes; };
     const auto max = [](int64_t a, int64_t b) { return a > b ? a : b; };
     xp_height = g.height + 2 * g.padding;
     xp_width = max(g.width + 2 * g.padding, round16(ext_w) + g.kernel - 1);
@@ -137,7 +139,6 @@ inline void load_padded_image(const ConvPoolGeometry& g, const Workspace& ws, co
 
 // Whether lanes over pooled columns fill more lanes than lanes over channels.
 inline bool use_column_lanes(const ConvPoolGeometry& g) {
-  const auto round16 = [](int64_t v) { return (v + kLanes - 1) / kLanes * kLanes; };
   return g.pool == 2 && g.out_width * round16(g.out_channels) > g.out_channels * round16(g.out_width);
 }
 
@@ -189,27 +190,37 @@ inline void column_conv(const ConvPoolGeometry& g, const Workspace& ws, const fl
   }
 }
 
-template <int CB>
-inline void column_forward_block(const ConvPoolGeometry& g, const Workspace& ws, const float* xp,
-                                 const float* packed_weights, const float* packed_bias, int64_t co0,
-                                 float* out_image) {
+// Runs tile(acc, ph, j0, cols) for every tile of 16 pooled columns of every
+// pooled row, acc holding its z (less the bias) for CB channels from co0.
+template <int CB, typename Tile>
+inline void for_each_column_tile(const ConvPoolGeometry& g, const Workspace& ws, const float* xp,
+                                 const float* packed_weights, int64_t co0, Tile&& tile) {
   for (int64_t ph = 0; ph < g.out_height; ++ph) {
     for (int64_t j0 = 0; j0 < g.out_width; j0 += kLanes) {
       vec acc[CB][2][2];
       column_conv<CB>(g, ws, xp, packed_weights, co0, ph, j0, acc);
-      const int64_t cols = g.out_width - j0 < kLanes ? g.out_width - j0 : kLanes;
-      for (int c = 0; c < CB; ++c) {
-        const float b = packed_bias[co0 + c];
-        vec sum{};
-        for (int dy = 0; dy < 2; ++dy)
-          for (int dx = 0; dx < 2; ++dx) sum += sigmoid_vec(acc[c][dy][dx] + b);
-        sum *= 0.25f;
-        float* dst = out_image + ((co0 + c) * g.out_height + ph) * g.out_width + j0;
-        if (cols == kLanes) store(dst, sum);
-        else for (int64_t l = 0; l < cols; ++l) dst[l] = sum[l];
-      }
+      tile(acc, ph, j0, g.out_width - j0 < kLanes ? g.out_width - j0 : kLanes);
     }
   }
+}
+
+template <int CB>
+inline void column_forward_block(const ConvPoolGeometry& g, const Workspace& ws, const float* xp,
+                                 const float* packed_weights, const float* packed_bias, int64_t co0,
+                                 float* out_image) {
+  for_each_column_tile<CB>(g, ws, xp, packed_weights, co0,
+                           [&](vec (&acc)[CB][2][2], int64_t ph, int64_t j0, int64_t cols) {
+    for (int c = 0; c < CB; ++c) {
+      const float b = packed_bias[co0 + c];
+      vec sum{};
+      for (int dy = 0; dy < 2; ++dy)
+        for (int dx = 0; dx < 2; ++dx) sum += sigmoid_vec(acc[c][dy][dx] + b);
+      sum *= 0.25f;
+      float* dst = out_image + ((co0 + c) * g.out_height + ph) * g.out_width + j0;
+      if (cols == kLanes) store(dst, sum);
+      else for (int64_t l = 0; l < cols; ++l) dst[l] = sum[l];
+    }
+  });
 }
 
 template <int CB>
@@ -217,30 +228,26 @@ inline void column_dz_block(const ConvPoolGeometry& g, const Workspace& ws, cons
                             const float* packed_weights, const float* packed_bias, int64_t co0,
                             const float* grad_image, float* dz, float* grad_bias) {
   vec bias_sum[CB] = {};
-  for (int64_t ph = 0; ph < g.out_height; ++ph) {
-    for (int64_t j0 = 0; j0 < g.out_width; j0 += kLanes) {
-      vec acc[CB][2][2];
-      column_conv<CB>(g, ws, xp, packed_weights, co0, ph, j0, acc);
-      const int64_t cols = g.out_width - j0 < kLanes ? g.out_width - j0 : kLanes;
-      for (int c = 0; c < CB; ++c) {
-        const float b = packed_bias[co0 + c];
-        vec go{};  // lanes past the last column stay zero, and so does their dz
-        const float* src = grad_image + ((co0 + c) * g.out_height + ph) * g.out_width + j0;
-        for (int64_t l = 0; l < cols; ++l) go[l] = src[l];
-        go *= 0.25f;
-        for (int dy = 0; dy < 2; ++dy) {
-          float* dst = dz + ((co0 + c) * ws.dz_height + ws.dz_border + 2 * ph + dy) * ws.dz_width +
-                       ws.dz_border + 2 * j0;
-          for (int dx = 0; dx < 2; ++dx) {
-            const vec s = sigmoid_vec(acc[c][dy][dx] + b);
-            const vec d = go * s * (1.0f - s);
-            bias_sum[c] += d;
-            for (int64_t l = 0; l < cols; ++l) dst[2 * l + dx] = d[l];
-          }
+  for_each_column_tile<CB>(g, ws, xp, packed_weights, co0,
+                           [&](vec (&acc)[CB][2][2], int64_t ph, int64_t j0, int64_t cols) {
+    for (int c = 0; c < CB; ++c) {
+      const float b = packed_bias[co0 + c];
+      vec go{};  // lanes past the last column stay zero, and so does their dz
+      const float* src = grad_image + ((co0 + c) * g.out_height + ph) * g.out_width + j0;
+      for (int64_t l = 0; l < cols; ++l) go[l] = src[l];
+      go *= 0.25f;
+      for (int dy = 0; dy < 2; ++dy) {
+        float* dst = dz + ((co0 + c) * ws.dz_height + ws.dz_border + 2 * ph + dy) * ws.dz_width +
+                     ws.dz_border + 2 * j0;
+        for (int dx = 0; dx < 2; ++dx) {
+          const vec s = sigmoid_vec(acc[c][dy][dx] + b);
+          const vec d = go * s * (1.0f - s);
+          bias_sum[c] += d;
+          for (int64_t l = 0; l < cols; ++l) dst[2 * l + dx] = d[l];
         }
       }
     }
-  }
+  });
   for (int c = 0; c < CB; ++c)
     for (int l = 0; l < kLanes; ++l) grad_bias[co0 + c] += bias_sum[c][l];
 }
