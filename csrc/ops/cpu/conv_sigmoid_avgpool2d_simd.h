@@ -13,8 +13,12 @@
 //    columns (LeNet's first block fills 14 of them, where its 6 channels
 //    would fill 6). x is split into even and odd columns, so each of the four
 //    conv outputs under a pooled output is a plain vector of its own.
-//  * grad_x and grad_weight: lanes are 16 columns of a row, read from dz
-//    stored as planes with a zero border, so no tap needs a bounds check.
+//  * grad_x: lanes are 16 columns of a row, read from dz stored as planes
+//    with a zero border, so no tap needs a bounds check.
+//  * grad_weight: the lanes of the dz pass (channels or pooled columns),
+//    summed once per batch chunk. The column-lane path adds each tile's
+//    share as soon as its dz is computed, so its dz never goes to memory
+//    unless grad_x needs it.
 //
 // The scalar reference of the same math is ../conv_sigmoid_avgpool2d.h, which
 // the CUDA kernels and the generic CPU path run.
@@ -223,13 +227,50 @@ inline void column_forward_block(const ConvPoolGeometry& g, const Workspace& ws,
   });
 }
 
+// Adds one tile's dL/dweight, lanes unsummed, to grad_weight_lanes
+// ([C_out][C_in][K][K][16]): d[c][dy][dx] is dL/dz under the tile's pooled
+// outputs, and each tap reads the same x vectors as column_conv.
+template <int CB>
+inline void column_weight_grad_tile(const ConvPoolGeometry& g, const Workspace& ws, const float* xp,
+                                    const vec (&d)[CB][2][2], int64_t co0, int64_t ph, int64_t j0,
+                                    float* grad_weight_lanes) {
+  const float* halves = xp + ws.halves_offset(g);
+  const int64_t K = g.kernel;
+  for (int64_t ci = 0; ci < g.in_channels; ++ci) {
+    for (int64_t kh = 0; kh < K; ++kh) {
+      for (int64_t kw = 0; kw < K; ++kw) {
+        vec v[2][2];
+        for (int dy = 0; dy < 2; ++dy) {
+          for (int dx = 0; dx < 2; ++dx) {
+            const int64_t t = dx + kw;
+            v[dy][dx] = load(halves + ((ci * 2 + (t & 1)) * ws.xp_height + 2 * ph + dy + kh) * ws.half_width +
+                             j0 + (t >> 1));
+          }
+        }
+        for (int c = 0; c < CB; ++c) {
+          float* dst = grad_weight_lanes + ((((co0 + c) * g.in_channels + ci) * K + kh) * K + kw) * kLanes;
+          vec acc = load(dst);
+          for (int dy = 0; dy < 2; ++dy)
+            for (int dx = 0; dx < 2; ++dx) acc += d[c][dy][dx] * v[dy][dx];
+          store(dst, acc);
+        }
+      }
+    }
+  }
+}
+
+// dL/dz of CB channels from co0, recomputed tile by tile. It goes straight
+// into the weight gradient (when grad_weight_lanes is set) and into the dz
+// planes only when the input gradient needs them (dz_planes set).
 template <int CB>
 inline void column_dz_block(const ConvPoolGeometry& g, const Workspace& ws, const float* xp,
                             const float* packed_weights, const float* packed_bias, int64_t co0,
-                            const float* grad_image, float* dz, float* grad_bias) {
+                            const float* grad_image, float* dz_planes, float* grad_weight_lanes,
+                            float* grad_bias) {
   vec bias_sum[CB] = {};
   for_each_column_tile<CB>(g, ws, xp, packed_weights, co0,
                            [&](vec (&acc)[CB][2][2], int64_t ph, int64_t j0, int64_t cols) {
+    vec d[CB][2][2];
     for (int c = 0; c < CB; ++c) {
       const float b = packed_bias[co0 + c];
       vec go{};  // lanes past the last column stay zero, and so does their dz
@@ -237,14 +278,21 @@ inline void column_dz_block(const ConvPoolGeometry& g, const Workspace& ws, cons
       for (int64_t l = 0; l < cols; ++l) go[l] = src[l];
       go *= 0.25f;
       for (int dy = 0; dy < 2; ++dy) {
-        float* dst = dz + ((co0 + c) * ws.dz_height + ws.dz_border + 2 * ph + dy) * ws.dz_width +
-                     ws.dz_border + 2 * j0;
         for (int dx = 0; dx < 2; ++dx) {
           const vec s = sigmoid_vec(acc[c][dy][dx] + b);
-          const vec d = go * s * (1.0f - s);
-          bias_sum[c] += d;
-          for (int64_t l = 0; l < cols; ++l) dst[2 * l + dx] = d[l];
+          d[c][dy][dx] = go * s * (1.0f - s);
+          bias_sum[c] += d[c][dy][dx];
         }
+      }
+    }
+    if (grad_weight_lanes) column_weight_grad_tile<CB>(g, ws, xp, d, co0, ph, j0, grad_weight_lanes);
+    if (!dz_planes) return;
+    for (int c = 0; c < CB; ++c) {
+      for (int dy = 0; dy < 2; ++dy) {
+        float* dst = dz_planes + ((co0 + c) * ws.dz_height + ws.dz_border + 2 * ph + dy) * ws.dz_width +
+                     ws.dz_border + 2 * j0;
+        for (int dx = 0; dx < 2; ++dx)
+          for (int64_t l = 0; l < cols; ++l) dst[2 * l + dx] = d[c][dy][dx][l];
       }
     }
   });
@@ -279,8 +327,9 @@ struct ColumnForward {
 template <int CB>
 struct ColumnDz {
   static void run(const ConvPoolGeometry& g, int64_t co0, const Workspace& ws, const float* xp,
-                  const float* w, const float* b, const float* grad_image, float* dz, float* grad_bias) {
-    column_dz_block<CB>(g, ws, xp, w, b, co0, grad_image, dz, grad_bias);
+                  const float* w, const float* b, const float* grad_image, float* dz_planes,
+                  float* grad_weight_lanes, float* grad_bias) {
+    column_dz_block<CB>(g, ws, xp, w, b, co0, grad_image, dz_planes, grad_weight_lanes, grad_bias);
   }
 };
 
@@ -476,24 +525,6 @@ struct InputGradChannels {
   }
 };
 
-// Adds TAPS consecutive taps (kw0 ...) of one image's dL/dweight[co][ci][kh],
-// lanes unsummed, to acc_out: lanes are 16 conv output columns. Columns past
-// the pooled extent read dz's zero border, so they add nothing.
-template <int TAPS>
-inline void weight_grad_taps(const ConvPoolGeometry& g, const Workspace& ws, const float* dz_plane,
-                             const float* x_rows, float* acc_out) {
-  const int64_t ext_h = g.out_height * g.pool, ext_w = g.out_width * g.pool;
-  vec acc[TAPS] = {};
-  for (int64_t oh = 0; oh < ext_h; ++oh) {
-    const float* xrow = x_rows + oh * ws.xp_width;
-    for (int64_t ow0 = 0; ow0 < ext_w; ow0 += kLanes) {
-      const vec d = load(dz_plane + oh * ws.dz_width + ow0);
-      for (int t = 0; t < TAPS; ++t) acc[t] += d * load(xrow + ow0 + t);
-    }
-  }
-  for (int t = 0; t < TAPS; ++t) store(acc_out + t * kLanes, load(acc_out + t * kLanes) + acc[t]);
-}
-
 // Adds TAPS taps (kw0 ...) of one image's dL/dweight[channel block][ci][kh]
 // to acc_out, from dz as channel vectors: lanes are 16 output channels, and
 // each tap is a broadcast of x.
@@ -527,14 +558,6 @@ inline void for_each_tap_block(int64_t K, Args&&... args) {
 }
 
 template <int TAPS>
-struct ColumnWeightTaps {
-  static void run(int64_t kw0, const ConvPoolGeometry& g, const Workspace& ws, const float* dz_plane,
-                  const float* x_rows, float* acc_out) {
-    weight_grad_taps<TAPS>(g, ws, dz_plane, x_rows + kw0, acc_out + kw0 * kLanes);
-  }
-};
-
-template <int TAPS>
 struct ChannelWeightTaps {
   static void run(int64_t kw0, const ConvPoolGeometry& g, const Workspace& ws, const float* dz_lanes,
                   const float* x_rows, float* acc_out) {
@@ -542,22 +565,12 @@ struct ChannelWeightTaps {
   }
 };
 
-// Adds one image's dL/dweight, lanes unsummed, to grad_weight_lanes, laid out
-// as weight_lanes_layout() says.
+// Adds one image's dL/dweight, lanes unsummed, to grad_weight_lanes, from dz
+// as channel vectors (the channel-lane path; the column-lane path adds its
+// weight gradient while it computes dz).
 inline void weight_grad_image(const ConvPoolGeometry& g, const Workspace& ws, const float* dz,
                               const float* xp, float* grad_weight_lanes) {
   const int64_t K = g.kernel;
-  if (use_column_lanes(g)) {
-    for (int64_t co = 0; co < g.out_channels; ++co) {
-      const float* plane = dz + (co * ws.dz_height + ws.dz_border) * ws.dz_width + ws.dz_border;
-      for (int64_t ci = 0; ci < g.in_channels; ++ci)
-        for (int64_t kh = 0; kh < K; ++kh)
-          for_each_tap_block<ColumnWeightTaps>(
-              K, g, ws, plane, xp + (ci * ws.xp_height + kh) * ws.xp_width,
-              grad_weight_lanes + (((co * g.in_channels + ci) * K + kh) * K) * kLanes);
-    }
-    return;
-  }
   const int64_t ext = g.out_height * g.pool * g.out_width * g.pool;
   for (int64_t cb = 0; cb < ws.channel_blocks; ++cb)
     for (int64_t ci = 0; ci < g.in_channels; ++ci)
@@ -569,7 +582,7 @@ inline void weight_grad_image(const ConvPoolGeometry& g, const Workspace& ws, co
 }
 
 // Sums the lanes of grad_weight_lanes into out ([C_out][C_in][K][K]). With
-// column lanes it is [C_out][C_in][K][K][16 columns]; with channel lanes
+// column lanes it is [C_out][C_in][K][K][16 pooled columns]; with channel lanes
 // [channel blocks][C_in][K][K][16 channels].
 inline void sum_weight_lanes(const ConvPoolGeometry& g, const float* lanes, float* out) {
   const int64_t per_channel = g.in_channels * g.kernel * g.kernel;
@@ -602,8 +615,8 @@ inline void backward_images(const ConvPoolGeometry& g, const float* grad_out, co
     const float* grad_image = grad_out + n * g.out_channels * g.out_height * g.out_width;
     if (use_column_lanes(g)) {
       split_columns(g, ws, xp);
-      for_each_channel_block<ColumnDz>(g, g.out_channels, ws, xp, packed_weights, packed_bias, grad_image, dz,
-                                       grad_bias_lanes);
+      for_each_channel_block<ColumnDz>(g, g.out_channels, ws, xp, packed_weights, packed_bias, grad_image,
+                                       grad_x ? dz : nullptr, grad_weight_lanes, grad_bias_lanes);
     } else {
       switch (g.pool) {
       case 1: dz_pool<1>(g, ws, xp, packed_weights, packed_bias, grad_image, dz, grad_bias_lanes); break;
@@ -611,11 +624,11 @@ inline void backward_images(const ConvPoolGeometry& g, const float* grad_out, co
       case 3: dz_pool<3>(g, ws, xp, packed_weights, packed_bias, grad_image, dz, grad_bias_lanes); break;
       default: dz_pool<4>(g, ws, xp, packed_weights, packed_bias, grad_image, dz, grad_bias_lanes); break;
       }
+      if (grad_weight_lanes) weight_grad_image(g, ws, dz, xp, grad_weight_lanes);
     }
     if (grad_x)
       for_each_channel_block<InputGradChannels>(g, g.in_channels, ws, dz, weight,
                                                 grad_x + n * g.in_channels * g.height * g.width);
-    if (grad_weight_lanes) weight_grad_image(g, ws, dz, xp, grad_weight_lanes);
   }
 }
 
