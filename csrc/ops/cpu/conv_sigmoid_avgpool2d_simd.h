@@ -485,12 +485,17 @@ template <int ROWS, int CB>
 inline void input_grad_block(const ConvPoolGeometry& g, const Workspace& ws, const float* dz,
                              const float* weight, int64_t ci0, int64_t ih0, float* grad_image) {
   const int64_t K = g.kernel;
+  // Kernel rows that reach a dz row of the pooled extent from some row of the
+  // block; the others would read only dz's zero border.
+  const int64_t ext_h = g.out_height * g.pool;
+  const int64_t kh_begin = ih0 + g.padding - (ext_h - 1) > 0 ? ih0 + g.padding - (ext_h - 1) : 0;
+  const int64_t kh_end = ih0 + ROWS + g.padding < K ? ih0 + ROWS + g.padding : K;
   for (int64_t iw0 = 0; iw0 < g.width; iw0 += kLanes) {
     vec acc[ROWS][CB] = {};
     for (int64_t co = 0; co < g.out_channels; ++co) {
       const float* w = weight + (co * g.in_channels + ci0) * K * K;
       const float* plane = dz + co * ws.dz_height * ws.dz_width;
-      for (int64_t kh = 0; kh < K; ++kh) {
+      for (int64_t kh = kh_begin; kh < kh_end; ++kh) {
         // dz row of input row ih: ih + padding - kh, shifted by the border.
         const float* base = plane + (ih0 + g.padding - kh + ws.dz_border) * ws.dz_width + iw0 +
                             g.padding + ws.dz_border;
@@ -548,8 +553,12 @@ inline void weight_grad_channel_taps(const ConvPoolGeometry& g, const Workspace&
 template <template <int> class Taps, typename... Args>
 inline void for_each_tap_block(int64_t K, Args&&... args) {
   int64_t kw0 = 0;
-  for (; kw0 + 4 <= K; kw0 += 4) Taps<4>::run(kw0, args...);
+  for (; kw0 + 8 <= K; kw0 += 8) Taps<8>::run(kw0, args...);
   switch (K - kw0) {
+    case 7: Taps<7>::run(kw0, args...); break;
+    case 6: Taps<6>::run(kw0, args...); break;
+    case 5: Taps<5>::run(kw0, args...); break;
+    case 4: Taps<4>::run(kw0, args...); break;
     case 3: Taps<3>::run(kw0, args...); break;
     case 2: Taps<2>::run(kw0, args...); break;
     case 1: Taps<1>::run(kw0, args...); break;
