@@ -3,8 +3,10 @@
 Every provider runs on the same inputs with the same weights, and its output
 (and, for the training step, its gradients) is checked against the eager
 reference before it is timed. Timings come from torch.utils.benchmark
-(blocked_autorange): medians and interquartile ranges, warm-up and compile
-time excluded (compile time is reported on its own).
+(blocked_autorange) on torch's thread count (--threads) for every provider;
+the providers of a row take turns over --rounds rounds, so that a slow spell
+of a shared machine hits them alike. Medians and interquartile ranges, warm-up
+and compile time excluded (compile time is reported on its own).
 
   python benchmarks/bench.py                        # default: about 2 minutes on 2 CPU cores
   python benchmarks/bench.py --full                 # batch 1, 64, 256, 1024, 8192
@@ -68,19 +70,33 @@ def saved_bytes_per_sample(step, batch, params) -> float:
     return sum(storages.values()) / batch
 
 
-def measure_peak_gflops(device, min_run_time) -> float:
+def measure_peak_gflops(device, args) -> float:
     n = 2048 if device.type == "cpu" else 8192
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
-    t = benchmark.Timer("torch.mm(a, b)", globals={"torch": torch, "a": a, "b": b}).blocked_autorange(
-        min_run_time=min_run_time
-    )
-    return 2 * n**3 / t.median / 1e9
+    median, _ = time_interleaved({"mm": lambda: (torch.mm(a, b), synchronize(device))}, args)["mm"]
+    return 2 * n**3 / median / 1e9
 
 
-def time_it(fn, min_run_time):
-    m = benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
-    return m.median, m.iqr
+def time_interleaved(steps, args):
+    """name -> (median, IQR) in seconds of each step, timed in turn.
+
+    Each step is timed in args.rounds rounds of blocked_autorange, the steps
+    taking turns, and its median and IQR are over the blocks of all rounds:
+    on a shared machine, a slow spell then lands on every provider alike
+    instead of on whichever ran during it. torch.utils.benchmark runs on one
+    thread unless told otherwise; every step here runs on args.threads.
+    """
+    times = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            timer = benchmark.Timer("step()", globals={"step": step}, num_threads=args.threads)
+            times[name] += timer.blocked_autorange(min_run_time=args.min_run_time / args.rounds).times
+    result = {}
+    for name, t in times.items():
+        q = torch.tensor(t, dtype=torch.float64).quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+        result[name] = (q[1].item(), (q[2] - q[0]).item())
+    return result
 
 
 def synchronize(device):
@@ -165,6 +181,7 @@ def run_model_rows(device, mode, batch, providers, reference, flops_per_image, p
     gen = torch.Generator().manual_seed(batch)
     x = torch.rand(batch, 1, 28, 28, generator=gen).to(device)
     target = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    steps, rows_by_name = {}, {}
     for name, model in providers.items():
         progress.set_description(f"{device.type} {mode} batch {batch} {name}")
         start = time.perf_counter()
@@ -181,21 +198,23 @@ def run_model_rows(device, mode, batch, providers, reference, flops_per_image, p
         for _ in range(2):  # warm-up (and, for compiled providers, compilation for this shape)
             step()
         synchronize(device)
-        warmup_s = time.perf_counter() - start
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        median, iqr = time_it(lambda: (step(), synchronize(device)), args.min_run_time)
         row = dict(
-            device=device.type, mode=mode, batch=batch, provider=name,
-            median_s=median, iqr_s=iqr, images_per_s=batch / median,
-            gflops=flops_per_image * (3 if mode == "training" else 1) * batch / median / 1e9,
-            warmup_and_compile_s=warmup_s,
-        )  # fmt: skip
-        row["peak_fraction"] = row["gflops"] / peak
+            device=device.type, mode=mode, batch=batch, provider=name, warmup_and_compile_s=time.perf_counter() - start
+        )
         if mode == "training":
             row["saved_bytes_per_sample"] = saved_bytes_per_sample(step, batch, params_of(model))
             if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                step()
+                synchronize(device)
                 row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+        steps[name] = lambda step=step: (step(), synchronize(device))
+        rows_by_name[name] = row
+    progress.set_description(f"{device.type} {mode} batch {batch} timing")
+    for name, (median, iqr) in time_interleaved(steps, args).items():
+        row = rows_by_name[name]
+        gflops = flops_per_image * (3 if mode == "training" else 1) * batch / median / 1e9
+        row.update(median_s=median, iqr_s=iqr, images_per_s=batch / median, gflops=gflops, peak_fraction=gflops / peak)
         rows.append(row)
         progress.update(1)
     return rows
@@ -215,8 +234,8 @@ def run_layer_rows(device, batch, peak, args, progress):
         with torch.no_grad():
             check(f"{block} lenet_ext", fns["lenet_ext"](x), fns["torch"](x), "block output")
         for direction in ("forward", "forward+backward"):
+            steps = {}
             for name, fn in fns.items():
-                progress.set_description(f"{device.type} {block} {direction} batch {batch} {name}")
                 if direction == "forward":
                     def step(fn=fn):
                         with torch.inference_mode():
@@ -228,8 +247,10 @@ def run_layer_rows(device, batch, peak, args, progress):
                         out = fn(xg)
                         return torch.autograd.grad(out, (xg, conv.weight, conv.bias), torch.ones_like(out))
                 step()
-                median, iqr = time_it(lambda: (step(), synchronize(device)), args.min_run_time)
-                flops = block_flops(c_in, c_out, size, padding) * (1 if direction == "forward" else 3)
+                steps[name] = lambda step=step: (step(), synchronize(device))
+            progress.set_description(f"{device.type} {block} {direction} batch {batch}")
+            flops = block_flops(c_in, c_out, size, padding) * (1 if direction == "forward" else 3)
+            for name, (median, iqr) in time_interleaved(steps, args).items():
                 rows.append(dict(
                     device=device.type, mode=f"layer {block} {direction}", batch=batch, provider=name,
                     median_s=median, iqr_s=iqr, images_per_s=batch / median,
@@ -314,6 +335,10 @@ def parse_args(argv=None):
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated from: " + ", ".join(MODES))
     parser.add_argument("--devices", help="comma-separated from cpu, cuda (default: cpu, plus cuda when present)")
     parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per row (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds the providers of a row take turns in, sharing --min-run-time (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="CPU threads for every provider (default: torch's, here %(default)s)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile providers")
     parser.add_argument("--output-dir", help="write results.json and throughput.png here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -327,6 +352,10 @@ def parse_args(argv=None):
         parser.error(f"--batch-sizes: expected comma-separated integers, got {args.batch_sizes!r}")
     if min(args.batch_sizes) < 1:
         parser.error("--batch-sizes: batch sizes must be >= 1")
+    if args.rounds < 1:
+        parser.error(f"--rounds: expected >= 1, got {args.rounds}")
+    if args.threads < 1:
+        parser.error(f"--threads: expected >= 1, got {args.threads}")
     args.modes = args.modes.split(",")
     if not set(args.modes) <= set(MODES):
         parser.error(f"--modes: expected some of {', '.join(MODES)}, got {','.join(args.modes)}")
@@ -340,6 +369,7 @@ def main(argv=None):
     from tqdm import tqdm
 
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     # One specialised graph per batch size and provider: the best case for torch.compile.
     torch._dynamo.config.automatic_dynamic_shapes = False
     torch._dynamo.config.cache_size_limit = 64
@@ -353,11 +383,12 @@ def main(argv=None):
         lenet_ext=lenet_ext.build_info(),
         cpu=cpu_model(),
         gpu=torch.cuda.get_device_name() if "cuda" in args.devices else None,
-        threads=torch.get_num_threads(),
+        threads=args.threads,
         tf32=dict(matmul=torch.backends.cuda.matmul.allow_tf32, cudnn=torch.backends.cudnn.allow_tf32),
         batch_sizes=args.batch_sizes,
         modes=args.modes,
         min_run_time_s=args.min_run_time,
+        rounds=args.rounds,
     )
     print(f"lenet_ext benchmark, {env['date']}: torch {env['torch']}, {env['cpu']}, {env['threads']} threads, "
           f"GPU {env['gpu']}, TF32 off")  # fmt: skip
@@ -376,7 +407,7 @@ def main(argv=None):
     for device_name in args.devices:
         device = torch.device(device_name)
         progress.set_description(f"{device_name} matmul peak")
-        peaks[device_name] = measure_peak_gflops(device, args.min_run_time)
+        peaks[device_name] = measure_peak_gflops(device, args)
         reference = reference_lenet().to(device)
         flops = lenet_forward_flops(reference)
         for mode in model_modes:
