@@ -51,25 +51,45 @@ inline void store(float* p, vec v) { *reinterpret_cast<vec_unaligned*>(p) = v; }
 // way to broadcast a variable (a single vbroadcastss).
 inline vec splat(float s) { return vec{} + s; }
 
+// The sigmoid is a large share of a block with few input channels (LeNet's
+// first: 25 multiply-adds per sigmoid), so each build computes it with the
+// fewest instructions its instruction set allows.
+#if defined(LENET_SIMD_AVX512)
+// 1 / (1 + e^-z), with e^-z = 2^t, t = -z log2(e) = n + f, n = round(t),
+// |f| <= 1/2: two FMAs give f with log2(e) carried to 48 bits, so t's own
+// rounding never reaches the result; a degree-5 polynomial fit for relative
+// error (1.9e-7 in float32) gives 2^f, vscalefps multiplies by 2^n, and the
+// division is a reciprocal estimate and one Newton step (about 2^-28).
+inline vec sigmoid_vec(vec z) {
+  // Past these, 1 + e^-z would overflow (z < -88.37) or e^-z is below every
+  // denormal (z > 103.9); the clamp keeps +-inf from turning into NaN.
+  z = z > splat(-88.3762626647949f) ? z : splat(-88.3762626647949f);
+  z = z < splat(103.9f) ? z : splat(103.9f);
+  const __m512 zz = (__m512)z;
+  const __m512 minus_log2e_hi = _mm512_set1_ps(-1.44269502162933349609375f);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(zz, minus_log2e_hi), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fmsub_ps(zz, minus_log2e_hi, n);
+  f = _mm512_fmadd_ps(zz, _mm512_set1_ps(-1.925963033500011e-08f), f);
+  __m512 p = _mm512_set1_ps(1.326472731307149e-03f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.671512991189957e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550733581185341e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402224242687225e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931470036506653e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  const __m512 d = _mm512_add_ps(_mm512_scalef_ps(p, n), _mm512_set1_ps(1.0f));
+  const __m512 y = _mm512_rcp14_ps(d);
+  return (vec)_mm512_mul_ps(y, _mm512_fnmadd_ps(d, y, _mm512_set1_ps(2.0f)));
+}
+#else
 // exp(x) for float32 vectors: 2^n * e^r with n = round(x / ln 2), |r| <= ln(2)/2,
 // and a degree-6 polynomial for e^r (Cephes' expf), relative error about 2e-7.
-// The sigmoid is a large share of a block with few input channels (LeNet's
-// first: 25 multiply-adds per sigmoid), so the AVX-512 build rounds and scales
-// with vrndscaleps/vscalefps and replaces the division by a reciprocal
-// estimate and one Newton step (relative error about 2^-28 before rounding).
 inline vec exp_vec(vec x) {
   x = x < splat(88.3762626647949f) ? x : splat(88.3762626647949f);
-#if defined(LENET_SIMD_AVX512)
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps((__m512)x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const vec nf = (vec)n;
-#else
   x = x > splat(-87.3365478515625f) ? x : splat(-87.3365478515625f);
   const vec t = x * 1.44269504088896341f + 0.5f;
   ivec n = __builtin_convertvector(t, ivec);  // truncates towards zero ...
   n += (__builtin_convertvector(n, vec) > t);  // ... so step down where that rounded up (true is -1)
   const vec nf = __builtin_convertvector(n, vec);
-#endif
   const vec r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
   vec p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
@@ -78,25 +98,16 @@ inline vec exp_vec(vec x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-#if defined(LENET_SIMD_AVX512)
-  return (vec)_mm512_scalef_ps((__m512)p, n);  // underflows to 0 for very negative x
-#else
   const ivec bits = (n + 127) << 23;
   vec scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
-#endif
 }
 
 inline vec sigmoid_vec(vec z) {
-  const vec d = 1.0f + exp_vec(-z);  // finite: exp_vec clamps its argument at 88.38
-#if defined(LENET_SIMD_AVX512)
-  const __m512 y = _mm512_rcp14_ps((__m512)d);
-  return (vec)_mm512_mul_ps(y, _mm512_fnmadd_ps((__m512)d, y, _mm512_set1_ps(2.0f)));
-#else
-  return 1.0f / d;
-#endif
+  return 1.0f / (1.0f + exp_vec(-z));  // finite: exp_vec clamps its argument at 88.38
 }
+#endif
 
 // v rounded up to a whole number of vectors.
 inline int64_t round16(int64_t v) { return (v + kLanes - 1) / kLanes * kLanes; }
