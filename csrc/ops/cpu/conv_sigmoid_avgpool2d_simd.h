@@ -386,8 +386,8 @@ inline void forward_strip(const ConvPoolGeometry& g, const Workspace& ws, const 
   }
 }
 
-// dz = grad_out / P^2 * s * (1 - s) for the strip, written into the dz planes
-// (with their border), and summed into the bias gradient.
+// dz = grad_out / P^2 * s * (1 - s) for the strip, stored as channel vectors
+// ([channel blocks][ext_h][ext_w][16]) and summed into the bias gradient.
 template <int P, int PW>
 inline void dz_strip(const ConvPoolGeometry& g, const Workspace& ws, const float* xp,
                      const float* weights, const float* bias, int64_t co0, int64_t ph,
@@ -407,8 +407,6 @@ inline void dz_strip(const ConvPoolGeometry& g, const Workspace& ws, const float
         const vec d = go * s * (1.0f - s);
         grad_bias += d;
         const int64_t oh = ph * P + dy, ow = (pw0 + q) * P + dx;
-        float* dst = dz + (co0 * ws.dz_height + ws.dz_border + oh) * ws.dz_width + ws.dz_border + ow;
-        for (int64_t l = 0; l < lanes; ++l) dst[l * ws.dz_height * ws.dz_width] = d[l];
         const int64_t ext_h = g.out_height * P, ext_w = g.out_width * P;
         store(dz + ws.dz_lanes_offset(g) + (((co0 / kLanes) * ext_h + oh) * ext_w + ow) * kLanes, d);
       }
@@ -456,6 +454,49 @@ void dz_pool(const ConvPoolGeometry& g, const Workspace& ws, const float* xp, co
                                             grad_image, dz, gb);
       });
     store(grad_bias + cb * kLanes, gb);
+  }
+}
+
+// One stage of a 16 x 16 transpose: exchanges bit B of the row index with
+// bit B of the lane index, between a row with that bit clear (low) and its
+// partner with it set (high).
+template <int B>
+inline void exchange_index_bit(vec& low, vec& high) {
+  const ivec lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const ivec set = (lane & B) != 0;  // -1 where the lane has bit B
+  const vec new_low = __builtin_shuffle(low, high, lane + (set & (kLanes - B)));
+  const vec new_high = __builtin_shuffle(low, high, lane + (set & kLanes) + (~set & B));
+  low = new_low;
+  high = new_high;
+}
+
+template <int B>
+inline void exchange_index_bit_all(vec (&rows)[kLanes]) {
+  for (int i = 0; i < kLanes; ++i)
+    if (!(i & B)) exchange_index_bit<B>(rows[i], rows[i + B]);
+}
+
+// Copies dz from channel vectors into the planes the input gradient reads,
+// 16 positions x 16 channels at a time, through registers.
+inline void dz_planes_from_lanes(const ConvPoolGeometry& g, const Workspace& ws, float* dz) {
+  const int64_t ext_h = g.out_height * g.pool, ext_w = g.out_width * g.pool;
+  for (int64_t cb = 0; cb < ws.channel_blocks; ++cb) {
+    const int64_t lanes = g.out_channels - cb * kLanes < kLanes ? g.out_channels - cb * kLanes : kLanes;
+    for (int64_t oh = 0; oh < ext_h; ++oh) {
+      const float* src = dz + ws.dz_lanes_offset(g) + (cb * ext_h + oh) * ext_w * kLanes;
+      // Columns past ext_w come out zero: they are part of the planes' zero border.
+      for (int64_t ow0 = 0; ow0 < ext_w; ow0 += kLanes) {
+        vec rows[kLanes];
+        for (int i = 0; i < kLanes; ++i) rows[i] = ow0 + i < ext_w ? load(src + (ow0 + i) * kLanes) : vec{};
+        exchange_index_bit_all<8>(rows);
+        exchange_index_bit_all<4>(rows);
+        exchange_index_bit_all<2>(rows);
+        exchange_index_bit_all<1>(rows);
+        for (int64_t l = 0; l < lanes; ++l)
+          store(dz + ((cb * kLanes + l) * ws.dz_height + ws.dz_border + oh) * ws.dz_width + ws.dz_border + ow0,
+                rows[l]);
+      }
+    }
   }
 }
 
@@ -645,6 +686,7 @@ inline void backward_images(const ConvPoolGeometry& g, const float* grad_out, co
       default: dz_pool<4>(g, ws, xp, packed_weights, packed_bias, grad_image, dz, grad_bias_lanes); break;
       }
       if (grad_weight_lanes) weight_grad_image(g, ws, dz, xp, grad_weight_lanes);
+      if (grad_x) dz_planes_from_lanes(g, ws, dz);
     }
     if (grad_x)
       for_each_channel_block<InputGradChannels>(g, g.in_channels, ws, dz, weight,
