@@ -144,11 +144,21 @@ def test_inference_is_one_operator_call():
     assert not [op for op in recorder.ops if "conv" in op and not op.startswith("lenet_ext") or "pool" in op and not op.startswith("lenet_ext")]
 
 
+@pytest.fixture
+def num_threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
-def test_inference_in_tiles_of_the_batch(context):
-    """Batches over 64 images run through the network tile by tile, in parallel."""
+@pytest.mark.parametrize("batch", [65, 64 * 3 + 5])
+@pytest.mark.parametrize("num_threads", [1, 2, 3, 16], indirect=True)
+def test_inference_in_tiles_of_the_batch(context, batch, num_threads):
+    """Batches over 64 images run through the network in tiles, a whole number per thread."""
     net, ref = twin_pair(torch.float64)
-    x = torch.rand(64 * 3 + 5, 1, 28, 28, dtype=torch.float64)
+    x = torch.rand(batch, 1, 28, 28, dtype=torch.float64)
     with getattr(torch, context)():
         out = net(x)
         want = ref(x)

@@ -60,9 +60,10 @@ at::Tensor whole_batch(const at::Tensor& x, const LeNetParams& p) {
   return linear(h, p.fc3_weight, p.fc3_bias, "fc3_weight");
 }
 
-// On the CPU, tiles of this many images run through the whole network one at
-// a time, so that a tile's activations stay in cache between the layers
-// (64 images of the first block's output are 300 KB); the tiles run in parallel.
+// On the CPU, tiles of at most this many images run through the whole
+// network one at a time, so that a tile's activations stay in cache between
+// the layers (64 images of the first block's output are 300 KB); the tiles
+// run in parallel.
 constexpr int64_t kCpuTile = 64;
 
 at::Tensor lenet_forward(const at::Tensor& x, const at::Tensor& conv1_weight,
@@ -80,19 +81,24 @@ at::Tensor lenet_forward(const at::Tensor& x, const at::Tensor& conv1_weight,
   const auto run = [&](const at::Tensor& images) { return whole_batch(images, params); };
   if (!x.device().is_cpu() || x.dim() != 4 || x.size(0) <= kCpuTile) return run(x);
   const int64_t batch = x.size(0);
-  const int64_t tiles = (batch + kCpuTile - 1) / kCpuTile;
-  // The first tile also checks every argument before the others start.
-  const at::Tensor first = run(x.narrow(0, 0, kCpuTile));
-  at::Tensor out = at::empty({batch, first.size(1)}, first.options());
-  out.narrow(0, 0, kCpuTile).copy_(first);
+  // An empty batch runs every argument check and gives the output's width
+  // before any thread starts.
+  const int64_t out_features = run(x.narrow(0, 0, 0)).size(1);
+  // A whole number of tiles per thread, so that no thread waits on another's
+  // extra tile.
+  const int64_t threads = at::get_num_threads();
+  const int64_t tiles = ((batch + kCpuTile - 1) / kCpuTile + threads - 1) / threads * threads;
+  const int64_t tile = (batch + tiles - 1) / tiles;
+  at::Tensor out = at::empty({batch, out_features}, x.options());
   // Worker threads start with default thread-local state; give them the
   // caller's (inference mode, grad mode, dispatch keys).
   const at::ThreadLocalState caller_state;
-  at::parallel_for(1, tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     const at::ThreadLocalStateGuard state_guard(caller_state);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t start = t * kCpuTile;
-      const int64_t size = std::min(kCpuTile, batch - start);
+      const int64_t start = t * tile;
+      if (start >= batch) break;
+      const int64_t size = std::min(tile, batch - start);
       out.narrow(0, start, size).copy_(run(x.narrow(0, start, size)));
     }
   });
