@@ -27,6 +27,9 @@ CASES = {
     "pool3_floors": (3, 1, 5, 12, 10, 3, 1, 3),  # conv 12x10 -> 4x3, one column dropped
     "non_square": (2, 3, 2, 6, 15, 3, 2, 2),
     "kernel_fills_input": (2, 2, 3, 5, 5, 5, 0, 1),
+    # LeNet's kernel size has its own compiled loops; odd shapes for both vector layouts.
+    "kernel5_columns_floors": (2, 2, 3, 15, 13, 5, 1, 2),  # conv 13x11 -> pool 6x5, pooled-column lanes
+    "kernel5_20_channels": (2, 3, 20, 11, 9, 5, 2, 2),  # two channel blocks, the second partial
 }
 
 # Tolerances against the float64 reference. float32 accumulates in float32:

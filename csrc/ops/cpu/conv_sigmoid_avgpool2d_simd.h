@@ -175,29 +175,34 @@ inline void split_columns(const ConvPoolGeometry& g, const Workspace& ws, float*
 // columns j0 .. j0 + 15: acc[c][dy][dx] is conv output (2 ph + dy, 2 j + dx).
 // Conv column 2 j + dx + kw of xp is column j + (dx + kw) / 2 of its even or
 // odd half, so every tap is one unaligned load.
-template <int CB>
+// KERNEL is the kernel size when known at compile time (LeNet's 5, whose
+// loops then unroll into constant offsets), or 0 to read it from g.
+template <int CB, int KERNEL>
 inline void column_conv(const ConvPoolGeometry& g, const Workspace& ws, const float* xp,
                         const float* packed_weights, int64_t co0, int64_t ph, int64_t j0,
                         vec (&acc)[CB][2][2]) {
   const float* halves = xp + ws.halves_offset(g);
-  const int64_t K = g.kernel;
+  const int64_t K = KERNEL ? KERNEL : g.kernel;
+  const int64_t plane = ws.xp_height * ws.half_width;  // one parity of one input channel
+  const int64_t taps = K * K;
   for (int c = 0; c < CB; ++c)
     for (int dy = 0; dy < 2; ++dy)
       for (int dx = 0; dx < 2; ++dx) acc[c][dy][dx] = vec{};
   for (int64_t ci = 0; ci < g.in_channels; ++ci) {
+    const float* even = halves + (ci * 2 * ws.xp_height + 2 * ph) * ws.half_width + j0;
+    const float* w = packed_weights + ci * taps * kLanes;
     for (int64_t kh = 0; kh < K; ++kh) {
       for (int64_t kw = 0; kw < K; ++kw) {
-        float w[CB];
+        float wk[CB];
         for (int c = 0; c < CB; ++c) {
           const int64_t co = co0 + c;
-          w[c] = packed_weights[(((co / kLanes) * g.in_channels + ci) * K * K + kh * K + kw) * kLanes + co % kLanes];
+          wk[c] = w[((co / kLanes) * g.in_channels * taps + kh * K + kw) * kLanes + co % kLanes];
         }
         for (int dy = 0; dy < 2; ++dy) {
           for (int dx = 0; dx < 2; ++dx) {
             const int64_t t = dx + kw;
-            const vec v = load(halves + ((ci * 2 + (t & 1)) * ws.xp_height + 2 * ph + dy + kh) * ws.half_width +
-                               j0 + (t >> 1));
-            for (int c = 0; c < CB; ++c) acc[c][dy][dx] += v * w[c];
+            const vec v = load(even + (t & 1) * plane + (dy + kh) * ws.half_width + (t >> 1));
+            for (int c = 0; c < CB; ++c) acc[c][dy][dx] += v * wk[c];
           }
         }
       }
@@ -213,7 +218,8 @@ inline void for_each_column_tile(const ConvPoolGeometry& g, const Workspace& ws,
   for (int64_t ph = 0; ph < g.out_height; ++ph) {
     for (int64_t j0 = 0; j0 < g.out_width; j0 += kLanes) {
       vec acc[CB][2][2];
-      column_conv<CB>(g, ws, xp, packed_weights, co0, ph, j0, acc);
+      if (g.kernel == 5) column_conv<CB, 5>(g, ws, xp, packed_weights, co0, ph, j0, acc);
+      else column_conv<CB, 0>(g, ws, xp, packed_weights, co0, ph, j0, acc);
       tile(acc, ph, j0, g.out_width - j0 < kLanes ? g.out_width - j0 : kLanes);
     }
   }
@@ -241,12 +247,12 @@ inline void column_forward_block(const ConvPoolGeometry& g, const Workspace& ws,
 // Adds one tile's dL/dweight, lanes unsummed, to grad_weight_lanes
 // ([C_out][C_in][K][K][16]): d[c][dy][dx] is dL/dz under the tile's pooled
 // outputs, and each tap reads the same x vectors as column_conv.
-template <int CB>
-inline void column_weight_grad_tile(const ConvPoolGeometry& g, const Workspace& ws, const float* xp,
+template <int CB, int KERNEL>
+inline void column_weight_grad_tile_k(const ConvPoolGeometry& g, const Workspace& ws, const float* xp,
                                     const vec (&d)[CB][2][2], int64_t co0, int64_t ph, int64_t j0,
                                     float* grad_weight_lanes) {
   const float* halves = xp + ws.halves_offset(g);
-  const int64_t K = g.kernel;
+  const int64_t K = KERNEL ? KERNEL : g.kernel;
   for (int64_t ci = 0; ci < g.in_channels; ++ci) {
     for (int64_t kh = 0; kh < K; ++kh) {
       for (int64_t kw = 0; kw < K; ++kw) {
@@ -268,6 +274,14 @@ inline void column_weight_grad_tile(const ConvPoolGeometry& g, const Workspace& 
       }
     }
   }
+}
+
+template <int CB>
+inline void column_weight_grad_tile(const ConvPoolGeometry& g, const Workspace& ws, const float* xp,
+                                    const vec (&d)[CB][2][2], int64_t co0, int64_t ph, int64_t j0,
+                                    float* grad_weight_lanes) {
+  if (g.kernel == 5) column_weight_grad_tile_k<CB, 5>(g, ws, xp, d, co0, ph, j0, grad_weight_lanes);
+  else column_weight_grad_tile_k<CB, 0>(g, ws, xp, d, co0, ph, j0, grad_weight_lanes);
 }
 
 // dL/dz of CB channels from co0, recomputed tile by tile. It goes straight
@@ -348,14 +362,14 @@ struct ColumnDz {
 // output channels: P * P * PW accumulators, all in registers. Accumulator
 // (dy, c) is conv output (ph * P + dy, pw0 * P + c).
 // weights: [C_in][K][K][16] of this channel block; bias: [16].
-template <int P, int PW>
-inline void conv_strip(const ConvPoolGeometry& g, const Workspace& ws, const float* xp,
+template <int P, int PW, int KERNEL>
+inline void conv_strip_k(const ConvPoolGeometry& g, const Workspace& ws, const float* xp,
                        const float* weights, const float* bias, int64_t ph, int64_t pw0,
                        vec (&acc)[P][P * PW]) {
   const vec b = load(bias);
   for (int dy = 0; dy < P; ++dy)
     for (int c = 0; c < P * PW; ++c) acc[dy][c] = b;
-  const int64_t K = g.kernel;
+  const int64_t K = KERNEL ? KERNEL : g.kernel;
   for (int64_t ci = 0; ci < g.in_channels; ++ci) {
     for (int64_t kh = 0; kh < K; ++kh) {
       const float* row = xp + (ci * ws.xp_height + ph * P + kh) * ws.xp_width + pw0 * P;
@@ -367,6 +381,14 @@ inline void conv_strip(const ConvPoolGeometry& g, const Workspace& ws, const flo
       }
     }
   }
+}
+
+template <int P, int PW>
+inline void conv_strip(const ConvPoolGeometry& g, const Workspace& ws, const float* xp,
+                       const float* weights, const float* bias, int64_t ph, int64_t pw0,
+                       vec (&acc)[P][P * PW]) {
+  if (g.kernel == 5) conv_strip_k<P, PW, 5>(g, ws, xp, weights, bias, ph, pw0, acc);
+  else conv_strip_k<P, PW, 0>(g, ws, xp, weights, bias, ph, pw0, acc);
 }
 
 template <int P, int PW>
@@ -533,10 +555,10 @@ inline void forward_images(const ConvPoolGeometry& g, const float* x, const floa
 // channels (their weights are broadcasts), as in the forward strip; ROWS and
 // CB are compile-time counts so that the ROWS * CB accumulators stay in
 // registers.
-template <int ROWS, int CB>
-inline void input_grad_block(const ConvPoolGeometry& g, const Workspace& ws, const float* dz,
+template <int ROWS, int CB, int KERNEL>
+inline void input_grad_block_k(const ConvPoolGeometry& g, const Workspace& ws, const float* dz,
                              const float* weight, int64_t ci0, int64_t ih0, float* grad_image) {
-  const int64_t K = g.kernel;
+  const int64_t K = KERNEL ? KERNEL : g.kernel;
   // Kernel rows that reach a dz row of the pooled extent from some row of the
   // block; the others would read only dz's zero border.
   const int64_t ext_h = g.out_height * g.pool;
@@ -570,6 +592,13 @@ inline void input_grad_block(const ConvPoolGeometry& g, const Workspace& ws, con
       }
     }
   }
+}
+
+template <int ROWS, int CB>
+inline void input_grad_block(const ConvPoolGeometry& g, const Workspace& ws, const float* dz,
+                             const float* weight, int64_t ci0, int64_t ih0, float* grad_image) {
+  if (g.kernel == 5) input_grad_block_k<ROWS, CB, 5>(g, ws, dz, weight, ci0, ih0, grad_image);
+  else input_grad_block_k<ROWS, CB, 0>(g, ws, dz, weight, ci0, ih0, grad_image);
 }
 
 template <int CB>
