@@ -188,16 +188,16 @@ inline void column_conv(const ConvPoolGeometry& g, const Workspace& ws, const fl
   for (int c = 0; c < CB; ++c)
     for (int dy = 0; dy < 2; ++dy)
       for (int dx = 0; dx < 2; ++dx) acc[c][dy][dx] = vec{};
+  // Channel co0 + c's taps for input channel 0, a stride of 16 apart.
+  const float* filter[CB];
+  for (int c = 0; c < CB; ++c)
+    filter[c] = packed_weights + ((co0 + c) / kLanes) * g.in_channels * taps * kLanes + (co0 + c) % kLanes;
   for (int64_t ci = 0; ci < g.in_channels; ++ci) {
     const float* even = halves + (ci * 2 * ws.xp_height + 2 * ph) * ws.half_width + j0;
-    const float* w = packed_weights + ci * taps * kLanes;
     for (int64_t kh = 0; kh < K; ++kh) {
       for (int64_t kw = 0; kw < K; ++kw) {
         float wk[CB];
-        for (int c = 0; c < CB; ++c) {
-          const int64_t co = co0 + c;
-          wk[c] = w[((co / kLanes) * g.in_channels * taps + kh * K + kw) * kLanes + co % kLanes];
-        }
+        for (int c = 0; c < CB; ++c) wk[c] = filter[c][(ci * taps + kh * K + kw) * kLanes];
         for (int dy = 0; dy < 2; ++dy) {
           for (int dx = 0; dx < 2; ++dx) {
             const int64_t t = dx + kw;
