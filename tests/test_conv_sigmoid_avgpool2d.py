@@ -93,6 +93,19 @@ def test_every_cpu_kernel_matches_reference(case, with_bias, cpu_kernel):
     test_forward_and_gradients_match_reference(case, with_bias, torch.float32, "cpu")
 
 
+@pytest.mark.parametrize("out_channels, width", [(16, 4), (6, 28)], ids=["channel_lanes", "column_lanes"])
+def test_every_cpu_kernel_passes_nan_and_inf_through_the_sigmoid(out_channels, width, cpu_kernel):
+    """NaN stays NaN, +-inf and far-out values saturate, as in torch.sigmoid; in both vector layouts."""
+    x = torch.zeros(1, 1, 4, width)
+    x[0, 0, 0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 200.0])
+    x[0, 0, 2, :4] = torch.tensor([-200.0, 90.0, -90.0, 1.0])
+    weight = torch.ones(out_channels, 1, 1, 1)
+    got = conv_sigmoid_avgpool2d(x, weight, None, 0, 2)
+    want = F.avg_pool2d(torch.sigmoid(F.conv2d(x.double(), weight.double())), 2)
+    torch.testing.assert_close(got.double(), want, equal_nan=True, **TOLERANCES[torch.float32])
+    assert got[0, :, 0, 0].isnan().all() and not got[0, :, 0, 1:].isnan().any()
+
+
 def test_cpu_kernel_choice_is_validated(monkeypatch):
     monkeypatch.setenv("LENET_EXT_CPU_KERNEL", "sse9")
     x, weight, bias, padding, pool = make_inputs(CASES["lenet_layer2"], torch.float32, "cpu")

@@ -63,9 +63,9 @@ inline vec splat(float s) { return vec{} + s; }
 inline vec sigmoid_vec(vec z) {
   // Past these, 1 + e^-z would overflow (z < -88.37) or e^-z is below every
   // denormal (z > 103.9); the clamp keeps +-inf from turning into NaN.
-  z = z > splat(-88.3762626647949f) ? z : splat(-88.3762626647949f);
-  z = z < splat(103.9f) ? z : splat(103.9f);
-  const __m512 zz = (__m512)z;
+  // vmaxps/vminps return their second operand when either is NaN: a NaN z
+  // stays NaN. (A ?: select compiles to a compare and a blend.)
+  const __m512 zz = _mm512_min_ps(_mm512_set1_ps(103.9f), _mm512_max_ps(_mm512_set1_ps(-88.3762626647949f), (__m512)z));
   const __m512 minus_log2e_hi = _mm512_set1_ps(-1.44269502162933349609375f);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(zz, minus_log2e_hi), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 f = _mm512_fmsub_ps(zz, minus_log2e_hi, n);
@@ -84,8 +84,9 @@ inline vec sigmoid_vec(vec z) {
 // exp(x) for float32 vectors: 2^n * e^r with n = round(x / ln 2), |r| <= ln(2)/2,
 // and a degree-6 polynomial for e^r (Cephes' expf), relative error about 2e-7.
 inline vec exp_vec(vec x) {
-  x = x < splat(88.3762626647949f) ? x : splat(88.3762626647949f);
-  x = x > splat(-87.3365478515625f) ? x : splat(-87.3365478515625f);
+  // Clamped so that both comparisons are false for NaN, which passes through.
+  x = x > splat(88.3762626647949f) ? splat(88.3762626647949f) : x;
+  x = x < splat(-87.3365478515625f) ? splat(-87.3365478515625f) : x;
   const vec t = x * 1.44269504088896341f + 0.5f;
   ivec n = __builtin_convertvector(t, ivec);  // truncates towards zero ...
   n += (__builtin_convertvector(n, vec) > t);  // ... so step down where that rounded up (true is -1)
