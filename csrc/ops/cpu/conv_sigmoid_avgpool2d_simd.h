@@ -197,14 +197,19 @@ inline void column_conv(const ConvPoolGeometry& g, const Workspace& ws, const fl
     const float* even = halves + (ci * 2 * ws.xp_height + 2 * ph) * ws.half_width + j0;
     for (int64_t kh = 0; kh < K; ++kh) {
       for (int64_t kw = 0; kw < K; ++kw) {
-        float wk[CB];
-        for (int c = 0; c < CB; ++c) wk[c] = filter[c][(ci * taps + kh * K + kw) * kLanes];
+        // The four x vectors, then one channel's weight at a time: 24
+        // accumulators + 4 + 1 fit the 32 registers; six live weights would not.
+        vec v[2][2];
         for (int dy = 0; dy < 2; ++dy) {
           for (int dx = 0; dx < 2; ++dx) {
             const int64_t t = dx + kw;
-            const vec v = load(even + (t & 1) * plane + (dy + kh) * ws.half_width + (t >> 1));
-            for (int c = 0; c < CB; ++c) acc[c][dy][dx] += v * wk[c];
+            v[dy][dx] = load(even + (t & 1) * plane + (dy + kh) * ws.half_width + (t >> 1));
           }
+        }
+        for (int c = 0; c < CB; ++c) {
+          const float wk = filter[c][(ci * taps + kh * K + kw) * kLanes];
+          for (int dy = 0; dy < 2; ++dy)
+            for (int dx = 0; dx < 2; ++dx) acc[c][dy][dx] += v[dy][dx] * wk;
         }
       }
     }
