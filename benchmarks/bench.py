@@ -8,9 +8,10 @@ the providers of a row take turns over --rounds rounds, so that a slow spell
 of a shared machine hits them alike. Medians and interquartile ranges, warm-up
 and compile time excluded (compile time is reported on its own).
 
-  python benchmarks/bench.py                        # default: about 2 minutes on 2 CPU cores
+  python benchmarks/bench.py                        # default: about 90 s on 2 CPU cores
   python benchmarks/bench.py --full                 # batch 1, 64, 256, 1024, 8192
   python benchmarks/bench.py --batch-sizes 1,256 --modes inference --output-dir results/
+  python benchmarks/bench.py --threads 1            # every provider on one thread
 """
 
 import argparse
