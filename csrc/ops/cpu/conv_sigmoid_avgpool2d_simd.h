@@ -113,6 +113,15 @@ inline vec sigmoid_vec(vec z) {
 // v rounded up to a whole number of vectors.
 inline int64_t round16(int64_t v) { return (v + kLanes - 1) / kLanes * kLanes; }
 
+// Calls f(std::integral_constant<int, KERNEL>): KERNEL is LeNet's kernel size
+// 5, whose tap loops then unroll into constant offsets, or 0 for any other
+// size, which the kernels read from g.
+template <typename F>
+inline void with_kernel_size(const ConvPoolGeometry& g, F&& f) {
+  if (g.kernel == 5) f(std::integral_constant<int, 5>{});
+  else f(std::integral_constant<int, 0>{});
+}
+
 // Sizes of the per-thread buffers, all in floats.
 struct Workspace {
   int64_t xp_height, xp_width;   // x of one image with `padding` zeros around, plus slack columns
@@ -172,19 +181,35 @@ inline void split_columns(const ConvPoolGeometry& g, const Workspace& ws, float*
   }
 }
 
+// The x vectors tap (kh, kw) meets in a tile of pooled row ph and pooled
+// columns j0 .. j0 + 15: v[dy][dx] for conv output (2 ph + dy, 2 j + dx).
+// Conv column 2 j + dx + kw of xp is column j + (dx + kw) / 2 of its even or
+// odd half, so each is one unaligned load. tile_even points at row 2 ph,
+// column j0 of an input channel's even half.
+inline void load_tap_vectors(const Workspace& ws, const float* tile_even, int64_t kh, int64_t kw,
+                             vec (&v)[2][2]) {
+  const int64_t plane = ws.xp_height * ws.half_width;  // from the even half to the odd one
+  for (int dy = 0; dy < 2; ++dy) {
+    for (int dx = 0; dx < 2; ++dx) {
+      const int64_t t = dx + kw;
+      v[dy][dx] = load(tile_even + (t & 1) * plane + (dy + kh) * ws.half_width + (t >> 1));
+    }
+  }
+}
+
+inline const float* tile_even(const ConvPoolGeometry& g, const Workspace& ws, const float* xp, int64_t ci,
+                              int64_t ph, int64_t j0) {
+  return xp + ws.halves_offset(g) + (ci * 2 * ws.xp_height + 2 * ph) * ws.half_width + j0;
+}
+
 // z, less the bias, for CB channels from co0 under pooled row ph and pooled
 // columns j0 .. j0 + 15: acc[c][dy][dx] is conv output (2 ph + dy, 2 j + dx).
-// Conv column 2 j + dx + kw of xp is column j + (dx + kw) / 2 of its even or
-// odd half, so every tap is one unaligned load.
-// KERNEL is the kernel size when known at compile time (LeNet's 5, whose
-// loops then unroll into constant offsets), or 0 to read it from g.
+// KERNEL: see with_kernel_size.
 template <int CB, int KERNEL>
 inline void column_conv(const ConvPoolGeometry& g, const Workspace& ws, const float* xp,
                         const float* packed_weights, int64_t co0, int64_t ph, int64_t j0,
                         vec (&acc)[CB][2][2]) {
-  const float* halves = xp + ws.halves_offset(g);
   const int64_t K = KERNEL ? KERNEL : g.kernel;
-  const int64_t plane = ws.xp_height * ws.half_width;  // one parity of one input channel
   const int64_t taps = K * K;
   for (int c = 0; c < CB; ++c)
     for (int dy = 0; dy < 2; ++dy)
@@ -194,18 +219,13 @@ inline void column_conv(const ConvPoolGeometry& g, const Workspace& ws, const fl
   for (int c = 0; c < CB; ++c)
     filter[c] = packed_weights + ((co0 + c) / kLanes) * g.in_channels * taps * kLanes + (co0 + c) % kLanes;
   for (int64_t ci = 0; ci < g.in_channels; ++ci) {
-    const float* even = halves + (ci * 2 * ws.xp_height + 2 * ph) * ws.half_width + j0;
+    const float* even = tile_even(g, ws, xp, ci, ph, j0);
     for (int64_t kh = 0; kh < K; ++kh) {
       for (int64_t kw = 0; kw < K; ++kw) {
         // The four x vectors, then one channel's weight at a time: 24
         // accumulators + 4 + 1 fit the 32 registers; six live weights would not.
         vec v[2][2];
-        for (int dy = 0; dy < 2; ++dy) {
-          for (int dx = 0; dx < 2; ++dx) {
-            const int64_t t = dx + kw;
-            v[dy][dx] = load(even + (t & 1) * plane + (dy + kh) * ws.half_width + (t >> 1));
-          }
-        }
+        load_tap_vectors(ws, even, kh, kw, v);
         for (int c = 0; c < CB; ++c) {
           const float wk = filter[c][(ci * taps + kh * K + kw) * kLanes];
           for (int dy = 0; dy < 2; ++dy)
@@ -224,8 +244,9 @@ inline void for_each_column_tile(const ConvPoolGeometry& g, const Workspace& ws,
   for (int64_t ph = 0; ph < g.out_height; ++ph) {
     for (int64_t j0 = 0; j0 < g.out_width; j0 += kLanes) {
       vec acc[CB][2][2];
-      if (g.kernel == 5) column_conv<CB, 5>(g, ws, xp, packed_weights, co0, ph, j0, acc);
-      else column_conv<CB, 0>(g, ws, xp, packed_weights, co0, ph, j0, acc);
+      with_kernel_size(g, [&](auto kernel) {
+        column_conv<CB, decltype(kernel)::value>(g, ws, xp, packed_weights, co0, ph, j0, acc);
+      });
       tile(acc, ph, j0, g.out_width - j0 < kLanes ? g.out_width - j0 : kLanes);
     }
   }
@@ -254,22 +275,16 @@ inline void column_forward_block(const ConvPoolGeometry& g, const Workspace& ws,
 // ([C_out][C_in][K][K][16]): d[c][dy][dx] is dL/dz under the tile's pooled
 // outputs, and each tap reads the same x vectors as column_conv.
 template <int CB, int KERNEL>
-inline void column_weight_grad_tile_k(const ConvPoolGeometry& g, const Workspace& ws, const float* xp,
+inline void column_weight_grad_tile(const ConvPoolGeometry& g, const Workspace& ws, const float* xp,
                                     const vec (&d)[CB][2][2], int64_t co0, int64_t ph, int64_t j0,
                                     float* grad_weight_lanes) {
-  const float* halves = xp + ws.halves_offset(g);
   const int64_t K = KERNEL ? KERNEL : g.kernel;
   for (int64_t ci = 0; ci < g.in_channels; ++ci) {
+    const float* even = tile_even(g, ws, xp, ci, ph, j0);
     for (int64_t kh = 0; kh < K; ++kh) {
       for (int64_t kw = 0; kw < K; ++kw) {
         vec v[2][2];
-        for (int dy = 0; dy < 2; ++dy) {
-          for (int dx = 0; dx < 2; ++dx) {
-            const int64_t t = dx + kw;
-            v[dy][dx] = load(halves + ((ci * 2 + (t & 1)) * ws.xp_height + 2 * ph + dy + kh) * ws.half_width +
-                             j0 + (t >> 1));
-          }
-        }
+        load_tap_vectors(ws, even, kh, kw, v);
         for (int c = 0; c < CB; ++c) {
           float* dst = grad_weight_lanes + ((((co0 + c) * g.in_channels + ci) * K + kh) * K + kw) * kLanes;
           vec acc = load(dst);
@@ -280,14 +295,6 @@ inline void column_weight_grad_tile_k(const ConvPoolGeometry& g, const Workspace
       }
     }
   }
-}
-
-template <int CB>
-inline void column_weight_grad_tile(const ConvPoolGeometry& g, const Workspace& ws, const float* xp,
-                                    const vec (&d)[CB][2][2], int64_t co0, int64_t ph, int64_t j0,
-                                    float* grad_weight_lanes) {
-  if (g.kernel == 5) column_weight_grad_tile_k<CB, 5>(g, ws, xp, d, co0, ph, j0, grad_weight_lanes);
-  else column_weight_grad_tile_k<CB, 0>(g, ws, xp, d, co0, ph, j0, grad_weight_lanes);
 }
 
 // dL/dz of CB channels from co0, recomputed tile by tile. It goes straight
@@ -316,7 +323,10 @@ inline void column_dz_block(const ConvPoolGeometry& g, const Workspace& ws, cons
         }
       }
     }
-    if (grad_weight_lanes) column_weight_grad_tile<CB>(g, ws, xp, d, co0, ph, j0, grad_weight_lanes);
+    if (grad_weight_lanes)
+      with_kernel_size(g, [&](auto kernel) {
+        column_weight_grad_tile<CB, decltype(kernel)::value>(g, ws, xp, d, co0, ph, j0, grad_weight_lanes);
+      });
     if (!dz_planes) return;
     for (int c = 0; c < CB; ++c) {
       for (int dy = 0; dy < 2; ++dy) {
@@ -367,9 +377,10 @@ struct ColumnDz {
 // z for a strip of PW pooled outputs of pooled row ph, for one block of 16
 // output channels: P * P * PW accumulators, all in registers. Accumulator
 // (dy, c) is conv output (ph * P + dy, pw0 * P + c).
-// weights: [C_in][K][K][16] of this channel block; bias: [16].
+// weights: [C_in][K][K][16] of this channel block; bias: [16]. KERNEL: see
+// with_kernel_size.
 template <int P, int PW, int KERNEL>
-inline void conv_strip_k(const ConvPoolGeometry& g, const Workspace& ws, const float* xp,
+inline void conv_strip(const ConvPoolGeometry& g, const Workspace& ws, const float* xp,
                        const float* weights, const float* bias, int64_t ph, int64_t pw0,
                        vec (&acc)[P][P * PW]) {
   const vec b = load(bias);
@@ -390,19 +401,13 @@ inline void conv_strip_k(const ConvPoolGeometry& g, const Workspace& ws, const f
 }
 
 template <int P, int PW>
-inline void conv_strip(const ConvPoolGeometry& g, const Workspace& ws, const float* xp,
-                       const float* weights, const float* bias, int64_t ph, int64_t pw0,
-                       vec (&acc)[P][P * PW]) {
-  if (g.kernel == 5) conv_strip_k<P, PW, 5>(g, ws, xp, weights, bias, ph, pw0, acc);
-  else conv_strip_k<P, PW, 0>(g, ws, xp, weights, bias, ph, pw0, acc);
-}
-
-template <int P, int PW>
 inline void forward_strip(const ConvPoolGeometry& g, const Workspace& ws, const float* xp,
                           const float* weights, const float* bias, int64_t co0, int64_t ph,
                           int64_t pw0, float* out_image) {
   vec acc[P][P * PW];
-  conv_strip<P, PW>(g, ws, xp, weights, bias, ph, pw0, acc);
+  with_kernel_size(g, [&](auto kernel) {
+    conv_strip<P, PW, decltype(kernel)::value>(g, ws, xp, weights, bias, ph, pw0, acc);
+  });
   const int64_t lanes = g.out_channels - co0 < kLanes ? g.out_channels - co0 : kLanes;
   for (int q = 0; q < PW; ++q) {
     vec sum{};
@@ -421,7 +426,9 @@ inline void dz_strip(const ConvPoolGeometry& g, const Workspace& ws, const float
                      const float* weights, const float* bias, int64_t co0, int64_t ph,
                      int64_t pw0, const float* grad_image, float* dz, vec& grad_bias) {
   vec acc[P][P * PW];
-  conv_strip<P, PW>(g, ws, xp, weights, bias, ph, pw0, acc);
+  with_kernel_size(g, [&](auto kernel) {
+    conv_strip<P, PW, decltype(kernel)::value>(g, ws, xp, weights, bias, ph, pw0, acc);
+  });
   const int64_t lanes = g.out_channels - co0 < kLanes ? g.out_channels - co0 : kLanes;
   const int64_t plane = g.out_height * g.out_width;
   for (int q = 0; q < PW; ++q) {
@@ -560,9 +567,9 @@ inline void forward_images(const ConvPoolGeometry& g, const float* x, const floa
 // dz planes: lanes are 16 input columns. Each dz vector loaded feeds all CB
 // channels (their weights are broadcasts), as in the forward strip; ROWS and
 // CB are compile-time counts so that the ROWS * CB accumulators stay in
-// registers.
+// registers. KERNEL: see with_kernel_size.
 template <int ROWS, int CB, int KERNEL>
-inline void input_grad_block_k(const ConvPoolGeometry& g, const Workspace& ws, const float* dz,
+inline void input_grad_block(const ConvPoolGeometry& g, const Workspace& ws, const float* dz,
                              const float* weight, int64_t ci0, int64_t ih0, float* grad_image) {
   const int64_t K = KERNEL ? KERNEL : g.kernel;
   // Kernel rows that reach a dz row of the pooled extent from some row of the
@@ -600,20 +607,16 @@ inline void input_grad_block_k(const ConvPoolGeometry& g, const Workspace& ws, c
   }
 }
 
-template <int ROWS, int CB>
-inline void input_grad_block(const ConvPoolGeometry& g, const Workspace& ws, const float* dz,
-                             const float* weight, int64_t ci0, int64_t ih0, float* grad_image) {
-  if (g.kernel == 5) input_grad_block_k<ROWS, CB, 5>(g, ws, dz, weight, ci0, ih0, grad_image);
-  else input_grad_block_k<ROWS, CB, 0>(g, ws, dz, weight, ci0, ih0, grad_image);
-}
-
 template <int CB>
 struct InputGradChannels {
   static void run(const ConvPoolGeometry& g, int64_t ci0, const Workspace& ws, const float* dz,
                   const float* weight, float* grad_image) {
-    int64_t ih0 = 0;
-    for (; ih0 + 2 <= g.height; ih0 += 2) input_grad_block<2, CB>(g, ws, dz, weight, ci0, ih0, grad_image);
-    if (ih0 < g.height) input_grad_block<1, CB>(g, ws, dz, weight, ci0, ih0, grad_image);
+    with_kernel_size(g, [&](auto kernel) {
+      constexpr int K = decltype(kernel)::value;
+      int64_t ih0 = 0;
+      for (; ih0 + 2 <= g.height; ih0 += 2) input_grad_block<2, CB, K>(g, ws, dz, weight, ci0, ih0, grad_image);
+      if (ih0 < g.height) input_grad_block<1, CB, K>(g, ws, dz, weight, ci0, ih0, grad_image);
+    });
   }
 };
 
