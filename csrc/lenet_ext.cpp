@@ -24,12 +24,26 @@ TORCH_LIBRARY(lenet_ext, m) {
       "conv_sigmoid_avgpool2d_backward(Tensor grad_out, Tensor x, Tensor weight, "
       "Tensor? bias, int padding, int pool, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // LeNet's whole forward (two conv blocks, then Linear-Sigmoid-Linear-Sigmoid-
-  // Linear) in one call, for inference; see ops/lenet_forward.cpp.
+  // Linear) in one call, for inference; see ops/lenet.cpp.
+#define LENET_PARAMS_SCHEMA                                                                 \
+  "Tensor conv1_weight, Tensor? conv1_bias, int conv1_padding, int pool1, "                 \
+  "Tensor conv2_weight, Tensor? conv2_bias, int conv2_padding, int pool2, "                 \
+  "Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "              \
+  "Tensor fc3_weight, Tensor? fc3_bias"
+  m.def("lenet_forward(Tensor x, " LENET_PARAMS_SCHEMA ") -> Tensor");
+  // The same forward for training: the logits, then the activations
+  // lenet_backward reads (block2 flattened to (N, features)).
   m.def(
-      "lenet_forward(Tensor x, Tensor conv1_weight, Tensor? conv1_bias, int conv1_padding, "
-      "int pool1, Tensor conv2_weight, Tensor? conv2_bias, int conv2_padding, int pool2, "
-      "Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "
-      "Tensor fc3_weight, Tensor? fc3_bias) -> Tensor");
+      "lenet_train_forward(Tensor x, " LENET_PARAMS_SCHEMA
+      ") -> (Tensor logits, Tensor block1, Tensor block2, Tensor fc1, Tensor fc2)");
+  // Gradients for x and the ten parameters, in argument order; an entry whose
+  // output_mask is false, or whose argument is None, comes back undefined.
+  m.def(
+      "lenet_backward(Tensor grad_logits, Tensor x, Tensor block1, Tensor block2, Tensor fc1, "
+      "Tensor fc2, " LENET_PARAMS_SCHEMA
+      ", bool[11] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor, Tensor, Tensor)");
+#undef LENET_PARAMS_SCHEMA
 }
 
 namespace {

@@ -53,14 +53,21 @@ def _is_reference_layout(layers) -> bool:
     )
 
 
-def _lenet_forward(x: Tensor, layers) -> Tensor:
-    """The 12 layers in one call of lenet_ext::lenet_forward (no autograd)."""
+def _lenet_forward(x: Tensor, layers, training: bool) -> Tensor:
+    """The 12 layers in one operator call: lenet_forward, or lenet_train_forward when autograd records."""
     conv1, _, pool1, conv2, _, pool2, _, fc1, _, fc2, _, fc3 = layers
-    return torch.ops.lenet_ext.lenet_forward.default(
+    args = (
         x, conv1.weight, conv1.bias, _conv_padding(conv1), _square(pool1.kernel_size),
         conv2.weight, conv2.bias, _conv_padding(conv2), _square(pool2.kernel_size),
         fc1.weight, fc1.bias, fc2.weight, fc2.bias, fc3.weight, fc3.bias,
     )  # fmt: skip
+    if training:
+        return torch.ops.lenet_ext.lenet_train_forward.default(*args)[0]
+    return torch.ops.lenet_ext.lenet_forward.default(*args)
+
+
+def _records_gradients(x: Tensor, layers) -> bool:
+    return x.requires_grad or any(p.requires_grad for m in layers for p in m._parameters.values() if p is not None)
 
 
 def reference_lenet(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> nn.Sequential:
@@ -72,7 +79,11 @@ class LeNet(FusedSequential):
     """LeNet-5, layer for layer the d2l nn.Sequential, with each conv block fused.
 
     Same 12 children, same state_dict (either loads into the other), same
-    printed layers; forward runs Conv2d -> Sigmoid -> AvgPool2d through
+    printed layers. While the layers are the reference's, forward is one
+    operator call for the whole network (lenet_ext::lenet_forward, or
+    lenet_train_forward with its backward lenet_backward when autograd
+    records); a layer replaced or hooked sends it through the layers, with
+    each Conv2d -> Sigmoid -> AvgPool2d run by
     lenet_ext.ops.conv_sigmoid_avgpool2d. image_size=32 is LeCun's original
     input, with no padding on the first conv.
     """
@@ -81,12 +92,14 @@ class LeNet(FusedSequential):
         super().__init__(*_lenet_layers(num_classes, in_channels, image_size))
 
     def forward(self, x: Tensor) -> Tensor:
-        # With gradients off, the whole network is one operator call: at small
-        # batches the dispatches, not the arithmetic, are most of the time.
-        if not torch.is_grad_enabled() and x.dtype in _FUSED_DTYPES and x.device.type in _FUSED_DEVICES and x.dim() == 4:
+        # The whole network is one operator call, and with autograd one graph
+        # node: at small batches the dispatches, not the arithmetic, are most
+        # of the time, and at large ones a tile of images stays in cache
+        # through all the layers.
+        if x.dtype in _FUSED_DTYPES and x.device.type in _FUSED_DEVICES and x.dim() == 4:
             layers = tuple(self._modules.values())
             if _is_reference_layout(layers):
-                return _lenet_forward(x, layers)
+                return _lenet_forward(x, layers, torch.is_grad_enabled() and _records_gradients(x, layers))
         return super().forward(x)
 
     def __getitem__(self, idx):

@@ -87,20 +87,84 @@ def _conv_sigmoid_avgpool2d_backward_fake(grad_out, x, weight, bias, padding, po
     )
 
 
-@torch.library.register_fake("lenet_ext::lenet_forward")
-def _lenet_forward_fake(x, conv1_weight, conv1_bias, conv1_padding, pool1, conv2_weight, conv2_bias,
-                        conv2_padding, pool2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc3_weight, fc3_bias):
-    n, c, h, w = _output_shape(x, conv1_weight, conv1_bias, conv1_padding, pool1)
-    block1 = x.new_empty((n, c, h, w))
+def _lenet_activations(op, x, conv1_weight, conv1_bias, conv1_padding, pool1, conv2_weight, conv2_bias,
+                       conv2_padding, pool2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc3_weight, fc3_bias):
+    """Empty (logits, block1, block2, fc1, fc2) as lenet_train_forward returns them; checks the shapes."""
+    block1 = x.new_empty(_output_shape(x, conv1_weight, conv1_bias, conv1_padding, pool1))
     n, c, h, w = _output_shape(block1, conv2_weight, conv2_bias, conv2_padding, pool2)
-    features = c * h * w
+    outs = [block1, x.new_empty((n, c * h * w))]
     for name, weight in (("fc1_weight", fc1_weight), ("fc2_weight", fc2_weight), ("fc3_weight", fc3_weight)):
+        features = outs[-1].shape[1]
         torch._check_value(
             weight.dim() == 2 and weight.shape[1] == features,
-            lambda: f"lenet_forward: expected {name} of shape (out_features, {features}), got {tuple(weight.shape)}",
+            lambda: f"{op}: expected {name} of shape (out_features, {features}), got {tuple(weight.shape)}",
         )
-        features = weight.shape[0]
-    return x.new_empty((n, features))
+        outs.append(x.new_empty((n, weight.shape[0])))
+    block1, block2, fc1, fc2, logits = outs
+    return logits, block1, block2, fc1, fc2
+
+
+@torch.library.register_fake("lenet_ext::lenet_forward")
+def _lenet_forward_fake(x, *params):
+    return _lenet_activations("lenet_forward", x, *params)[0]
+
+
+@torch.library.register_fake("lenet_ext::lenet_train_forward")
+def _lenet_train_forward_fake(x, *params):
+    return _lenet_activations("lenet_train_forward", x, *params)
+
+
+@torch.library.register_fake("lenet_ext::lenet_backward")
+def _lenet_backward_fake(grad_logits, x, block1, block2, fc1, fc2, *params_and_mask):
+    *params, output_mask = params_and_mask
+    want = _lenet_activations("lenet_backward", x, *params)
+    for name, got, expected in zip(("grad_logits", "block1", "block2", "fc1", "fc2"), (grad_logits, block1, block2, fc1, fc2), want):
+        torch._check_value(
+            tuple(got.shape) == tuple(expected.shape),
+            lambda: f"lenet_backward: expected {name} of shape {tuple(expected.shape)}, got {tuple(got.shape)}",
+        )
+    tensors = [x] + [t for t in params if not isinstance(t, int)]
+    return tuple(
+        torch.empty_like(t, memory_format=torch.contiguous_format) if need and t is not None else None
+        for t, need in zip(tensors, output_mask)
+    )
+
+
+# lenet_train_forward's tensor arguments (x and the parameters) and the int ones.
+_LENET_TENSOR_ARGS = (0, 1, 2, 5, 6, 9, 10, 11, 12, 13, 14)
+
+
+def _lenet_setup_context(ctx, inputs, output):
+    # Saved: x, the conv blocks' outputs and the hidden sigmoids -- the inputs
+    # of every layer but the first, which nn.Sequential saves too -- but not
+    # the sigmoid outputs inside the conv blocks: lenet_backward recomputes
+    # those per tile of the batch (see conv_sigmoid_avgpool2d's backward).
+    _, block1, block2, fc1, fc2 = output
+    ctx.mark_non_differentiable(block1, block2, fc1, fc2)
+    # Backward reads only grad_logits; the engine need not make zero
+    # gradients for the activations.
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(block1, block2, fc1, fc2, *(inputs[i] for i in _LENET_TENSOR_ARGS))
+    ctx.args = [None if i in _LENET_TENSOR_ARGS else value for i, value in enumerate(inputs)]
+
+
+def _lenet_backward(ctx, grad_logits, *_activation_grads):
+    if grad_logits is None:
+        return (None,) * len(ctx.args)
+    block1, block2, fc1, fc2, *tensors = ctx.saved_tensors
+    args = list(ctx.args)
+    for i, tensor in zip(_LENET_TENSOR_ARGS, tensors):
+        args[i] = tensor
+    x, *params = args
+    mask = [bool(ctx.needs_input_grad[i]) for i in _LENET_TENSOR_ARGS]
+    grads = iter(torch.ops.lenet_ext.lenet_backward.default(grad_logits, x, block1, block2, fc1, fc2, *params, mask))
+    # One entry per argument; the ints get None.
+    return tuple(next(grads) if i in _LENET_TENSOR_ARGS else None for i in range(len(args)))
+
+
+torch.library.register_autograd(
+    "lenet_ext::lenet_train_forward", _lenet_backward, setup_context=_lenet_setup_context
+)
 
 
 # Values of the schema's trailing defaults (bias, padding, pool): the

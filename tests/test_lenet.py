@@ -125,14 +125,30 @@ class AtenOpRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_forward_runs_the_fused_operator_and_no_aten_conv_or_pool():
+def aten_conv_or_pool(ops):
+    return [op for op in ops if ("conv" in op or "pool" in op) and not op.startswith("lenet_ext")]
+
+
+def test_training_is_one_operator_call_each_way():
     net = LeNet()
+    x = torch.rand(2, 1, 28, 28, requires_grad=True)
+    with AtenOpRecorder() as recorder:
+        net(x).sum().backward()
+    assert recorder.ops.count("lenet_ext.lenet_train_forward") == 1
+    assert recorder.ops.count("lenet_ext.lenet_backward") == 1
+    assert not aten_conv_or_pool(recorder.ops)
+
+
+def test_layer_path_runs_the_fused_conv_blocks():
+    net = LeNet()
+    net[8].register_forward_hook(lambda m, i, o: None)  # a hook: the layers must run one by one
     x = torch.rand(2, 1, 28, 28, requires_grad=True)
     with AtenOpRecorder() as recorder:
         net(x).sum().backward()
     assert recorder.ops.count("lenet_ext.conv_sigmoid_avgpool2d") == 2
     assert recorder.ops.count("lenet_ext.conv_sigmoid_avgpool2d_backward") == 2
-    assert not [op for op in recorder.ops if "conv" in op and not op.startswith("lenet_ext") or "pool" in op and not op.startswith("lenet_ext")]
+    assert "lenet_ext.lenet_train_forward" not in recorder.ops
+    assert not aten_conv_or_pool(recorder.ops)
     assert net.fused_runs() == [(0, 3), (3, 6)]
 
 
@@ -141,7 +157,7 @@ def test_inference_is_one_operator_call():
     with torch.inference_mode(), AtenOpRecorder() as recorder:
         net(torch.rand(2, 1, 28, 28))
     assert "lenet_ext.lenet_forward" in recorder.ops
-    assert not [op for op in recorder.ops if "conv" in op and not op.startswith("lenet_ext") or "pool" in op and not op.startswith("lenet_ext")]
+    assert not aten_conv_or_pool(recorder.ops)
 
 
 @pytest.fixture
@@ -169,6 +185,99 @@ def test_inference_in_tiles_of_the_batch(context, batch, num_threads):
             bad_fc1, layers[7].bias, layers[9].weight, layers[9].bias, layers[11].weight, layers[11].bias)  # fmt: skip
     with getattr(torch, context)(), pytest.raises(ValueError, match="fc1_weight"):
         torch.ops.lenet_ext.lenet_forward(*args)
+
+
+@pytest.mark.parametrize("batch", [65, 64 * 3 + 5])
+@pytest.mark.parametrize("num_threads", [1, 2, 3, 16], indirect=True)
+def test_training_in_tiles_of_the_batch(batch, num_threads):
+    """Training batches over 64 images run forward and backward in tiles, each thread summing its own gradients."""
+    net, ref = twin_pair(torch.float64)
+    x = torch.rand(batch, 1, 28, 28, dtype=torch.float64)
+    target = torch.randint(0, 10, (batch,))
+    out, grad_x, grads = outputs_and_grads(net, x, target)
+    ref_out, ref_grad_x, ref_grads = outputs_and_grads(ref, x, target)
+    torch.testing.assert_close(out, ref_out, **TOLERANCES[torch.float64])
+    torch.testing.assert_close(grad_x, ref_grad_x, **TOLERANCES[torch.float64])
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch", [3, 130])
+@pytest.mark.parametrize(
+    "frozen", [(), (0, 1, 3, 4, 7, 8), (9, 10, 11), tuple(range(12))], ids=["none", "convs-fc1", "fc2-fc3", "all"]
+)
+def test_training_with_frozen_layers_and_no_bias(frozen, batch, device):
+    """Gradients only for what requires them; a Linear without bias gets none for it."""
+    net, ref = twin_pair(torch.float64, device)
+    net[9].bias = ref[9].bias = None
+    for model in (net, ref):
+        for i in frozen:
+            for p in model[i].parameters():
+                p.requires_grad_(False)
+    x = torch.rand(batch, 1, 28, 28, dtype=torch.float64, device=device)
+    target = torch.randint(0, 10, (batch,), device=device)
+    x_needs_grad = frozen == tuple(range(12))  # with every layer frozen, only x asks for a gradient
+    got, want = [], []
+    for model, result in ((net, got), (ref, want)):
+        xi = x.clone().requires_grad_(x_needs_grad)
+        with AtenOpRecorder() as recorder:
+            out = model(xi)
+            nn.functional.cross_entropy(out, target).backward()
+        result += [out.detach(), xi.grad] + [p.grad for p in model.parameters()]
+        if model is net:
+            assert recorder.ops.count("lenet_ext.lenet_backward") == 1
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, w, **TOLERANCES[torch.float64])
+    assert [p.grad is None for p in net.parameters()] == [not p.requires_grad for p in net.parameters()]
+
+
+def lenet_args(net, x):
+    layers = tuple(net)
+    return (x, layers[0].weight, layers[0].bias, 2, 2, layers[3].weight, layers[3].bias, 0, 2,
+            layers[7].weight, layers[7].bias, layers[9].weight, layers[9].bias, layers[11].weight, layers[11].bias)  # fmt: skip
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lenet_train_forward_and_backward_operators(device):
+    from torch.library import opcheck
+
+    net = LeNet().to(device)
+    x = torch.rand(3, 1, 28, 28, device=device, requires_grad=True)
+    args = lenet_args(net, x)
+    opcheck(torch.ops.lenet_ext.lenet_train_forward.default, args)
+    detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    with torch.no_grad():
+        logits, *activations = torch.ops.lenet_ext.lenet_train_forward(*detached)
+    grad_logits = torch.randn_like(logits)
+    saved = (grad_logits, detached[0], *activations)
+    for mask in ([True] * 11, [False] * 9 + [True, True], [True] + [False] * 10):
+        opcheck(torch.ops.lenet_ext.lenet_backward.default, (*saved, *detached[1:], mask))
+    ref = d2l_net().to(device)
+    ref.load_state_dict(net.state_dict())
+    torch.testing.assert_close(logits, ref(x).detach(), **TOLERANCES[torch.float32])
+    # Saved activations that do not fit x and the parameters are refused by name.
+    bad = list(saved)
+    bad[3] = activations[1][:, :399]
+    with pytest.raises(ValueError, match=r"expected block2 of shape \[3, 400\]"):
+        torch.ops.lenet_ext.lenet_backward(*bad, *detached[1:], [True] * 11)
+    bad = list(saved)
+    bad[0] = grad_logits[:2]
+    with pytest.raises(ValueError, match=r"expected grad_logits of shape \[3, 10\]"):
+        torch.ops.lenet_ext.lenet_backward(*bad, *detached[1:], [True] * 11)
+
+
+def test_export_keeps_the_whole_network_operator():
+    net = LeNet().eval()
+    x = torch.rand(4, 1, 28, 28)
+    exported = torch.export.export(net, (x,))
+    targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]
+    assert torch.ops.lenet_ext.lenet_train_forward.default in targets
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), net(x), **TOLERANCES[torch.float32])
 
 
 def test_inference_with_a_hook_or_an_edited_layer_takes_the_layer_path():

@@ -158,8 +158,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const bool need_x = call.need_x, need_w = call.need_weight, need_b = call.need_bias;
   // Each chunk of the batch accumulates its own weight and bias gradients,
   // summed once at the end. A fixed chunking keeps the result independent of
-  // thread scheduling.
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.batch, at::get_num_threads()));
+  // thread scheduling. Called from a parallel region (lenet_backward's tiles)
+  // the chunks would run one after the other: one chunk then.
+  const int64_t chunks =
+      at::in_parallel_region() ? 1 : std::max<int64_t>(1, std::min<int64_t>(g.batch, at::get_num_threads()));
   at::Tensor partials = call.param_partials(chunks);
   const int64_t weight_numel = weight.numel();
   if (g.batch > 0 && x.scalar_type() == at::kFloat) {
