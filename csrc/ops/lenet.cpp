@@ -193,6 +193,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lenet_tra
   return {r.logits, r.block1, r.block2, r.fc1, r.fc2};
 }
 
+// The sum over dim 0 of per-chunk gradient sums. On the CPU a plain loop, in
+// chunk order: at::sum would open a parallel region for a few thousand
+// numbers.
+at::Tensor sum_chunks(const at::Tensor& sums) {
+  if (sums.size(0) == 1) return sums.squeeze(0);
+  if (!sums.device().is_cpu()) return sums.sum(0);
+  at::Tensor total = sums.select(0, 0).clone();
+  AT_DISPATCH_FLOATING_TYPES(sums.scalar_type(), "lenet_backward_sum_chunks", [&] {
+    const int64_t numel = total.numel();
+    scalar_t* out = total.mutable_data_ptr<scalar_t>();
+    const scalar_t* in = sums.const_data_ptr<scalar_t>();
+    for (int64_t chunk = 1; chunk < sums.size(0); ++chunk)
+      for (int64_t i = 0; i < numel; ++i) out[i] += in[chunk * numel + i];
+  });
+  return total;
+}
+
 // lenet_backward's gradients, in the order of lenet_train_forward's tensor
 // arguments.
 enum Grad { kX, kConv1W, kConv1B, kConv2W, kConv2B, kFc1W, kFc1B, kFc2W, kFc2B, kFc3W, kFc3B, kGrads };
@@ -249,18 +266,25 @@ LeNetGrads lenet_backward(const at::Tensor& grad_logits, const at::Tensor& x,
   for (int i = 0; i < kGrads; ++i) needed_below[i + 1] = needed_below[i] || mask[i];
 
   // Per-chunk sums of the parameter gradients, added into one tile at a
-  // time and summed over the chunks at the end.
+  // time and summed over the chunks at the end. Each chunk zeroes its own
+  // sums: a zero fill or a sum of this size outside the tiles would be a
+  // parallel region of its own, and the wait for its threads costs more
+  // than the work.
   const int64_t chunks = tile_chunks(x);
   std::array<at::Tensor, kGrads> sums;
   for (int i = kConv1W; i < kGrads; ++i) {
     if (!mask[i]) continue;
     auto sizes = inputs[i]->sizes().vec();
     sizes.insert(sizes.begin(), chunks);
-    sums[i] = at::zeros(sizes, inputs[i]->options().memory_format(at::MemoryFormat::Contiguous));
+    sums[i] = at::empty(sizes, inputs[i]->options().memory_format(at::MemoryFormat::Contiguous));
   }
   at::Tensor grad_x = mask[kX] ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::Tensor();
 
   for_each_tile(x, [&](int64_t chunk, int64_t start, int64_t size) {
+    if (start == chunk * x.size(0) / chunks) {  // the chunk's first tile
+      for (const at::Tensor& sum : sums)
+        if (sum.defined()) sum.select(0, chunk).zero_();
+    }
     const auto tile = [&](const at::Tensor& t) { return t.narrow(0, start, size); };
     const auto add = [&](Grad i, const at::Tensor& grad) { sums[i].select(0, chunk).add_(grad); };
     // A linear layer y = a W^T + b with upstream gradient gy.
@@ -296,7 +320,7 @@ LeNetGrads lenet_backward(const at::Tensor& grad_logits, const at::Tensor& x,
   std::array<at::Tensor, kGrads> grads;
   grads[kX] = grad_x;
   for (int i = kConv1W; i < kGrads; ++i) {
-    if (mask[i]) grads[i] = chunks == 1 ? sums[i].squeeze(0) : sums[i].sum(0);
+    if (mask[i]) grads[i] = sum_chunks(sums[i]);
   }
   return as_tuple(grads, std::make_index_sequence<kGrads>{});
 }
