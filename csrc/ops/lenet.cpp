@@ -265,11 +265,10 @@ LeNetGrads lenet_backward(const at::Tensor& grad_logits, const at::Tensor& x,
   std::array<bool, kGrads + 1> needed_below{};
   for (int i = 0; i < kGrads; ++i) needed_below[i + 1] = needed_below[i] || mask[i];
 
-  // Per-chunk sums of the parameter gradients, added into one tile at a
-  // time and summed over the chunks at the end. Each chunk zeroes its own
-  // sums: a zero fill or a sum of this size outside the tiles would be a
-  // parallel region of its own, and the wait for its threads costs more
-  // than the work.
+  // Per-chunk sums of the parameter gradients: a chunk's first tile writes
+  // its slot, the others add to it, and the chunks are summed at the end.
+  // No zero fill: one of this size would be a parallel region of its own,
+  // and waiting for its threads costs more than the work.
   const int64_t chunks = tile_chunks(x);
   std::array<at::Tensor, kGrads> sums;
   for (int i = kConv1W; i < kGrads; ++i) {
@@ -281,16 +280,22 @@ LeNetGrads lenet_backward(const at::Tensor& grad_logits, const at::Tensor& x,
   at::Tensor grad_x = mask[kX] ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::Tensor();
 
   for_each_tile(x, [&](int64_t chunk, int64_t start, int64_t size) {
-    if (start == chunk * x.size(0) / chunks) {  // the chunk's first tile
-      for (const at::Tensor& sum : sums)
-        if (sum.defined()) sum.select(0, chunk).zero_();
-    }
+    const bool first = start == chunk * x.size(0) / chunks;  // the chunk's first tile
     const auto tile = [&](const at::Tensor& t) { return t.narrow(0, start, size); };
-    const auto add = [&](Grad i, const at::Tensor& grad) { sums[i].select(0, chunk).add_(grad); };
+    const auto add = [&](Grad i, const at::Tensor& grad) {
+      at::Tensor slot = sums[i].select(0, chunk);
+      first ? slot.copy_(grad) : slot.add_(grad);
+    };
     // A linear layer y = a W^T + b with upstream gradient gy.
     const auto linear_grads = [&](const at::Tensor& gy, const at::Tensor& a, Grad w, Grad b) {
-      if (mask[w]) sums[w].select(0, chunk).addmm_(gy.t(), a);
-      if (mask[b]) add(b, gy.sum(0));
+      if (mask[w]) {
+        at::Tensor slot = sums[w].select(0, chunk);
+        first ? at::mm_out(slot, gy.t(), a) : slot.addmm_(gy.t(), a);
+      }
+      if (mask[b]) {
+        at::Tensor slot = sums[b].select(0, chunk);
+        first ? at::sum_out(slot, gy, 0) : slot.add_(gy.sum(0));
+      }
     };
     at::Tensor g = tile(grad_logits);
     linear_grads(g, tile(fc2), kFc3W, kFc3B);
