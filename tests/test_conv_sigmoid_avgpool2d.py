@@ -30,6 +30,10 @@ CASES = {
     # LeNet's kernel size has its own compiled loops; odd shapes for both vector layouts.
     "kernel5_columns_floors": (2, 2, 3, 15, 13, 5, 1, 2),  # conv 13x11 -> pool 6x5, pooled-column lanes
     "kernel5_20_channels": (2, 3, 20, 11, 9, 5, 2, 2),  # two channel blocks, the second partial
+    # Channel lanes compute the input gradient for groups of 16 images: two
+    # whole groups and a partial one, two blocks of input channels.
+    "image_groups": (37, 8, 20, 9, 9, 5, 1, 2),
+    "image_groups_pool3": (18, 3, 17, 10, 10, 3, 2, 3),
 }
 
 # Tolerances against the float64 reference. float32 accumulates in float32:

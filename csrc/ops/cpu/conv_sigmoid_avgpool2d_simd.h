@@ -146,11 +146,21 @@ struct Workspace {
   int64_t xp_size(const ConvPoolGeometry& g) const {
     return halves_offset(g) + g.in_channels * 2 * xp_height * half_width;
   }
-  // dz planes [C_out][dz_height][dz_width], then, for the channel-lane path,
-  // dz as vectors of 16 channels: [channel blocks][ext_h][ext_w][16].
-  int64_t dz_lanes_offset(const ConvPoolGeometry& g) const { return g.out_channels * dz_height * dz_width; }
-  int64_t dz_size(const ConvPoolGeometry& g) const {
-    return dz_lanes_offset(g) + channel_blocks * g.out_height * g.pool * g.out_width * g.pool * kLanes;
+  // The column-lane path keeps dz as planes [C_out][dz_height][dz_width].
+  // The channel-lane path keeps, for a group of up to 16 images, each
+  // image's dz as vectors of 16 channels ([16 images][channel blocks][ext_h]
+  // [ext_w][16]), then the same dz with lanes over the images ([channel
+  // blocks * 16][ext_h][ext_w][16]) and the input gradient likewise ([C_in]
+  // [H * W rounded up to 16][16]); see input_grad_batch_block.
+  int64_t dz_lanes_image_size(const ConvPoolGeometry& g) const {
+    return channel_blocks * g.out_height * g.pool * g.out_width * g.pool * kLanes;
+  }
+  int64_t dz_batch_offset(const ConvPoolGeometry& g) const { return kLanes * dz_lanes_image_size(g); }
+  int64_t grad_batch_offset(const ConvPoolGeometry& g) const { return 2 * kLanes * dz_lanes_image_size(g); }
+  int64_t grad_batch_plane(const ConvPoolGeometry& g) const { return round16(g.height * g.width); }
+  int64_t dz_size(const ConvPoolGeometry& g, bool column_lanes) const {
+    if (column_lanes) return g.out_channels * dz_height * dz_width;
+    return grad_batch_offset(g) + g.in_channels * grad_batch_plane(g) * kLanes;
   }
 };
 
@@ -420,11 +430,12 @@ inline void forward_strip(const ConvPoolGeometry& g, const Workspace& ws, const 
 }
 
 // dz = grad_out / P^2 * s * (1 - s) for the strip, stored as channel vectors
-// ([channel blocks][ext_h][ext_w][16]) and summed into the bias gradient.
+// (dz_lanes: [channel blocks][ext_h][ext_w][16]) and summed into the bias
+// gradient.
 template <int P, int PW>
 inline void dz_strip(const ConvPoolGeometry& g, const Workspace& ws, const float* xp,
                      const float* weights, const float* bias, int64_t co0, int64_t ph,
-                     int64_t pw0, const float* grad_image, float* dz, vec& grad_bias) {
+                     int64_t pw0, const float* grad_image, float* dz_lanes, vec& grad_bias) {
   vec acc[P][P * PW];
   with_kernel_size(g, [&](auto kernel) {
     conv_strip<P, PW, decltype(kernel)::value>(g, ws, xp, weights, bias, ph, pw0, acc);
@@ -443,7 +454,7 @@ inline void dz_strip(const ConvPoolGeometry& g, const Workspace& ws, const float
         grad_bias += d;
         const int64_t oh = ph * P + dy, ow = (pw0 + q) * P + dx;
         const int64_t ext_h = g.out_height * P, ext_w = g.out_width * P;
-        store(dz + ws.dz_lanes_offset(g) + (((co0 / kLanes) * ext_h + oh) * ext_w + ow) * kLanes, d);
+        store(dz_lanes + (((co0 / kLanes) * ext_h + oh) * ext_w + ow) * kLanes, d);
       }
     }
   }
@@ -478,7 +489,7 @@ void forward_pool(const ConvPoolGeometry& g, const Workspace& ws, const float* x
 
 template <int P>
 void dz_pool(const ConvPoolGeometry& g, const Workspace& ws, const float* xp, const float* weights,
-             const float* bias, const float* grad_image, float* dz, float* grad_bias) {
+             const float* bias, const float* grad_image, float* dz_lanes, float* grad_bias) {
   constexpr int PW = StripWidth<P>::value;
   for (int64_t cb = 0; cb < ws.channel_blocks; ++cb) {
     const float* w = weights + cb * g.in_channels * g.kernel * g.kernel * kLanes;
@@ -486,7 +497,7 @@ void dz_pool(const ConvPoolGeometry& g, const Workspace& ws, const float* xp, co
     for (int64_t ph = 0; ph < g.out_height; ++ph)
       for_each_strip<P, PW>(g, ph, [&](auto width, int64_t pw0) {
         dz_strip<P, decltype(width)::value>(g, ws, xp, w, bias + cb * kLanes, cb * kLanes, ph, pw0,
-                                            grad_image, dz, gb);
+                                            grad_image, dz_lanes, gb);
       });
     store(grad_bias + cb * kLanes, gb);
   }
@@ -511,25 +522,48 @@ inline void exchange_index_bit_all(vec (&rows)[kLanes]) {
     if (!(i & B)) exchange_index_bit<B>(rows[i], rows[i + B]);
 }
 
-// Copies dz from channel vectors into the planes the input gradient reads,
-// 16 positions x 16 channels at a time, through registers.
-inline void dz_planes_from_lanes(const ConvPoolGeometry& g, const Workspace& ws, float* dz) {
-  const int64_t ext_h = g.out_height * g.pool, ext_w = g.out_width * g.pool;
+inline void transpose16(vec (&rows)[kLanes]) {
+  exchange_index_bit_all<8>(rows);
+  exchange_index_bit_all<4>(rows);
+  exchange_index_bit_all<2>(rows);
+  exchange_index_bit_all<1>(rows);
+}
+
+// Turns the dz channel vectors of `count` images (the group's slots) into dz
+// with lanes over the images: [channel blocks * 16][ext_h][ext_w][16], one
+// 16 x 16 register transpose per position and channel block. The lanes of
+// images past `count` come out zero.
+inline void dz_batch_from_lanes(const ConvPoolGeometry& g, const Workspace& ws, const float* dz_lanes,
+                                int64_t count, float* dz_batch) {
+  const int64_t ext = g.out_height * g.pool * g.out_width * g.pool;
+  const int64_t image_size = ws.dz_lanes_image_size(g);
   for (int64_t cb = 0; cb < ws.channel_blocks; ++cb) {
     const int64_t lanes = g.out_channels - cb * kLanes < kLanes ? g.out_channels - cb * kLanes : kLanes;
-    for (int64_t oh = 0; oh < ext_h; ++oh) {
-      const float* src = dz + ws.dz_lanes_offset(g) + (cb * ext_h + oh) * ext_w * kLanes;
-      // Columns past ext_w come out zero: they are part of the planes' zero border.
-      for (int64_t ow0 = 0; ow0 < ext_w; ow0 += kLanes) {
-        vec rows[kLanes];
-        for (int i = 0; i < kLanes; ++i) rows[i] = ow0 + i < ext_w ? load(src + (ow0 + i) * kLanes) : vec{};
-        exchange_index_bit_all<8>(rows);
-        exchange_index_bit_all<4>(rows);
-        exchange_index_bit_all<2>(rows);
-        exchange_index_bit_all<1>(rows);
-        for (int64_t l = 0; l < lanes; ++l)
-          store(dz + ((cb * kLanes + l) * ws.dz_height + ws.dz_border + oh) * ws.dz_width + ws.dz_border + ow0,
-                rows[l]);
+    for (int64_t pos = 0; pos < ext; ++pos) {
+      vec rows[kLanes];
+      for (int i = 0; i < kLanes; ++i)
+        rows[i] = i < count ? load(dz_lanes + i * image_size + (cb * ext + pos) * kLanes) : vec{};
+      transpose16(rows);
+      for (int64_t l = 0; l < lanes; ++l) store(dz_batch + ((cb * kLanes + l) * ext + pos) * kLanes, rows[l]);
+    }
+  }
+}
+
+// The way back for the input gradient: from [C_in][H * W rounded up][16
+// images] into the planes of the group's `count` images in grad_x.
+inline void grad_x_from_batch(const ConvPoolGeometry& g, const Workspace& ws, const float* grad_batch,
+                              int64_t count, float* grad_x) {
+  const int64_t plane = g.height * g.width;
+  for (int64_t ci = 0; ci < g.in_channels; ++ci) {
+    for (int64_t p0 = 0; p0 < plane; p0 += kLanes) {
+      vec rows[kLanes];
+      for (int i = 0; i < kLanes; ++i) rows[i] = load(grad_batch + (ci * ws.grad_batch_plane(g) + p0 + i) * kLanes);
+      transpose16(rows);
+      const int64_t cols = plane - p0 < kLanes ? plane - p0 : kLanes;
+      for (int64_t n = 0; n < count; ++n) {
+        float* dst = grad_x + (n * g.in_channels + ci) * plane + p0;
+        if (cols == kLanes) store(dst, rows[n]);
+        else for (int64_t l = 0; l < cols; ++l) dst[l] = rows[n][l];
       }
     }
   }
@@ -539,7 +573,7 @@ inline void dz_planes_from_lanes(const ConvPoolGeometry& g, const Workspace& ws,
 inline bool supported(const ConvPoolGeometry& g) { return g.pool >= 1 && g.pool <= 4; }
 
 inline int64_t xp_size(const ConvPoolGeometry& g) { return Workspace(g).xp_size(g); }
-inline int64_t dz_size(const ConvPoolGeometry& g) { return Workspace(g).dz_size(g); }
+inline int64_t dz_size(const ConvPoolGeometry& g) { return Workspace(g).dz_size(g, use_column_lanes(g)); }
 
 // Forward of images [n_begin, n_end). weights/bias are packed by channel
 // block (see conv_strip); xp is a zeroed buffer of ws.xp_size(g) floats.
@@ -620,6 +654,50 @@ struct InputGradChannels {
   }
 };
 
+// dL/dx of CB input channels from ci0 for a group of up to 16 images, lanes
+// over the images: each input position sums exactly its own taps, the ones
+// that reach the pooled extent of dz, so none reads a zero border (with
+// lanes over columns, 37% of LeNet's second block's would). Weights are
+// broadcasts. KERNEL: see with_kernel_size.
+template <int CB, int KERNEL>
+inline void input_grad_batch_block(const ConvPoolGeometry& g, const Workspace& ws, const float* dz_batch,
+                                   const float* weight, int64_t ci0, float* grad_batch) {
+  const int64_t K = KERNEL ? KERNEL : g.kernel;
+  const int64_t ext_h = g.out_height * g.pool, ext_w = g.out_width * g.pool;
+  const auto max = [](int64_t a, int64_t b) { return a > b ? a : b; };
+  const auto min = [](int64_t a, int64_t b) { return a < b ? a : b; };
+  for (int64_t ih = 0; ih < g.height; ++ih) {
+    // Input row ih meets dz row ih + padding - kh.
+    const int64_t kh_begin = max(0, ih + g.padding - ext_h + 1), kh_end = min(K, ih + g.padding + 1);
+    for (int64_t iw = 0; iw < g.width; ++iw) {
+      const int64_t kw_begin = max(0, iw + g.padding - ext_w + 1), kw_end = min(K, iw + g.padding + 1);
+      vec acc[CB] = {};
+      for (int64_t co = 0; co < g.out_channels; ++co) {
+        const float* w = weight + (co * g.in_channels + ci0) * K * K;
+        for (int64_t kh = kh_begin; kh < kh_end; ++kh) {
+          const float* d = dz_batch + ((co * ext_h + ih + g.padding - kh) * ext_w + iw + g.padding) * kLanes;
+          for (int64_t kw = kw_begin; kw < kw_end; ++kw) {
+            const vec v = load(d - kw * kLanes);
+            for (int c = 0; c < CB; ++c) acc[c] += v * w[c * K * K + kh * K + kw];
+          }
+        }
+      }
+      for (int c = 0; c < CB; ++c)
+        store(grad_batch + ((ci0 + c) * ws.grad_batch_plane(g) + ih * g.width + iw) * kLanes, acc[c]);
+    }
+  }
+}
+
+template <int CB>
+struct InputGradBatchChannels {
+  static void run(const ConvPoolGeometry& g, int64_t ci0, const Workspace& ws, const float* dz_batch,
+                  const float* weight, float* grad_batch) {
+    with_kernel_size(g, [&](auto kernel) {
+      input_grad_batch_block<CB, decltype(kernel)::value>(g, ws, dz_batch, weight, ci0, grad_batch);
+    });
+  }
+};
+
 // Adds TAPS taps (kw0 ...) of one image's dL/dweight[channel block][ci][kh]
 // to acc_out, from dz as channel vectors: lanes are 16 output channels, and
 // each tap is a broadcast of x.
@@ -667,7 +745,7 @@ struct ChannelWeightTaps {
 // Adds one image's dL/dweight, lanes unsummed, to grad_weight_lanes, from dz
 // as channel vectors (the channel-lane path; the column-lane path adds its
 // weight gradient while it computes dz).
-inline void weight_grad_image(const ConvPoolGeometry& g, const Workspace& ws, const float* dz,
+inline void weight_grad_image(const ConvPoolGeometry& g, const Workspace& ws, const float* dz_lanes,
                               const float* xp, float* grad_weight_lanes) {
   const int64_t K = g.kernel;
   const int64_t ext = g.out_height * g.pool * g.out_width * g.pool;
@@ -675,7 +753,7 @@ inline void weight_grad_image(const ConvPoolGeometry& g, const Workspace& ws, co
     for (int64_t ci = 0; ci < g.in_channels; ++ci)
       for (int64_t kh = 0; kh < K; ++kh)
         for_each_tap_block<ChannelWeightTaps>(
-            K, g, ws, dz + ws.dz_lanes_offset(g) + cb * ext * kLanes,
+            K, g, ws, dz_lanes + cb * ext * kLanes,
             xp + (ci * ws.xp_height + kh) * ws.xp_width,
             grad_weight_lanes + (((cb * g.in_channels + ci) * K + kh) * K) * kLanes);
 }
@@ -701,34 +779,44 @@ inline void sum_weight_lanes(const ConvPoolGeometry& g, const float* lanes, floa
 
 // Backward of images [n_begin, n_end). grad_weight_lanes ([C_out][C_in][K][K][16])
 // and grad_bias_lanes ([channel blocks][16]) accumulate across calls; the
-// caller sums their lanes. xp and dz are zeroed buffers of ws.xp_size(g) and
-// ws.dz_size(g) floats. weight is the unpacked (C_out, C_in, K, K) weight.
+// caller sums their lanes. xp and dz are zeroed buffers of xp_size(g) and
+// dz_size(g) floats. weight is the unpacked (C_out, C_in, K, K) weight.
 inline void backward_images(const ConvPoolGeometry& g, const float* grad_out, const float* x,
                             const float* packed_weights, const float* packed_bias,
                             const float* weight, float* grad_x, float* grad_weight_lanes,
                             float* grad_bias_lanes, int64_t n_begin, int64_t n_end, float* xp,
                             float* dz) {
   const Workspace ws(g);
+  const int64_t image_numel = g.in_channels * g.height * g.width;
   for (int64_t n = n_begin; n < n_end; ++n) {
-    load_padded_image(g, ws, x + n * g.in_channels * g.height * g.width, xp);
+    load_padded_image(g, ws, x + n * image_numel, xp);
     const float* grad_image = grad_out + n * g.out_channels * g.out_height * g.out_width;
     if (use_column_lanes(g)) {
       split_columns(g, ws, xp);
       for_each_channel_block<ColumnDz>(g, g.out_channels, ws, xp, packed_weights, packed_bias, grad_image,
                                        grad_x ? dz : nullptr, grad_weight_lanes, grad_bias_lanes);
-    } else {
-      switch (g.pool) {
-      case 1: dz_pool<1>(g, ws, xp, packed_weights, packed_bias, grad_image, dz, grad_bias_lanes); break;
-      case 2: dz_pool<2>(g, ws, xp, packed_weights, packed_bias, grad_image, dz, grad_bias_lanes); break;
-      case 3: dz_pool<3>(g, ws, xp, packed_weights, packed_bias, grad_image, dz, grad_bias_lanes); break;
-      default: dz_pool<4>(g, ws, xp, packed_weights, packed_bias, grad_image, dz, grad_bias_lanes); break;
-      }
-      if (grad_weight_lanes) weight_grad_image(g, ws, dz, xp, grad_weight_lanes);
-      if (grad_x) dz_planes_from_lanes(g, ws, dz);
+      if (grad_x)
+        for_each_channel_block<InputGradChannels>(g, g.in_channels, ws, dz, weight, grad_x + n * image_numel);
+      continue;
     }
-    if (grad_x)
-      for_each_channel_block<InputGradChannels>(g, g.in_channels, ws, dz, weight,
-                                                grad_x + n * g.in_channels * g.height * g.width);
+    // The image's slot in its group of 16, whose input gradients are
+    // computed together once the group is complete.
+    const int64_t slot = (n - n_begin) % kLanes;
+    float* dz_lanes = dz + slot * ws.dz_lanes_image_size(g);
+    switch (g.pool) {
+      case 1: dz_pool<1>(g, ws, xp, packed_weights, packed_bias, grad_image, dz_lanes, grad_bias_lanes); break;
+      case 2: dz_pool<2>(g, ws, xp, packed_weights, packed_bias, grad_image, dz_lanes, grad_bias_lanes); break;
+      case 3: dz_pool<3>(g, ws, xp, packed_weights, packed_bias, grad_image, dz_lanes, grad_bias_lanes); break;
+      default: dz_pool<4>(g, ws, xp, packed_weights, packed_bias, grad_image, dz_lanes, grad_bias_lanes); break;
+    }
+    if (grad_weight_lanes) weight_grad_image(g, ws, dz_lanes, xp, grad_weight_lanes);
+    if (grad_x && (slot == kLanes - 1 || n == n_end - 1)) {
+      float* dz_batch = dz + ws.dz_batch_offset(g);
+      float* grad_batch = dz + ws.grad_batch_offset(g);
+      dz_batch_from_lanes(g, ws, dz, slot + 1, dz_batch);
+      for_each_channel_block<InputGradBatchChannels>(g, g.in_channels, ws, dz_batch, weight, grad_batch);
+      grad_x_from_batch(g, ws, grad_batch, slot + 1, grad_x + (n - slot) * image_numel);
+    }
   }
 }
 
