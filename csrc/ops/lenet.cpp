@@ -98,21 +98,23 @@ constexpr int64_t kCpuTile = 64;
 // numbers let backward keep per-chunk sums, which makes its result
 // independent of scheduling. Batches of one tile, and other devices, run as
 // one call (chunk 0) that the operators inside parallelise themselves;
-// tile_chunks says how many chunks there will be.
+// tile_chunks says how many chunks there will be (one on one thread, whose
+// tiles then run in turn).
+bool runs_in_tiles(const at::Tensor& x) { return x.device().is_cpu() && x.size(0) > kCpuTile; }
+
 int64_t tile_chunks(const at::Tensor& x) {
-  const int64_t batch = x.size(0);
-  if (!x.device().is_cpu() || batch <= kCpuTile) return 1;
-  return std::min<int64_t>(at::get_num_threads(), (batch + kCpuTile - 1) / kCpuTile);
+  if (!runs_in_tiles(x)) return 1;
+  return std::min<int64_t>(at::get_num_threads(), (x.size(0) + kCpuTile - 1) / kCpuTile);
 }
 
 template <typename Fn>
 void for_each_tile(const at::Tensor& x, const Fn& fn) {
   const int64_t batch = x.size(0);
-  const int64_t chunks = tile_chunks(x);
-  if (chunks == 1) {
+  if (!runs_in_tiles(x)) {
     fn(0, 0, batch);
     return;
   }
+  const int64_t chunks = tile_chunks(x);
   // Worker threads start with default thread-local state; give them the
   // caller's (grad mode, dispatch keys).
   const at::ThreadLocalState caller_state;
@@ -137,7 +139,7 @@ ForwardResult forward_batch(const at::Tensor& x, const LeNetParams& p, bool keep
   // is lenet_backward), and worker threads must not reach the Python
   // autograd wrapper of the conv operator: dispatch below autograd.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  if (tile_chunks(x) == 1) {
+  if (!runs_in_tiles(x)) {
     ForwardResult r = forward_images(x, p, op);
     if (!keep_activations) r.block1 = r.block2 = r.fc1 = r.fc2 = at::Tensor();
     return r;
