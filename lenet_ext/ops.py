@@ -87,6 +87,46 @@ def _conv_sigmoid_avgpool2d_backward_fake(grad_out, x, weight, bias, padding, po
     )
 
 
+# Values of the schema's trailing defaults (bias, padding, pool): the
+# dispatcher drops trailing arguments equal to their defaults from `inputs`.
+_FORWARD_DEFAULTS = (None, 0, 2)
+
+
+def _setup_context(ctx, inputs, output):
+    # Saved: x and the parameters, nothing of the activation. nn.Sequential
+    # keeps x plus the sigmoid output (the input of the pool), which is
+    # C_out * H_conv * W_conv per image -- six times x for LeNet's first layer.
+    # Backward recomputes z = conv(x) + bias instead: a second forward-sized
+    # convolution in exchange for never storing the pre-pool activation.
+    x, weight, bias, padding, pool = tuple(inputs) + _FORWARD_DEFAULTS[len(inputs) - 2 :]
+    ctx.num_inputs = len(inputs)
+    ctx.save_for_backward(x, weight, bias)
+    ctx.padding = padding
+    ctx.pool = pool
+
+
+def _backward(ctx, grad_out):
+    x, weight, bias = ctx.saved_tensors
+    mask = [bool(need) for need in (tuple(ctx.needs_input_grad) + (False,))[:3]]
+    grads = torch.ops.lenet_ext.conv_sigmoid_avgpool2d_backward.default(
+        grad_out, x, weight, bias, ctx.padding, ctx.pool, mask
+    )
+    # One entry per input the op received; padding and pool get none.
+    return (tuple(grads) + (None, None))[: ctx.num_inputs]
+
+
+torch.library.register_autograd(
+    "lenet_ext::conv_sigmoid_avgpool2d", _backward, setup_context=_setup_context
+)
+
+
+# --- LeNet as one operator (csrc/ops/lenet.cpp) -------------------------------
+
+# Positions of lenet_train_forward's tensor arguments (x and the parameters);
+# the others are the conv blocks' paddings and pools.
+_LENET_TENSOR_ARGS = (0, 1, 2, 5, 6, 9, 10, 11, 12, 13, 14)
+
+
 def _lenet_activations(op, x, conv1_weight, conv1_bias, conv1_padding, pool1, conv2_weight, conv2_bias,
                        conv2_padding, pool2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc3_weight, fc3_bias):
     """Empty (logits, block1, block2, fc1, fc2) as lenet_train_forward returns them; checks the shapes."""
@@ -118,27 +158,24 @@ def _lenet_train_forward_fake(x, *params):
 def _lenet_backward_fake(grad_logits, x, block1, block2, fc1, fc2, *params_and_mask):
     *params, output_mask = params_and_mask
     want = _lenet_activations("lenet_backward", x, *params)
-    for name, got, expected in zip(("grad_logits", "block1", "block2", "fc1", "fc2"), (grad_logits, block1, block2, fc1, fc2), want):
+    saved = {"grad_logits": grad_logits, "block1": block1, "block2": block2, "fc1": fc1, "fc2": fc2}
+    for (name, got), expected in zip(saved.items(), want):
         torch._check_value(
             tuple(got.shape) == tuple(expected.shape),
             lambda: f"lenet_backward: expected {name} of shape {tuple(expected.shape)}, got {tuple(got.shape)}",
         )
-    tensors = [x] + [t for t in params if not isinstance(t, int)]
+    tensors = [(x, *params)[i] for i in _LENET_TENSOR_ARGS]
     return tuple(
         torch.empty_like(t, memory_format=torch.contiguous_format) if need and t is not None else None
         for t, need in zip(tensors, output_mask)
     )
 
 
-# lenet_train_forward's tensor arguments (x and the parameters) and the int ones.
-_LENET_TENSOR_ARGS = (0, 1, 2, 5, 6, 9, 10, 11, 12, 13, 14)
-
-
 def _lenet_setup_context(ctx, inputs, output):
-    # Saved: x, the conv blocks' outputs and the hidden sigmoids -- the inputs
-    # of every layer but the first, which nn.Sequential saves too -- but not
-    # the sigmoid outputs inside the conv blocks: lenet_backward recomputes
-    # those per tile of the batch (see conv_sigmoid_avgpool2d's backward).
+    # Saved: x and the inputs of the later layers with weights (the two conv
+    # blocks' outputs, the two hidden sigmoids), as nn.Sequential saves them,
+    # but not the sigmoid outputs inside the conv blocks: lenet_backward
+    # recomputes those tile by tile (see conv_sigmoid_avgpool2d's backward).
     _, block1, block2, fc1, fc2 = output
     ctx.mark_non_differentiable(block1, block2, fc1, fc2)
     # Backward reads only grad_logits; the engine need not make zero
@@ -164,37 +201,4 @@ def _lenet_backward(ctx, grad_logits, *_activation_grads):
 
 torch.library.register_autograd(
     "lenet_ext::lenet_train_forward", _lenet_backward, setup_context=_lenet_setup_context
-)
-
-
-# Values of the schema's trailing defaults (bias, padding, pool): the
-# dispatcher drops trailing arguments equal to their defaults from `inputs`.
-_FORWARD_DEFAULTS = (None, 0, 2)
-
-
-def _setup_context(ctx, inputs, output):
-    # Saved: x and the parameters, nothing of the activation. nn.Sequential
-    # keeps x plus the sigmoid output (the input of the pool), which is
-    # C_out * H_conv * W_conv per image -- six times x for LeNet's first layer.
-    # Backward recomputes z = conv(x) + bias instead: a second forward-sized
-    # convolution in exchange for never storing the pre-pool activation.
-    x, weight, bias, padding, pool = tuple(inputs) + _FORWARD_DEFAULTS[len(inputs) - 2 :]
-    ctx.num_inputs = len(inputs)
-    ctx.save_for_backward(x, weight, bias)
-    ctx.padding = padding
-    ctx.pool = pool
-
-
-def _backward(ctx, grad_out):
-    x, weight, bias = ctx.saved_tensors
-    mask = [bool(need) for need in (tuple(ctx.needs_input_grad) + (False,))[:3]]
-    grads = torch.ops.lenet_ext.conv_sigmoid_avgpool2d_backward.default(
-        grad_out, x, weight, bias, ctx.padding, ctx.pool, mask
-    )
-    # One entry per input the op received; padding and pool get none.
-    return (tuple(grads) + (None, None))[: ctx.num_inputs]
-
-
-torch.library.register_autograd(
-    "lenet_ext::conv_sigmoid_avgpool2d", _backward, setup_context=_setup_context
 )

@@ -92,21 +92,24 @@ ForwardResult forward_images(const at::Tensor& x, const LeNetParams& p, const ch
 // the layers (64 images of the first block's output are 300 KB).
 constexpr int64_t kCpuTile = 64;
 
-// Runs fn(chunk, start, size) over tiles of the batch. The batch is split
-// into one chunk per thread and each chunk into equal tiles of at most
-// kCpuTile images, so that no thread waits on another's extra tile; chunk
-// numbers let backward keep per-chunk sums, which makes its result
-// independent of scheduling. Batches of one tile, and other devices, run as
-// one call (chunk 0) that the operators inside parallelise themselves;
-// tile_chunks says how many chunks there will be (one on one thread, whose
-// tiles then run in turn).
+// Whether x runs in tiles: CPU batches of more than one tile. Other calls
+// run as one, which the operators inside parallelise themselves.
 bool runs_in_tiles(const at::Tensor& x) { return x.device().is_cpu() && x.size(0) > kCpuTile; }
 
+// How many chunks for_each_tile cuts x into: one per thread (so one on one
+// thread, whose tiles then run in turn).
 int64_t tile_chunks(const at::Tensor& x) {
   if (!runs_in_tiles(x)) return 1;
   return std::min<int64_t>(at::get_num_threads(), (x.size(0) + kCpuTile - 1) / kCpuTile);
 }
 
+// The first image of a chunk.
+int64_t chunk_start(int64_t batch, int64_t chunk, int64_t chunks) { return chunk * batch / chunks; }
+
+// Runs fn(chunk, start, size) over tiles of the batch: one chunk per thread,
+// each cut into equal tiles of at most kCpuTile images, so that no thread
+// waits on another's extra tile. Chunk numbers let backward keep per-chunk
+// sums, which makes its result independent of scheduling.
 template <typename Fn>
 void for_each_tile(const at::Tensor& x, const Fn& fn) {
   const int64_t batch = x.size(0);
@@ -121,7 +124,7 @@ void for_each_tile(const at::Tensor& x, const Fn& fn) {
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     const at::ThreadLocalStateGuard state_guard(caller_state);
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      const int64_t begin = chunk * batch / chunks, end = (chunk + 1) * batch / chunks;
+      const int64_t begin = chunk_start(batch, chunk, chunks), end = chunk_start(batch, chunk + 1, chunks);
       const int64_t tiles = (end - begin + kCpuTile - 1) / kCpuTile;
       for (int64_t t = 0; t < tiles; ++t) {
         const int64_t start = begin + t * (end - begin) / tiles;
@@ -232,11 +235,9 @@ LeNetGrads as_tuple(const std::array<at::Tensor, sizeof...(I)>& grads, std::inde
   return {grads[I]...};
 }
 
-LeNetGrads lenet_backward(const at::Tensor& grad_logits, const at::Tensor& x,
-                                       const at::Tensor& block1, const at::Tensor& block2,
-                                       const at::Tensor& fc1, const at::Tensor& fc2,
-                                       LENET_PARAMS_ARGS, std::array<bool, kGrads> mask) {
-  const LeNetParams p = LENET_PARAMS;
+LeNetGrads lenet_backward(const at::Tensor& grad_logits, const at::Tensor& x, const at::Tensor& block1,
+                          const at::Tensor& block2, const at::Tensor& fc1, const at::Tensor& fc2,
+                          LENET_PARAMS_ARGS, std::array<bool, kGrads> mask) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   // The saved activations must be what lenet_train_forward made of x and
   // these parameters; the conv blocks' own checks cover the rest.
@@ -282,7 +283,7 @@ LeNetGrads lenet_backward(const at::Tensor& grad_logits, const at::Tensor& x,
   at::Tensor grad_x = mask[kX] ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::Tensor();
 
   for_each_tile(x, [&](int64_t chunk, int64_t start, int64_t size) {
-    const bool first = start == chunk * x.size(0) / chunks;  // the chunk's first tile
+    const bool first = start == chunk_start(x.size(0), chunk, chunks);  // the chunk's first tile
     const auto tile = [&](const at::Tensor& t) { return t.narrow(0, start, size); };
     const auto add = [&](Grad i, const at::Tensor& grad) {
       at::Tensor slot = sums[i].select(0, chunk);
