@@ -77,13 +77,23 @@ struct ForwardResult {
   at::Tensor logits, block1, block2, fc1, fc2;
 };
 
-ForwardResult forward_images(const at::Tensor& x, const LeNetParams& p, const char* op) {
-  ForwardResult r;
+// The two conv blocks (r.block1, r.block2), then the dense layers from
+// r.block2.
+void conv_layers(const at::Tensor& x, const LeNetParams& p, ForwardResult& r) {
   r.block1 = conv_block(x, p.conv1_weight, p.conv1_bias, p.conv1_padding, p.pool1);
   r.block2 = conv_block(r.block1, p.conv2_weight, p.conv2_bias, p.conv2_padding, p.pool2).flatten(1);
+}
+
+void dense_layers(const LeNetParams& p, const char* op, ForwardResult& r) {
   r.fc1 = linear(r.block2, p.fc1_weight, p.fc1_bias, op, "fc1_weight").sigmoid_();
   r.fc2 = linear(r.fc1, p.fc2_weight, p.fc2_bias, op, "fc2_weight").sigmoid_();
   r.logits = linear(r.fc2, p.fc3_weight, p.fc3_bias, op, "fc3_weight");
+}
+
+ForwardResult forward_images(const at::Tensor& x, const LeNetParams& p, const char* op) {
+  ForwardResult r;
+  conv_layers(x, p, r);
+  dense_layers(p, op, r);
   return r;
 }
 
@@ -103,15 +113,11 @@ int64_t tile_chunks(const at::Tensor& x) {
   return std::min<int64_t>(at::get_num_threads(), (x.size(0) + kCpuTile - 1) / kCpuTile);
 }
 
-// The first image of a chunk.
-int64_t chunk_start(int64_t batch, int64_t chunk, int64_t chunks) { return chunk * batch / chunks; }
-
-// Runs fn(chunk, start, size) over tiles of the batch: one chunk per thread,
-// each cut into equal tiles of at most kCpuTile images, so that no thread
-// waits on another's extra tile. Chunk numbers let backward keep per-chunk
-// sums, which makes its result independent of scheduling.
+// Runs fn(chunk, begin, end) over chunks of the batch, one per thread, in
+// parallel. Chunk numbers let backward keep per-chunk sums, which makes its
+// result independent of scheduling.
 template <typename Fn>
-void for_each_tile(const at::Tensor& x, const Fn& fn) {
+void for_each_chunk(const at::Tensor& x, const Fn& fn) {
   const int64_t batch = x.size(0);
   if (!runs_in_tiles(x)) {
     fn(0, 0, batch);
@@ -123,19 +129,26 @@ void for_each_tile(const at::Tensor& x, const Fn& fn) {
   const at::ThreadLocalState caller_state;
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     const at::ThreadLocalStateGuard state_guard(caller_state);
-    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      const int64_t begin = chunk_start(batch, chunk, chunks), end = chunk_start(batch, chunk + 1, chunks);
-      const int64_t tiles = (end - begin + kCpuTile - 1) / kCpuTile;
-      for (int64_t t = 0; t < tiles; ++t) {
-        const int64_t start = begin + t * (end - begin) / tiles;
-        fn(chunk, start, begin + (t + 1) * (end - begin) / tiles - start);
-      }
-    }
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk)
+      fn(chunk, chunk * batch / chunks, (chunk + 1) * batch / chunks);
   });
 }
 
-// Runs the forward over tiles into whole-batch tensors; the activations only
-// when keep_activations.
+// Runs fn(start, size) over images [begin, end) in equal tiles of at most
+// kCpuTile images, so that no thread waits on another's extra tile.
+template <typename Fn>
+void for_each_tile(int64_t begin, int64_t end, const Fn& fn) {
+  const int64_t tiles = (end - begin + kCpuTile - 1) / kCpuTile;
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t start = begin + t * (end - begin) / tiles;
+    fn(start, begin + (t + 1) * (end - begin) / tiles - start);
+  }
+}
+
+// Runs the forward into whole-batch tensors; the activations other than
+// block2 only when keep_activations. On the CPU the conv blocks run tile by
+// tile, so that block 1's output stays in cache, and the dense layers once
+// per chunk, where their matrices are largest.
 ForwardResult forward_batch(const at::Tensor& x, const LeNetParams& p, bool keep_activations,
                             const char* op) {
   // Nothing here is differentiated (lenet_train_forward's autograd formula
@@ -157,21 +170,29 @@ ForwardResult forward_batch(const at::Tensor& x, const LeNetParams& p, bool keep
   };
   ForwardResult out;
   out.logits = batch_like(shapes.logits);
+  out.block2 = batch_like(shapes.block2);
   if (keep_activations) {
     out.block1 = batch_like(shapes.block1);
-    out.block2 = batch_like(shapes.block2);
     out.fc1 = batch_like(shapes.fc1);
     out.fc2 = batch_like(shapes.fc2);
   }
-  for_each_tile(x, [&](int64_t, int64_t start, int64_t size) {
-    const ForwardResult r = forward_images(x.narrow(0, start, size), p, op);
-    out.logits.narrow(0, start, size).copy_(r.logits);
-    if (!keep_activations) return;
-    out.block1.narrow(0, start, size).copy_(r.block1);
-    out.block2.narrow(0, start, size).copy_(r.block2);
-    out.fc1.narrow(0, start, size).copy_(r.fc1);
-    out.fc2.narrow(0, start, size).copy_(r.fc2);
+  for_each_chunk(x, [&](int64_t, int64_t begin, int64_t end) {
+    for_each_tile(begin, end, [&](int64_t start, int64_t size) {
+      ForwardResult r;
+      conv_layers(x.narrow(0, start, size), p, r);
+      out.block2.narrow(0, start, size).copy_(r.block2);
+      if (keep_activations) out.block1.narrow(0, start, size).copy_(r.block1);
+    });
+    ForwardResult r;
+    r.block2 = out.block2.narrow(0, begin, end - begin);
+    dense_layers(p, op, r);
+    out.logits.narrow(0, begin, end - begin).copy_(r.logits);
+    if (keep_activations) {
+      out.fc1.narrow(0, begin, end - begin).copy_(r.fc1);
+      out.fc2.narrow(0, begin, end - begin).copy_(r.fc2);
+    }
   });
+  if (!keep_activations) out.block2 = at::Tensor();
   return out;
 }
 
@@ -268,10 +289,10 @@ LeNetGrads lenet_backward(const at::Tensor& grad_logits, const at::Tensor& x, co
   std::array<bool, kGrads + 1> needed_below{};
   for (int i = 0; i < kGrads; ++i) needed_below[i + 1] = needed_below[i] || mask[i];
 
-  // Per-chunk sums of the parameter gradients: a chunk's first tile writes
-  // its slot, the others add to it, and the chunks are summed at the end.
-  // No zero fill: one of this size would be a parallel region of its own,
-  // and waiting for its threads costs more than the work.
+  // Per-chunk sums of the parameter gradients, summed over the chunks at the
+  // end. Every slot is written before it is added to, so there is no zero
+  // fill: one of this size would be a parallel region of its own, and
+  // waiting for its threads costs more than the work.
   const int64_t chunks = tile_chunks(x);
   std::array<at::Tensor, kGrads> sums;
   for (int i = kConv1W; i < kGrads; ++i) {
@@ -282,47 +303,56 @@ LeNetGrads lenet_backward(const at::Tensor& grad_logits, const at::Tensor& x, co
   }
   at::Tensor grad_x = mask[kX] ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::Tensor();
 
-  for_each_tile(x, [&](int64_t chunk, int64_t start, int64_t size) {
-    const bool first = start == chunk_start(x.size(0), chunk, chunks);  // the chunk's first tile
-    const auto tile = [&](const at::Tensor& t) { return t.narrow(0, start, size); };
-    const auto add = [&](Grad i, const at::Tensor& grad) {
-      at::Tensor slot = sums[i].select(0, chunk);
-      first ? slot.copy_(grad) : slot.add_(grad);
-    };
-    // A linear layer y = a W^T + b with upstream gradient gy.
+  for_each_chunk(x, [&](int64_t chunk, int64_t begin, int64_t end) {
+    const auto rows = [&](const at::Tensor& t) { return t.narrow(0, begin, end - begin); };
+    // The dense layers once for the chunk: each weight gradient is one
+    // matrix product into the chunk's slot. A linear layer y = a W^T + b
+    // with upstream gradient gy:
     const auto linear_grads = [&](const at::Tensor& gy, const at::Tensor& a, Grad w, Grad b) {
       if (mask[w]) {
         at::Tensor slot = sums[w].select(0, chunk);
-        first ? at::mm_out(slot, gy.t(), a) : slot.addmm_(gy.t(), a);
+        at::mm_out(slot, gy.t(), a);
       }
       if (mask[b]) {
         at::Tensor slot = sums[b].select(0, chunk);
-        first ? at::sum_out(slot, gy, 0) : slot.add_(gy.sum(0));
+        at::sum_out(slot, gy, 0);
       }
     };
-    at::Tensor g = tile(grad_logits);
-    linear_grads(g, tile(fc2), kFc3W, kFc3B);
+    at::Tensor g = rows(grad_logits);
+    linear_grads(g, rows(fc2), kFc3W, kFc3B);
     if (!needed_below[kFc3W]) return;
-    g = at::sigmoid_backward(at::mm(g, fc3_weight), tile(fc2));
-    linear_grads(g, tile(fc1), kFc2W, kFc2B);
+    g = at::sigmoid_backward(at::mm(g, fc3_weight), rows(fc2));
+    linear_grads(g, rows(fc1), kFc2W, kFc2B);
     if (!needed_below[kFc2W]) return;
-    g = at::sigmoid_backward(at::mm(g, fc2_weight), tile(fc1));
-    linear_grads(g, tile(block2), kFc1W, kFc1B);
+    g = at::sigmoid_backward(at::mm(g, fc2_weight), rows(fc1));
+    linear_grads(g, rows(block2), kFc1W, kFc1B);
     if (!needed_below[kFc1W]) return;
-    g = at::mm(g, fc1_weight).view({size, g2.out_channels, g2.out_height, g2.out_width});
-    at::Tensor grad_weight, grad_bias;
-    std::tie(g, grad_weight, grad_bias) =
-        conv_block_backward(g, tile(block1), conv2_weight, conv2_bias, conv2_padding, pool2,
-                            {needed_below[kConv2W], mask[kConv2W], mask[kConv2B]});
-    if (mask[kConv2W]) add(kConv2W, grad_weight);
-    if (mask[kConv2B]) add(kConv2B, grad_bias);
-    if (!needed_below[kConv2W]) return;
-    std::tie(g, grad_weight, grad_bias) =
-        conv_block_backward(g, tile(x), conv1_weight, conv1_bias, conv1_padding, pool1,
-                            {mask[kX], mask[kConv1W], mask[kConv1B]});
-    if (mask[kConv1W]) add(kConv1W, grad_weight);
-    if (mask[kConv1B]) add(kConv1B, grad_bias);
-    if (mask[kX]) tile(grad_x).copy_(g);
+    const at::Tensor grad_block2 =
+        at::mm(g, fc1_weight).view({end - begin, g2.out_channels, g2.out_height, g2.out_width});
+
+    // The conv blocks tile by tile, so that block 1's gradient input stays in
+    // cache: the chunk's first tile writes its gradient slots, the others add.
+    for_each_tile(begin, end, [&](int64_t start, int64_t size) {
+      const auto tile = [&](const at::Tensor& t) { return t.narrow(0, start, size); };
+      const auto add = [&](Grad i, const at::Tensor& grad) {
+        at::Tensor slot = sums[i].select(0, chunk);
+        start == begin ? slot.copy_(grad) : slot.add_(grad);
+      };
+      at::Tensor grad_block1, grad_input, grad_weight, grad_bias;
+      std::tie(grad_block1, grad_weight, grad_bias) =
+          conv_block_backward(grad_block2.narrow(0, start - begin, size), tile(block1), conv2_weight,
+                              conv2_bias, conv2_padding, pool2,
+                              {needed_below[kConv2W], mask[kConv2W], mask[kConv2B]});
+      if (mask[kConv2W]) add(kConv2W, grad_weight);
+      if (mask[kConv2B]) add(kConv2B, grad_bias);
+      if (!needed_below[kConv2W]) return;
+      std::tie(grad_input, grad_weight, grad_bias) =
+          conv_block_backward(grad_block1, tile(x), conv1_weight, conv1_bias, conv1_padding, pool1,
+                              {mask[kX], mask[kConv1W], mask[kConv1B]});
+      if (mask[kConv1W]) add(kConv1W, grad_weight);
+      if (mask[kConv1B]) add(kConv1B, grad_bias);
+      if (mask[kX]) tile(grad_x).copy_(grad_input);
+    });
   });
 
   std::array<at::Tensor, kGrads> grads;
