@@ -5,7 +5,7 @@
 // AVX-512 as the target allows. conv_sigmoid_avgpool2d_cpu.cpp picks one at
 // run time.
 //
-// Three vector layouts, each where it fills the lanes best:
+// Vector layouts, each where it fills the lanes best:
 //  * forward and dz, many channels: lanes are 16 output channels. LeNet's
 //    second block has exactly 16, and a whole strip of conv outputs of one
 //    channel block stays in registers through the sigmoid and the pooling.
@@ -13,8 +13,12 @@
 //    columns (LeNet's first block fills 14 of them, where its 6 channels
 //    would fill 6). x is split into even and odd columns, so each of the four
 //    conv outputs under a pooled output is a plain vector of its own.
-//  * grad_x: lanes are 16 columns of a row, read from dz stored as planes
-//    with a zero border, so no tap needs a bounds check.
+//  * grad_x, column-lane blocks: lanes are 16 columns of a row, read from dz
+//    stored as planes with a zero border, so no tap needs a bounds check.
+//  * grad_x, channel-lane blocks: lanes are 16 images, so that each input
+//    position sums exactly its own taps (LeNet's second block would
+//    otherwise read a zero border on 37% of them); dz goes in and grad_x
+//    comes out through 16 x 16 register transposes.
 //  * grad_weight: the lanes of the dz pass (channels or pooled columns),
 //    summed once per batch chunk. The column-lane path adds each tile's
 //    share as soon as its dz is computed, so its dz never goes to memory
@@ -522,6 +526,7 @@ inline void exchange_index_bit_all(vec (&rows)[kLanes]) {
     if (!(i & B)) exchange_index_bit<B>(rows[i], rows[i + B]);
 }
 
+// Element (row i, lane l) moves to (row l, lane i).
 inline void transpose16(vec (&rows)[kLanes]) {
   exchange_index_bit_all<8>(rows);
   exchange_index_bit_all<4>(rows);
