@@ -145,10 +145,11 @@ void for_each_tile(int64_t begin, int64_t end, const Fn& fn) {
   }
 }
 
-// Runs the forward into whole-batch tensors; the activations other than
-// block2 only when keep_activations. On the CPU the conv blocks run tile by
-// tile, so that block 1's output stays in cache, and the dense layers once
-// per chunk, where their matrices are largest.
+// Runs the forward into whole-batch tensors, the activations only when
+// keep_activations. On the CPU the conv blocks run tile by tile, so that
+// block 1's output stays in cache. For inference the dense layers follow on
+// the same tile and nothing else is kept; for training they run once per
+// chunk on the saved block 2 output, where their matrices are largest.
 ForwardResult forward_batch(const at::Tensor& x, const LeNetParams& p, bool keep_activations,
                             const char* op) {
   // Nothing here is differentiated (lenet_train_forward's autograd formula
@@ -170,9 +171,9 @@ ForwardResult forward_batch(const at::Tensor& x, const LeNetParams& p, bool keep
   };
   ForwardResult out;
   out.logits = batch_like(shapes.logits);
-  out.block2 = batch_like(shapes.block2);
   if (keep_activations) {
     out.block1 = batch_like(shapes.block1);
+    out.block2 = batch_like(shapes.block2);
     out.fc1 = batch_like(shapes.fc1);
     out.fc2 = batch_like(shapes.fc2);
   }
@@ -180,19 +181,22 @@ ForwardResult forward_batch(const at::Tensor& x, const LeNetParams& p, bool keep
     for_each_tile(begin, end, [&](int64_t start, int64_t size) {
       ForwardResult r;
       conv_layers(x.narrow(0, start, size), p, r);
-      out.block2.narrow(0, start, size).copy_(r.block2);
-      if (keep_activations) out.block1.narrow(0, start, size).copy_(r.block1);
+      if (keep_activations) {
+        out.block1.narrow(0, start, size).copy_(r.block1);
+        out.block2.narrow(0, start, size).copy_(r.block2);
+        return;
+      }
+      dense_layers(p, op, r);
+      out.logits.narrow(0, start, size).copy_(r.logits);
     });
+    if (!keep_activations) return;
     ForwardResult r;
     r.block2 = out.block2.narrow(0, begin, end - begin);
     dense_layers(p, op, r);
     out.logits.narrow(0, begin, end - begin).copy_(r.logits);
-    if (keep_activations) {
-      out.fc1.narrow(0, begin, end - begin).copy_(r.fc1);
-      out.fc2.narrow(0, begin, end - begin).copy_(r.fc2);
-    }
+    out.fc1.narrow(0, begin, end - begin).copy_(r.fc1);
+    out.fc2.narrow(0, begin, end - begin).copy_(r.fc2);
   });
-  if (!keep_activations) out.block2 = at::Tensor();
   return out;
 }
 
