@@ -23,13 +23,14 @@ TORCH_LIBRARY(lenet_ext, m) {
   m.def(
       "conv_sigmoid_avgpool2d_backward(Tensor grad_out, Tensor x, Tensor weight, "
       "Tensor? bias, int padding, int pool, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
-  // LeNet's whole forward (two conv blocks, then Linear-Sigmoid-Linear-Sigmoid-
-  // Linear) in one call, for inference; see ops/lenet.cpp.
+  // LeNet's parameters, as the three whole-network operators take them.
 #define LENET_PARAMS_SCHEMA                                                                 \
   "Tensor conv1_weight, Tensor? conv1_bias, int conv1_padding, int pool1, "                 \
   "Tensor conv2_weight, Tensor? conv2_bias, int conv2_padding, int pool2, "                 \
   "Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "              \
   "Tensor fc3_weight, Tensor? fc3_bias"
+  // LeNet's whole forward (two conv blocks, then Linear-Sigmoid-Linear-Sigmoid-
+  // Linear) in one call, for inference; see ops/lenet.cpp.
   m.def("lenet_forward(Tensor x, " LENET_PARAMS_SCHEMA ") -> Tensor");
   // The same forward for training: the logits, then the activations
   // lenet_backward reads (block2 flattened to (N, features)).
