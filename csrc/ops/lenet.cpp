@@ -43,14 +43,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_block_backward(
   return op.call(grad_out, x, weight, bias, padding, pool, mask);
 }
 
-void check_linear(const at::Tensor& x, const at::Tensor& weight, const char* op, const char* name) {
+// A dense layer's weight and bias against its input x; `name` is the
+// layer's name in the schema (fc1, fc2, fc3).
+void check_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const char* op, const char* name) {
   TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == x.size(1), op, ": expected ", name,
-                    " of shape (out_features, ", x.size(1), "), got ", weight.sizes());
+                    "_weight of shape (out_features, ", x.size(1), "), got ", weight.sizes());
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), op, ": expected ", name,
+                   "_weight to have x's dtype ", x.scalar_type(), ", got ", weight.scalar_type());
+  TORCH_CHECK_VALUE(weight.device() == x.device(), op, ": expected ", name, "_weight on x's device ",
+                    x.device(), ", got ", weight.device());
+  if (!bias.has_value()) return;
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": expected ", name,
+                    "_bias to be 1-d of size out_features = ", weight.size(0), ", got shape ",
+                    bias->sizes());
+  TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), op, ": expected ", name,
+                   "_bias to have x's dtype ", x.scalar_type(), ", got ", bias->scalar_type());
+  TORCH_CHECK_VALUE(bias->device() == x.device(), op, ": expected ", name, "_bias on x's device ",
+                    x.device(), ", got ", bias->device());
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const char* op, const char* name) {
-  check_linear(x, weight, op, name);
+  check_linear(x, weight, bias, op, name);
   if (bias.has_value()) return at::addmm(*bias, x, weight.t());
   return at::mm(x, weight.t());
 }
@@ -85,9 +100,9 @@ void conv_layers(const at::Tensor& x, const LeNetParams& p, ForwardResult& r) {
 }
 
 void dense_layers(const LeNetParams& p, const char* op, ForwardResult& r) {
-  r.fc1 = linear(r.block2, p.fc1_weight, p.fc1_bias, op, "fc1_weight").sigmoid_();
-  r.fc2 = linear(r.fc1, p.fc2_weight, p.fc2_bias, op, "fc2_weight").sigmoid_();
-  r.logits = linear(r.fc2, p.fc3_weight, p.fc3_bias, op, "fc3_weight");
+  r.fc1 = linear(r.block2, p.fc1_weight, p.fc1_bias, op, "fc1").sigmoid_();
+  r.fc2 = linear(r.fc1, p.fc2_weight, p.fc2_bias, op, "fc2").sigmoid_();
+  r.logits = linear(r.fc2, p.fc3_weight, p.fc3_bias, op, "fc3");
 }
 
 ForwardResult forward_images(const at::Tensor& x, const LeNetParams& p, const char* op) {
@@ -134,11 +149,13 @@ void for_each_chunk(const at::Tensor& x, const Fn& fn) {
   });
 }
 
-// Runs fn(start, size) over images [begin, end) in equal tiles of at most
-// kCpuTile images, so that no thread waits on another's extra tile.
+// Runs fn(start, size) over images [begin, end) of x: on the CPU in equal
+// tiles of at most kCpuTile images, so that no thread waits on another's
+// extra tile; on other devices as one tile, which their kernels parallelise.
 template <typename Fn>
-void for_each_tile(int64_t begin, int64_t end, const Fn& fn) {
-  const int64_t tiles = (end - begin + kCpuTile - 1) / kCpuTile;
+void for_each_tile(const at::Tensor& x, int64_t begin, int64_t end, const Fn& fn) {
+  const int64_t tile = x.device().is_cpu() ? kCpuTile : std::max<int64_t>(1, end - begin);
+  const int64_t tiles = (end - begin + tile - 1) / tile;
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t start = begin + t * (end - begin) / tiles;
     fn(start, begin + (t + 1) * (end - begin) / tiles - start);
@@ -178,7 +195,7 @@ ForwardResult forward_batch(const at::Tensor& x, const LeNetParams& p, bool keep
     out.fc2 = batch_like(shapes.fc2);
   }
   for_each_chunk(x, [&](int64_t, int64_t begin, int64_t end) {
-    for_each_tile(begin, end, [&](int64_t start, int64_t size) {
+    for_each_tile(x, begin, end, [&](int64_t start, int64_t size) {
       ForwardResult r;
       conv_layers(x.narrow(0, start, size), p, r);
       if (keep_activations) {
@@ -267,20 +284,23 @@ LeNetGrads lenet_backward(const at::Tensor& grad_logits, const at::Tensor& x, co
   // The saved activations must be what lenet_train_forward made of x and
   // these parameters; the conv blocks' own checks cover the rest.
   const ConvPoolGeometry g1 = check_forward_args(x, conv1_weight, conv1_bias, conv1_padding, pool1);
+  const std::pair<const char*, const at::Tensor*> saved[] = {
+      {"block1", &block1}, {"block2", &block2}, {"fc1", &fc1}, {"fc2", &fc2}, {"grad_logits", &grad_logits}};
+  for (const auto& [name, t] : saved) {
+    TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), "lenet_backward: expected ", name,
+                     " to have x's dtype ", x.scalar_type(), ", got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->device() == x.device(), "lenet_backward: expected ", name,
+                      " on x's device ", x.device(), ", got ", t->device());
+  }
   check_saved(block1, {g1.batch, g1.out_channels, g1.out_height, g1.out_width}, "block1");
   const ConvPoolGeometry g2 = check_forward_args(block1, conv2_weight, conv2_bias, conv2_padding, pool2);
   check_saved(block2, {g2.batch, g2.out_channels * g2.out_height * g2.out_width}, "block2");
-  check_linear(block2, fc1_weight, "lenet_backward", "fc1_weight");
+  check_linear(block2, fc1_weight, fc1_bias, "lenet_backward", "fc1");
   check_saved(fc1, {g1.batch, fc1_weight.size(0)}, "fc1");
-  check_linear(fc1, fc2_weight, "lenet_backward", "fc2_weight");
+  check_linear(fc1, fc2_weight, fc2_bias, "lenet_backward", "fc2");
   check_saved(fc2, {g1.batch, fc2_weight.size(0)}, "fc2");
-  check_linear(fc2, fc3_weight, "lenet_backward", "fc3_weight");
+  check_linear(fc2, fc3_weight, fc3_bias, "lenet_backward", "fc3");
   check_saved(grad_logits, {g1.batch, fc3_weight.size(0)}, "grad_logits");
-  for (const at::Tensor* t : {&block1, &block2, &fc1, &fc2, &grad_logits}) {
-    TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type() && t->device() == x.device(),
-                     "lenet_backward: expected the saved activations and grad_logits to have x's "
-                     "dtype and device, got ", t->scalar_type(), " on ", t->device());
-  }
 
   // A parameter given as None gets no gradient.
   const std::array<const at::Tensor*, kGrads> inputs{
@@ -294,16 +314,19 @@ LeNetGrads lenet_backward(const at::Tensor& grad_logits, const at::Tensor& x, co
   for (int i = 0; i < kGrads; ++i) needed_below[i + 1] = needed_below[i] || mask[i];
 
   // Per-chunk sums of the parameter gradients, summed over the chunks at the
-  // end. Every slot is written before it is added to, so there is no zero
-  // fill: one of this size would be a parallel region of its own, and
-  // waiting for its threads costs more than the work.
+  // end. Every slot is written by the chunk's first tile before it is added
+  // to, so there is no zero fill: one of this size would be a parallel region
+  // of its own, and waiting for its threads costs more than the work. An
+  // empty batch runs no tile, and its gradients are zeros.
   const int64_t chunks = tile_chunks(x);
+  const bool no_tiles = x.size(0) == 0;
   std::array<at::Tensor, kGrads> sums;
   for (int i = kConv1W; i < kGrads; ++i) {
     if (!mask[i]) continue;
     auto sizes = inputs[i]->sizes().vec();
     sizes.insert(sizes.begin(), chunks);
-    sums[i] = at::empty(sizes, inputs[i]->options().memory_format(at::MemoryFormat::Contiguous));
+    const auto options = inputs[i]->options().memory_format(at::MemoryFormat::Contiguous);
+    sums[i] = no_tiles ? at::zeros(sizes, options) : at::empty(sizes, options);
   }
   at::Tensor grad_x = mask[kX] ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::Tensor();
 
@@ -336,7 +359,7 @@ LeNetGrads lenet_backward(const at::Tensor& grad_logits, const at::Tensor& x, co
 
     // The conv blocks tile by tile, so that block 1's gradient input stays in
     // cache: the chunk's first tile writes its gradient slots, the others add.
-    for_each_tile(begin, end, [&](int64_t start, int64_t size) {
+    for_each_tile(x, begin, end, [&](int64_t start, int64_t size) {
       const auto tile = [&](const at::Tensor& t) { return t.narrow(0, start, size); };
       const auto add = [&](Grad i, const at::Tensor& grad) {
         at::Tensor slot = sums[i].select(0, chunk);

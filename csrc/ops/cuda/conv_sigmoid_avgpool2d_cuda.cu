@@ -174,8 +174,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   // Enough batch chunks to fill the GPU, but no fewer than a block's worth
   // of images each.
   const int64_t max_chunks = std::max<int64_t>(1, (g.batch + kThreads - 1) / kThreads);
-  const int64_t wanted_chunks =
-      (2 * multiprocessor_count(x.device().index()) + param_numel - 1) / param_numel;
+  // C_out = 0 leaves no parameter to reduce (param_numel = 0): one chunk.
+  const int64_t wanted_chunks = (2 * multiprocessor_count(x.device().index()) + param_numel - 1) /
+                                std::max<int64_t>(1, param_numel);
   const int64_t chunks = std::max<int64_t>(1, std::min(max_chunks, wanted_chunks));
   const int64_t images_per_chunk = std::max<int64_t>(1, (g.batch + chunks - 1) / chunks);
   at::Tensor partials = call.param_partials(chunks);
@@ -202,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
             dz_data, w_data, grad_x.mutable_data_ptr<scalar_t>(), g, x_total);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      if (need_w || need_b) {
+      if ((need_w || need_b) && param_numel > 0) {
         const dim3 grid(static_cast<unsigned>(param_numel), static_cast<unsigned>(chunks));
         param_grad_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
             dz_data, x_data, partials.mutable_data_ptr<acc_t>(), g, images_per_chunk);
