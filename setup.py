@@ -8,6 +8,9 @@ Build switches (environment variables):
                          DEFAULT_CUDA_ARCHS below
   MAX_JOBS               parallel compile jobs
   LENET_EXT_DEBUG=1      -O0 -g, for debugging the kernels
+  LENET_EXT_SANITIZE=1   instrument the C++ sources with AddressSanitizer and
+                         UndefinedBehaviorSanitizer (run with the sanitizer
+                         runtimes preloaded: see .ci/run)
 """
 
 import glob
@@ -29,9 +32,6 @@ except ImportError:
 # Used when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset: Ampere (8.0)
 # and Hopper (9.0) as machine code, plus PTX of 9.0 that newer GPUs can JIT.
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
 
 def env_flag(name):
     value = os.environ.get(name)
@@ -100,6 +100,13 @@ def extension():
     # -fopenmp: at::parallel_for is inlined here and runs serially without it.
     extra_compile_args = {"cxx": opt + ["-fopenmp"]}
     extra_link_args = ["-fopenmp"]
+    if env_flag("LENET_EXT_SANITIZE"):
+        # Every UB report is an error (no recovery). vptr is left out: it
+        # checks the dynamic types of torch's classes, whose type info lives
+        # in uninstrumented libraries, and reports false positives there.
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=all"]
+        extra_compile_args["cxx"] += sanitize + ["-fno-omit-frame-pointer", "-g"]
+        extra_link_args += sanitize
     builder = cpp_extension.CppExtension
     if CUDA_HOME is not None:
         sources += sorted(glob.glob("csrc/ops/cuda/*.cu"))

@@ -1,6 +1,7 @@
 // The lenet_ext._C extension module: operator schemas and build facts.
 // Kernels register themselves per device in ops/cpu and ops/cuda.
 #include <Python.h>
+#include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include "ops/cpu/simd_kernels.h"
@@ -53,14 +54,39 @@ namespace {
 PyObject* cpu_kernel(PyObject*, PyObject*) {
   try {
     return PyUnicode_FromString(lenet_ext::cpu::selected_kernel_name());
+  } catch (const c10::ValueError& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
   } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_ValueError, e.what());
+    PyErr_SetString(PyExc_RuntimeError, e.what());
     return nullptr;
   }
 }
 
+// _C.set_cpu_kernel(name): runs later float32 calls on other CPU kernels
+// (the names LENET_EXT_CPU_KERNEL takes); the tests use it to cover each one.
+PyObject* set_cpu_kernel(PyObject*, PyObject* name) {
+  const char* utf8 = PyUnicode_Check(name) ? PyUnicode_AsUTF8(name) : nullptr;
+  if (utf8 == nullptr) {
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "set_cpu_kernel: expected a str");
+    return nullptr;
+  }
+  try {
+    lenet_ext::cpu::select_kernel(utf8);
+  } catch (const c10::ValueError& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
 PyMethodDef module_methods[] = {
     {"cpu_kernel", cpu_kernel, METH_NOARGS, "The CPU kernels float32 calls run on now."},
+    {"set_cpu_kernel", set_cpu_kernel, METH_O,
+     "Runs later float32 calls on the named CPU kernels (generic, baseline, avx2, avx512, auto)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",

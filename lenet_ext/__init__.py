@@ -21,6 +21,7 @@ __all__ = [
     "summary",
     "ops",
     "build_info",
+    "set_cpu_kernel",
 ]
 
 
@@ -40,3 +41,16 @@ def build_info() -> dict:
         "cpu_kernel": _C.cpu_kernel(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
+
+
+def set_cpu_kernel(name: str) -> str:
+    """Runs later float32 CPU calls on the named kernels and returns the name in use before.
+
+    The names are LENET_EXT_CPU_KERNEL's: generic, baseline, avx2, avx512, or
+    auto (the widest this CPU supports, capped by ATEN_CPU_CAPABILITY). The
+    environment variable is read once, at the first call that needs it; this
+    switches later calls (for tests and comparisons, e.g. against generic).
+    """
+    before = _C.cpu_kernel()
+    _C.set_cpu_kernel(name)
+    return before

@@ -1,7 +1,7 @@
-import os
-
 import pytest
 import torch
+
+import lenet_ext
 
 CUDA_SKIP_REASON = "no CUDA device visible (torch.cuda.is_available() is False)"
 
@@ -15,22 +15,15 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_SK
 
 def _cpu_kernels():
     """The float32 CPU kernels this machine can run: generic plus each instruction set it supports."""
-    import lenet_ext
-
+    before = lenet_ext.set_cpu_kernel("generic")
     available = ["generic", "baseline"]
-    previous = os.environ.get("LENET_EXT_CPU_KERNEL")
     for isa in ("avx2", "avx512"):
         try:
-            os.environ["LENET_EXT_CPU_KERNEL"] = isa
-            if lenet_ext._C.cpu_kernel() == isa:
-                available.append(isa)
-        except (ValueError, RuntimeError):  # not supported by this CPU
+            lenet_ext.set_cpu_kernel(isa)
+            available.append(isa)
+        except (ValueError, RuntimeError):  # not supported by this CPU, or ruled out by ATEN_CPU_CAPABILITY
             pass
-        finally:
-            if previous is None:
-                os.environ.pop("LENET_EXT_CPU_KERNEL", None)
-            else:
-                os.environ["LENET_EXT_CPU_KERNEL"] = previous
+    lenet_ext.set_cpu_kernel(before)
     return available
 
 
@@ -38,7 +31,8 @@ CPU_KERNELS = _cpu_kernels()
 
 
 @pytest.fixture(params=CPU_KERNELS)
-def cpu_kernel(request, monkeypatch):
-    """Runs a test once per float32 CPU kernel (LENET_EXT_CPU_KERNEL is read at every call)."""
-    monkeypatch.setenv("LENET_EXT_CPU_KERNEL", request.param)
-    return request.param
+def cpu_kernel(request):
+    """Runs a test once per float32 CPU kernel, then restores the one chosen before."""
+    before = lenet_ext.set_cpu_kernel(request.param)
+    yield request.param
+    lenet_ext.set_cpu_kernel(before)

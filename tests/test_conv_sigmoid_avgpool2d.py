@@ -1,5 +1,9 @@
 """The fused operator against the PyTorch composite, computed in float64."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +12,7 @@ from torch.library import opcheck
 import lenet_ext
 from lenet_ext.ops import conv_sigmoid_avgpool2d
 
-from conftest import DEVICES, requires_cuda
+from conftest import CPU_KERNELS, DEVICES, requires_cuda
 
 OP = torch.ops.lenet_ext.conv_sigmoid_avgpool2d.default
 BACKWARD_OP = torch.ops.lenet_ext.conv_sigmoid_avgpool2d_backward.default
@@ -110,13 +114,36 @@ def test_every_cpu_kernel_passes_nan_and_inf_through_the_sigmoid(out_channels, w
     assert got[0, :, 0, 0].isnan().all() and not got[0, :, 0, 1:].isnan().any()
 
 
-def test_cpu_kernel_choice_is_validated(monkeypatch):
+def _cpu_kernel_in_a_new_process(env):
+    code = "import lenet_ext; print(lenet_ext._C.cpu_kernel())"
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True)
+
+
+def test_cpu_kernel_choice_is_validated():
+    with pytest.raises(ValueError, match="cpu_kernel=sse9: expected one of auto, avx512, avx2, baseline, generic"):
+        lenet_ext.set_cpu_kernel("sse9")
+    run = _cpu_kernel_in_a_new_process({"LENET_EXT_CPU_KERNEL": "sse9"})
+    assert "LENET_EXT_CPU_KERNEL=sse9: expected one of auto" in run.stderr
+
+
+def test_cpu_kernel_is_read_from_the_environment_once(monkeypatch):
+    """LENET_EXT_CPU_KERNEL is read at the first call that needs it, not at every call."""
+    run = _cpu_kernel_in_a_new_process({"LENET_EXT_CPU_KERNEL": "generic"})
+    assert run.stdout.strip() == "generic"
+    before = lenet_ext._C.cpu_kernel()
     monkeypatch.setenv("LENET_EXT_CPU_KERNEL", "sse9")
-    x, weight, bias, padding, pool = make_inputs(CASES["lenet_layer2"], torch.float32, "cpu")
-    with pytest.raises(ValueError, match="LENET_EXT_CPU_KERNEL=sse9: expected one of auto, avx512, avx2, baseline, generic"):
-        conv_sigmoid_avgpool2d(x, weight, bias, padding, pool)
-    with pytest.raises(ValueError, match="LENET_EXT_CPU_KERNEL=sse9"):
-        lenet_ext._C.cpu_kernel()
+    assert lenet_ext._C.cpu_kernel() == before
+
+
+@pytest.mark.parametrize("capability, widest", [("default", "baseline"), ("avx2", "avx2")])
+def test_aten_cpu_capability_caps_the_choice(capability, widest):
+    if widest not in CPU_KERNELS:
+        pytest.skip(f"this CPU has no {widest}")
+    run = _cpu_kernel_in_a_new_process({"ATEN_CPU_CAPABILITY": capability, "LENET_EXT_CPU_KERNEL": "auto"})
+    assert run.stdout.strip() == widest, run.stderr
+    if "avx512" in CPU_KERNELS:
+        run = _cpu_kernel_in_a_new_process({"ATEN_CPU_CAPABILITY": capability, "LENET_EXT_CPU_KERNEL": "avx512"})
+        assert f"ATEN_CPU_CAPABILITY={capability} rules out that instruction set" in run.stderr
 
 
 @pytest.mark.parametrize("device", DEVICES)

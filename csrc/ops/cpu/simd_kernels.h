@@ -34,12 +34,17 @@ namespace avx512 { extern const SimdKernels kernels; }
 #endif
 
 // The kernels float32 calls run on, or nullptr for the generic scalar path.
-// LENET_EXT_CPU_KERNEL picks one: generic, baseline, avx2, avx512, or auto
-// (the default: the widest this CPU supports).
+// LENET_EXT_CPU_KERNEL, read once, picks one: generic, baseline, avx2,
+// avx512, or auto (the default: the widest this CPU supports, capped by
+// ATEN_CPU_CAPABILITY as ATen's own kernels are).
 const SimdKernels* selected_kernels();
 
 // The name of what selected_kernels() returns ("generic" for nullptr).
 const char* selected_kernel_name();
+
+// Switches every later call to the kernels `name` picks, with the same names
+// and checks as LENET_EXT_CPU_KERNEL (lenet_ext._C.set_cpu_kernel, for tests).
+void select_kernel(const char* name);
 
 }  // namespace cpu
 }  // namespace lenet_ext
