@@ -5,9 +5,10 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
+from . import ops
 from .fuse import _FUSED_DEVICES, _FUSED_DTYPES, FusedSequential, _conv_padding, _global_hooks, _square, fusable_config
 
-__all__ = ["LeNet", "reference_lenet"]
+__all__ = ["LeNet", "reference_lenet", "lenet_args"]
 
 # First-conv padding for each supported input size; both give a 16x5x5 = 400-wide dense block.
 _FIRST_PADDING = {28: 2, 32: 0}
@@ -53,17 +54,15 @@ def _is_reference_layout(layers) -> bool:
     )
 
 
-def _lenet_forward(x: Tensor, layers, training: bool) -> Tensor:
-    """The 12 layers in one operator call: lenet_forward, or lenet_train_forward when autograd records."""
+def lenet_args(x: Tensor, layers) -> tuple:
+    """The LeNet operators' arguments, (x, *ops.LENET_PARAMS), from LeNet's 12
+    layers as they are now (Conv2d and AvgPool2d as fusable_config accepts)."""
     conv1, _, pool1, conv2, _, pool2, _, fc1, _, fc2, _, fc3 = layers
-    args = (
+    return (
         x, conv1.weight, conv1.bias, _conv_padding(conv1), _square(pool1.kernel_size),
         conv2.weight, conv2.bias, _conv_padding(conv2), _square(pool2.kernel_size),
         fc1.weight, fc1.bias, fc2.weight, fc2.bias, fc3.weight, fc3.bias,
     )  # fmt: skip
-    if training:
-        return torch.ops.lenet_ext.lenet_train_forward.default(*args)[0]
-    return torch.ops.lenet_ext.lenet_forward.default(*args)
 
 
 def _records_gradients(x: Tensor, layers) -> bool:
@@ -99,7 +98,10 @@ class LeNet(FusedSequential):
         if x.dtype in _FUSED_DTYPES and x.device.type in _FUSED_DEVICES and x.dim() == 4:
             layers = tuple(self._modules.values())
             if _is_reference_layout(layers):
-                return _lenet_forward(x, layers, torch.is_grad_enabled() and _records_gradients(x, layers))
+                args = lenet_args(x, layers)
+                if torch.is_grad_enabled() and _records_gradients(x, layers):
+                    return ops.lenet_train_forward(*args)
+                return ops.lenet_forward(*args)
         return super().forward(x)
 
     def __getitem__(self, idx):

@@ -7,6 +7,7 @@ in csrc/ops/cpu and csrc/ops/cuda.
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["conv_sigmoid_avgpool2d"]
@@ -31,7 +32,9 @@ def conv_sigmoid_avgpool2d(
 
 
 def _output_shape(x, weight, bias, padding, pool):
-    """Shape checks for the fake kernels; they mirror csrc/ops/conv_sigmoid_avgpool2d_host.cpp."""
+    """Shape checks for the fake kernels, in the order and with the errors of
+    check_forward_args in csrc/ops/conv_sigmoid_avgpool2d_host.cpp (the tests
+    run one table of bad inputs through both)."""
     name = "conv_sigmoid_avgpool2d: "
     torch._check_value(x.dim() == 4, lambda: f"{name}expected x to be 4-d (N, C_in, H, W), got shape {tuple(x.shape)}")
     torch._check_value(
@@ -40,20 +43,22 @@ def _output_shape(x, weight, bias, padding, pool):
     torch._check_type(
         x.dtype in (torch.float32, torch.float64), lambda: f"{name}expected x to be float32 or float64, got {x.dtype}"
     )
-    for arg, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        torch._check_type(t.dtype == x.dtype, lambda: f"{name}expected {arg} to have x's dtype {x.dtype}, got {t.dtype}")
-        torch._check_value(t.device == x.device, lambda: f"{name}expected {arg} on x's device {x.device}, got {t.device}")
+    torch._check_type(weight.dtype == x.dtype, lambda: f"{name}expected weight to have x's dtype {x.dtype}, got {weight.dtype}")
+    torch._check_value(
+        weight.device == x.device, lambda: f"{name}expected weight on x's device {x.device}, got {weight.device}"
+    )
     n, c_in, h, w = x.shape
     c_out, w_in, k, k2 = weight.shape
     torch._check_value(w_in == c_in, lambda: f"{name}channel mismatch: x has {c_in} input channels but weight expects {w_in}")
     torch._check_value(k == k2, lambda: f"{name}expected a square kernel, got weight of shape {tuple(weight.shape)}")
+    torch._check_value(k >= 1, lambda: f"{name}expected a kernel size >= 1, got weight of shape {tuple(weight.shape)}")
     if bias is not None:
         torch._check_value(
             bias.dim() == 1 and bias.shape[0] == c_out,
             lambda: f"{name}expected bias to be 1-d of size C_out = {c_out}, got shape {tuple(bias.shape)}",
         )
+        torch._check_type(bias.dtype == x.dtype, lambda: f"{name}expected bias to have x's dtype {x.dtype}, got {bias.dtype}")
+        torch._check_value(bias.device == x.device, lambda: f"{name}expected bias on x's device {x.device}, got {bias.device}")
     torch._check_value(padding >= 0, lambda: f"{name}expected padding >= 0, got {padding}")
     torch._check_value(
         k <= h + 2 * padding and k <= w + 2 * padding,
@@ -75,9 +80,16 @@ def _conv_sigmoid_avgpool2d_fake(x, weight, bias=None, padding=0, pool=2):
 @torch.library.register_fake("lenet_ext::conv_sigmoid_avgpool2d_backward")
 def _conv_sigmoid_avgpool2d_backward_fake(grad_out, x, weight, bias, padding, pool, output_mask):
     shape = _output_shape(x, weight, bias, padding, pool)
+    name = "conv_sigmoid_avgpool2d_backward: "
     torch._check_value(
         tuple(grad_out.shape) == tuple(shape),
-        lambda: f"conv_sigmoid_avgpool2d_backward: expected grad_out of shape {tuple(shape)}, got {tuple(grad_out.shape)}",
+        lambda: f"{name}expected grad_out of shape {list(shape)}, got {tuple(grad_out.shape)}",
+    )
+    torch._check_type(
+        grad_out.dtype == x.dtype, lambda: f"{name}expected grad_out to have x's dtype {x.dtype}, got {grad_out.dtype}"
+    )
+    torch._check_value(
+        grad_out.device == x.device, lambda: f"{name}expected grad_out on x's device {x.device}, got {grad_out.device}"
     )
     need_x, need_weight, need_bias = output_mask
     return (
@@ -87,32 +99,55 @@ def _conv_sigmoid_avgpool2d_backward_fake(grad_out, x, weight, bias, padding, po
     )
 
 
-# Values of the schema's trailing defaults (bias, padding, pool): the
-# dispatcher drops trailing arguments equal to their defaults from `inputs`.
-_FORWARD_DEFAULTS = (None, 0, 2)
-
-
 def _setup_context(ctx, inputs, output):
     # Saved: x and the parameters, nothing of the activation. nn.Sequential
     # keeps x plus the sigmoid output (the input of the pool), which is
     # C_out * H_conv * W_conv per image -- six times x for LeNet's first layer.
     # Backward recomputes z = conv(x) + bias instead: a second forward-sized
     # convolution in exchange for never storing the pre-pool activation.
-    x, weight, bias, padding, pool = tuple(inputs) + _FORWARD_DEFAULTS[len(inputs) - 2 :]
-    ctx.num_inputs = len(inputs)
+    # (register_autograd fills in the schema's defaults: inputs has all five.)
+    x, weight, bias, padding, pool = inputs
     ctx.save_for_backward(x, weight, bias)
     ctx.padding = padding
     ctx.pool = pool
 
 
+def reference_conv_sigmoid_avgpool2d(x, weight, bias=None, padding=0, pool=2):
+    """What conv_sigmoid_avgpool2d computes, as differentiable PyTorch ops."""
+    return F.avg_pool2d(torch.sigmoid(F.conv2d(x, weight, bias, padding=padding)), pool, pool)
+
+
+def _differentiable_grads(forward, inputs, needs, grad_output):
+    """Gradients of forward(*inputs) that are themselves differentiable.
+
+    The fused backward kernels are not (they have no autograd formula of
+    their own), so a backward that records a graph (create_graph=True:
+    gradient penalties, Hessian-vector products) runs the composite instead.
+    """
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    with torch.enable_grad():
+        output = forward(*inputs)
+    grads = iter(torch.autograd.grad(output, wanted, grad_output, create_graph=True, allow_unused=True))
+    return [next(grads) if need else None for need in needs]
+
+
 def _backward(ctx, grad_out):
     x, weight, bias = ctx.saved_tensors
-    mask = [bool(need) for need in (tuple(ctx.needs_input_grad) + (False,))[:3]]
-    grads = torch.ops.lenet_ext.conv_sigmoid_avgpool2d_backward.default(
-        grad_out, x, weight, bias, ctx.padding, ctx.pool, mask
-    )
-    # One entry per input the op received; padding and pool get none.
-    return (tuple(grads) + (None, None))[: ctx.num_inputs]
+    # needs_input_grad covers only the arguments the caller passed (trailing
+    # defaults such as bias=None are left out); the rest need no gradient.
+    mask = [bool(need) for need in (*ctx.needs_input_grad, False, False, False)[:3]]
+    if torch.is_grad_enabled():  # the engine records this backward: create_graph=True
+        grads = _differentiable_grads(
+            lambda x, w, b: reference_conv_sigmoid_avgpool2d(x, w, b, ctx.padding, ctx.pool),
+            (x, weight, bias), mask, grad_out,
+        )  # fmt: skip
+    else:
+        grads = torch.ops.lenet_ext.conv_sigmoid_avgpool2d_backward.default(
+            grad_out, x, weight, bias, ctx.padding, ctx.pool, mask
+        )
+    # padding and pool get no gradient; autograd drops the trailing Nones of
+    # arguments the caller left out.
+    return (*grads, None, None)
 
 
 torch.library.register_autograd(
@@ -122,23 +157,62 @@ torch.library.register_autograd(
 
 # --- LeNet as one operator (csrc/ops/lenet.cpp) -------------------------------
 
-# Positions of lenet_train_forward's tensor arguments (x and the parameters);
-# the others are the conv blocks' paddings and pools.
-_LENET_TENSOR_ARGS = (0, 1, 2, 5, 6, 9, 10, 11, 12, 13, 14)
+# The arguments of the three LeNet operators after x, as the schema names
+# them; the Tensor ones (x and the parameters) get gradients.
+_LENET_SCHEMA = torch.ops.lenet_ext.lenet_train_forward.default._schema
+LENET_PARAMS = tuple(a.name for a in _LENET_SCHEMA.arguments[1:])
+_LENET_TENSOR_ARGS = tuple(i for i, a in enumerate(_LENET_SCHEMA.arguments) if "Tensor" in str(a.type))
+
+
+def lenet_forward(*args) -> Tensor:
+    """LeNet's inference in one call; args are (x, *LENET_PARAMS), as
+    lenet_ext.model.lenet_args gives them."""
+    return torch.ops.lenet_ext.lenet_forward.default(*args)
+
+
+def lenet_train_forward(*args) -> Tensor:
+    """LeNet's forward for training in one call, differentiable (its backward
+    is lenet_backward); returns the logits."""
+    return torch.ops.lenet_ext.lenet_train_forward.default(*args)[0]
+
+
+def reference_lenet_forward(x, conv1_weight, conv1_bias, conv1_padding, pool1, conv2_weight, conv2_bias,
+                            conv2_padding, pool2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc3_weight, fc3_bias):
+    """What the LeNet operators compute, as differentiable PyTorch ops."""
+    h = reference_conv_sigmoid_avgpool2d(x, conv1_weight, conv1_bias, conv1_padding, pool1)
+    h = reference_conv_sigmoid_avgpool2d(h, conv2_weight, conv2_bias, conv2_padding, pool2).flatten(1)
+    h = torch.sigmoid(F.linear(h, fc1_weight, fc1_bias))
+    h = torch.sigmoid(F.linear(h, fc2_weight, fc2_bias))
+    return F.linear(h, fc3_weight, fc3_bias)
+
+
+def _check_linear(op, x, weight, bias, name):
+    """check_linear of csrc/ops/lenet.cpp."""
+    features = x.shape[1]
+    torch._check_value(
+        weight.dim() == 2 and weight.shape[1] == features,
+        lambda: f"{op}: expected {name}_weight of shape (out_features, {features}), got {tuple(weight.shape)}",
+    )
+    torch._check_type(weight.dtype == x.dtype, lambda: f"{op}: expected {name}_weight to have x's dtype {x.dtype}, got {weight.dtype}")
+    torch._check_value(weight.device == x.device, lambda: f"{op}: expected {name}_weight on x's device {x.device}, got {weight.device}")
+    if bias is None:
+        return
+    torch._check_value(
+        bias.dim() == 1 and bias.shape[0] == weight.shape[0],
+        lambda: f"{op}: expected {name}_bias to be 1-d of size out_features = {weight.shape[0]}, got shape {tuple(bias.shape)}",
+    )
+    torch._check_type(bias.dtype == x.dtype, lambda: f"{op}: expected {name}_bias to have x's dtype {x.dtype}, got {bias.dtype}")
+    torch._check_value(bias.device == x.device, lambda: f"{op}: expected {name}_bias on x's device {x.device}, got {bias.device}")
 
 
 def _lenet_activations(op, x, conv1_weight, conv1_bias, conv1_padding, pool1, conv2_weight, conv2_bias,
                        conv2_padding, pool2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc3_weight, fc3_bias):
-    """Empty (logits, block1, block2, fc1, fc2) as lenet_train_forward returns them; checks the shapes."""
+    """Empty (logits, block1, block2, fc1, fc2) as lenet_train_forward returns them; checks the arguments."""
     block1 = x.new_empty(_output_shape(x, conv1_weight, conv1_bias, conv1_padding, pool1))
     n, c, h, w = _output_shape(block1, conv2_weight, conv2_bias, conv2_padding, pool2)
     outs = [block1, x.new_empty((n, c * h * w))]
-    for name, weight in (("fc1_weight", fc1_weight), ("fc2_weight", fc2_weight), ("fc3_weight", fc3_weight)):
-        features = outs[-1].shape[1]
-        torch._check_value(
-            weight.dim() == 2 and weight.shape[1] == features,
-            lambda: f"{op}: expected {name} of shape (out_features, {features}), got {tuple(weight.shape)}",
-        )
+    for name, weight, bias in (("fc1", fc1_weight, fc1_bias), ("fc2", fc2_weight, fc2_bias), ("fc3", fc3_weight, fc3_bias)):
+        _check_linear(op, outs[-1], weight, bias, name)
         outs.append(x.new_empty((n, weight.shape[0])))
     block1, block2, fc1, fc2, logits = outs
     return logits, block1, block2, fc1, fc2
@@ -159,10 +233,13 @@ def _lenet_backward_fake(grad_logits, x, block1, block2, fc1, fc2, *params_and_m
     *params, output_mask = params_and_mask
     want = _lenet_activations("lenet_backward", x, *params)
     saved = {"grad_logits": grad_logits, "block1": block1, "block2": block2, "fc1": fc1, "fc2": fc2}
+    for name, got in saved.items():
+        torch._check_type(got.dtype == x.dtype, lambda: f"lenet_backward: expected {name} to have x's dtype {x.dtype}, got {got.dtype}")
+        torch._check_value(got.device == x.device, lambda: f"lenet_backward: expected {name} on x's device {x.device}, got {got.device}")
     for (name, got), expected in zip(saved.items(), want):
         torch._check_value(
             tuple(got.shape) == tuple(expected.shape),
-            lambda: f"lenet_backward: expected {name} of shape {tuple(expected.shape)}, got {tuple(got.shape)}",
+            lambda: f"lenet_backward: expected {name} of shape {list(expected.shape)}, got {tuple(got.shape)}",
         )
     tensors = [(x, *params)[i] for i in _LENET_TENSOR_ARGS]
     return tuple(
@@ -192,9 +269,18 @@ def _lenet_backward(ctx, grad_logits, *_activation_grads):
     args = list(ctx.args)
     for i, tensor in zip(_LENET_TENSOR_ARGS, tensors):
         args[i] = tensor
-    x, *params = args
     mask = [bool(ctx.needs_input_grad[i]) for i in _LENET_TENSOR_ARGS]
-    grads = iter(torch.ops.lenet_ext.lenet_backward.default(grad_logits, x, block1, block2, fc1, fc2, *params, mask))
+    if torch.is_grad_enabled():  # create_graph=True: see _differentiable_grads
+        def forward(*tensor_args):
+            full = list(args)
+            for i, tensor in zip(_LENET_TENSOR_ARGS, tensor_args):
+                full[i] = tensor
+            return reference_lenet_forward(*full)
+
+        grads = iter(_differentiable_grads(forward, tensors, mask, grad_logits))
+    else:
+        x, *params = args
+        grads = iter(torch.ops.lenet_ext.lenet_backward.default(grad_logits, x, block1, block2, fc1, fc2, *params, mask))
     # One entry per argument; the ints get None.
     return tuple(next(grads) if i in _LENET_TENSOR_ARGS else None for i in range(len(args)))
 
@@ -202,3 +288,76 @@ def _lenet_backward(ctx, grad_logits, *_activation_grads):
 torch.library.register_autograd(
     "lenet_ext::lenet_train_forward", _lenet_backward, setup_context=_lenet_setup_context
 )
+
+
+# --- Autocast -------------------------------------------------------------------
+#
+# Under torch.autocast every operator computes in float32 (float64 inputs stay
+# float64, as autocast leaves them) and casts its results as the reference
+# model's would come out: the forward outputs in autocast's dtype (the
+# reference's convolutions and Linear layers run in it), each gradient in its
+# input's dtype. The kernels sit above autograd, so autograd sees the casts
+# and the parameters' gradients come in the parameters' dtype; the fake
+# kernels see only float32 or float64 and need no autocast rules of their own.
+
+_AUTOCAST_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU) | torch._C.DispatchKeySet(
+    torch._C.DispatchKey.AutocastCUDA
+)
+
+
+def _to_float32(arg):
+    if isinstance(arg, Tensor) and arg.is_floating_point() and arg.dtype != torch.float64:
+        return arg.to(torch.float32)
+    return arg
+
+
+def _autocast_output(result, low_precision):
+    return result.to(low_precision) if result is not None and result.dtype == torch.float32 else result
+
+
+def _as_forward_output(args, results, low_precision):
+    return _autocast_output(results, low_precision)
+
+
+def _as_train_forward_output(args, results, low_precision):
+    logits, *activations = results  # the activations are for lenet_backward only: float32 stays
+    return (_autocast_output(logits, low_precision), *activations)
+
+
+def _as_gradients_of(first_input, tensor_positions):
+    """Each gradient in the dtype of the input it belongs to."""
+
+    def cast(args, grads, low_precision):
+        inputs = [args[first_input + i] for i in tensor_positions]
+        return tuple(g if g is None else g.to(t.dtype) for g, t in zip(grads, inputs))
+
+    return cast
+
+
+_AUTOCAST_OUTPUTS = {
+    "conv_sigmoid_avgpool2d": _as_forward_output,
+    "conv_sigmoid_avgpool2d_backward": _as_gradients_of(1, (0, 1, 2)),  # after grad_out: x, weight, bias
+    "lenet_forward": _as_forward_output,
+    "lenet_train_forward": _as_train_forward_output,
+    "lenet_backward": _as_gradients_of(5, _LENET_TENSOR_ARGS),  # after grad_logits and the four activations
+}
+
+
+def _autocast_kernel(name, device_type):
+    op = getattr(torch.ops.lenet_ext, name).default
+    cast_outputs = _AUTOCAST_OUTPUTS[name]
+
+    # The dispatcher passes the schema's arguments positionally (ours has no
+    # keyword-only ones), trailing defaults possibly left out.
+    def kernel(_keyset, *args):
+        with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
+            results = op(*map(_to_float32, args))
+        return cast_outputs(args, results, torch.get_autocast_dtype(device_type))
+
+    return kernel
+
+
+_autocast_library = torch.library.Library("lenet_ext", "IMPL")
+for _name in _AUTOCAST_OUTPUTS:
+    _autocast_library.impl(_name, _autocast_kernel(_name, "cpu"), "AutocastCPU", with_keyset=True)
+    _autocast_library.impl(_name, _autocast_kernel(_name, "cuda"), "AutocastCUDA", with_keyset=True)
