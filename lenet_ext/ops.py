@@ -49,6 +49,10 @@ def _output_shape(x, weight, bias, padding, pool):
     )
     n, c_in, h, w = x.shape
     c_out, w_in, k, k2 = weight.shape
+    torch._check_value(c_in >= 1, lambda: f"{name}expected x to have at least one channel, got shape {tuple(x.shape)}")
+    torch._check_value(
+        c_out >= 1, lambda: f"{name}expected weight to have at least one output channel, got shape {tuple(weight.shape)}"
+    )
     torch._check_value(w_in == c_in, lambda: f"{name}channel mismatch: x has {c_in} input channels but weight expects {w_in}")
     torch._check_value(k == k2, lambda: f"{name}expected a square kernel, got weight of shape {tuple(weight.shape)}")
     torch._check_value(k >= 1, lambda: f"{name}expected a kernel size >= 1, got weight of shape {tuple(weight.shape)}")

@@ -1,7 +1,15 @@
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 import lenet_ext
+
+# Hypothesis profiles for tests/test_properties.py: "ci" (the default, what CI
+# runs) and "long" (pytest --hypothesis-profile=long). The examples' sizes vary
+# a lot, so no per-example deadline.
+settings.register_profile("ci", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci")
 
 CUDA_SKIP_REASON = "no CUDA device visible (torch.cuda.is_available() is False)"
 

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from lenet_ext.ops import conv_sigmoid_avgpool2d
 
-from conftest import requires_cuda
+from conftest import DEVICES, requires_cuda
 
 
 def lenet_layer2(**overrides):
@@ -45,23 +46,51 @@ BAD_INPUTS = {
     "negative_padding": (lenet_layer2(padding=-1), ValueError, r"padding >= 0, got -1"),
     "pool_zero": (lenet_layer2(pool=0), ValueError, r"pool >= 1, got 0"),
     "pool_larger_than_conv_output": (lenet_layer2(pool=11), ValueError, r"pool 11 is larger than the conv output 10x10"),
+    "empty_kernel": (lenet_layer2(weight=torch.randn(16, 6, 0, 0)), ValueError, r"kernel size >= 1"),
+    "no_out_channels": (lenet_layer2(weight=torch.randn(0, 6, 5, 5), bias=torch.randn(0)), ValueError, r"at least one output channel"),
+    "no_in_channels": (
+        lenet_layer2(x=torch.randn(2, 0, 14, 14), weight=torch.randn(16, 0, 5, 5)), ValueError, r"x to have at least one channel"
+    ),
 }
+
+
+def _backward_args(kwargs):
+    """The backward operator's arguments for the same bad input; grad_out is a stand-in that the forward checks never reach."""
+    return (torch.zeros(1, device=kwargs["x"].device, dtype=kwargs["x"].dtype), kwargs["x"], kwargs["weight"],
+            kwargs["bias"], kwargs["padding"], kwargs["pool"], [True, True, True])  # fmt: skip
+
+
+def _on(device, kwargs):
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
+PATHS = ["operator", "backward_operator", "meta", "meta_backward", "fake_mode"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", list(BAD_INPUTS.values()), ids=list(BAD_INPUTS))
+def test_one_table_through_every_path(case, path, device):
+    """The C++ checks and the fake kernels raise the same error for each bad input: drift between them fails here."""
+    kwargs, error, message = case
+    kwargs = _on("meta" if path.startswith("meta") else device, kwargs)
+    with pytest.raises(error, match=message):
+        if path in ("operator", "meta"):
+            torch.ops.lenet_ext.conv_sigmoid_avgpool2d.default(*kwargs.values())
+        elif path in ("backward_operator", "meta_backward"):
+            torch.ops.lenet_ext.conv_sigmoid_avgpool2d_backward.default(*_backward_args(kwargs))
+        else:
+            with FakeTensorMode() as mode:
+                fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+                torch.ops.lenet_ext.conv_sigmoid_avgpool2d.default(*fake.values())
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS.values()), ids=list(BAD_INPUTS))
 def test_bad_input_raises_a_named_error(case):
+    """Through the Python wrapper, as users call it."""
     kwargs, error, message = case
     with pytest.raises(error, match=message):
         conv_sigmoid_avgpool2d(**kwargs)
-
-
-@pytest.mark.parametrize("case", list(BAD_INPUTS.values()), ids=list(BAD_INPUTS))
-def test_fake_kernel_raises_the_same_error(case):
-    """Under torch.compile the fake kernel sees bad input first; it must say the same."""
-    kwargs, error, message = case
-    meta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-    with pytest.raises(error, match=message):
-        conv_sigmoid_avgpool2d(**meta)
 
 
 @pytest.mark.parametrize("name", ["padding", "pool"])

@@ -284,3 +284,29 @@ def test_cpu_and_cuda_agree(case):
     torch.testing.assert_close(cuda_out.cpu(), cpu_out, **TOLERANCES[torch.float32])
     for got, want in zip(cuda_grads, cpu_grads):
         torch.testing.assert_close(got.cpu(), want, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+def test_gradgradcheck(with_bias, device):
+    """Second-order gradients (create_graph=True) are correct, not silently zero."""
+    x, weight, bias, padding, pool = make_inputs((2, 2, 3, 6, 5, 3, 1, 2), torch.float64, device, with_bias)
+    tensors = tuple(t.requires_grad_() for t in (x, weight, bias) if t is not None)
+    fn = lambda x, w, *b: conv_sigmoid_avgpool2d(x, w, *(b or (None,)), padding, pool)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, tensors)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_penalty_matches_reference(device):
+    """The reproducer: d/dweight of |d loss/dx|^2 through the fused operator."""
+    x, weight, bias, padding, pool = make_inputs(CASES["rgb_5_out"], torch.float64, device)
+
+    def penalty_grad(fn):
+        xs, ws, bs = (t.detach().requires_grad_() for t in (x, weight, bias))
+        (gx,) = torch.autograd.grad(fn(xs, ws, bs, padding, pool).square().sum(), xs, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), (ws, bs))
+
+    got, want = penalty_grad(conv_sigmoid_avgpool2d), penalty_grad(reference)
+    assert want[0].abs().max() > 0.1
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **TOLERANCES[torch.float64])

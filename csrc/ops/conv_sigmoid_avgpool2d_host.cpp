@@ -32,6 +32,12 @@ ConvPoolGeometry check_forward_args(
   TORCH_CHECK_VALUE(weight.device() == x.device(), op,
                     "expected weight on x's device ", x.device(), ", got ",
                     weight.device());
+  // Empty channel dimensions are refused, as torch's conv2d refuses them.
+  TORCH_CHECK_VALUE(x.size(1) >= 1, op, "expected x to have at least one channel, got shape ",
+                    x.sizes());
+  TORCH_CHECK_VALUE(weight.size(0) >= 1, op,
+                    "expected weight to have at least one output channel, got shape ",
+                    weight.sizes());
   TORCH_CHECK_VALUE(weight.size(1) == x.size(1), op,
                     "channel mismatch: x has ", x.size(1),
                     " input channels but weight expects ", weight.size(1),

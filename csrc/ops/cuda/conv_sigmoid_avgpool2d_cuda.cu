@@ -170,13 +170,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   const at::Tensor &grad_out = call.grad_out, &x = call.x, &weight = call.weight, &bias = call.bias,
                    &grad_x = call.grad_x;
   const bool need_x = call.need_x, need_w = call.need_weight, need_b = call.need_bias;
+  // At least 1: check_forward_args refuses C_out = 0.
   const int64_t param_numel = weight.numel() + g.out_channels;
   // Enough batch chunks to fill the GPU, but no fewer than a block's worth
   // of images each.
   const int64_t max_chunks = std::max<int64_t>(1, (g.batch + kThreads - 1) / kThreads);
-  // C_out = 0 leaves no parameter to reduce (param_numel = 0): one chunk.
-  const int64_t wanted_chunks = (2 * multiprocessor_count(x.device().index()) + param_numel - 1) /
-                                std::max<int64_t>(1, param_numel);
+  const int64_t wanted_chunks =
+      (2 * multiprocessor_count(x.device().index()) + param_numel - 1) / param_numel;
   const int64_t chunks = std::max<int64_t>(1, std::min(max_chunks, wanted_chunks));
   const int64_t images_per_chunk = std::max<int64_t>(1, (g.batch + chunks - 1) / chunks);
   at::Tensor partials = call.param_partials(chunks);
@@ -203,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
             dz_data, w_data, grad_x.mutable_data_ptr<scalar_t>(), g, x_total);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      if ((need_w || need_b) && param_numel > 0) {
+      if (need_w || need_b) {
         const dim3 grid(static_cast<unsigned>(param_numel), static_cast<unsigned>(chunks));
         param_grad_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
             dz_data, x_data, partials.mutable_data_ptr<acc_t>(), g, images_per_chunk);
