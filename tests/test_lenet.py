@@ -12,8 +12,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lenet_ext
 from lenet_ext import LeNet, reference_lenet
+from lenet_ext.model import lenet_args
+from lenet_ext.ops import LENET_PARAMS
 
-from conftest import DEVICES
+from conftest import DEVICES, requires_cuda
 
 # The chapter's table, as its loop prints it.
 REFERENCE_TABLE = """\
@@ -179,10 +181,8 @@ def test_inference_in_tiles_of_the_batch(context, batch, num_threads):
         out = net(x)
         want = ref(x)
     torch.testing.assert_close(out, want, **TOLERANCES[torch.float64])
-    layers = tuple(net)
-    bad_fc1 = torch.randn(120, 399, dtype=torch.float64)
-    args = (x, layers[0].weight, layers[0].bias, 2, 2, layers[3].weight, layers[3].bias, 0, 2,
-            bad_fc1, layers[7].bias, layers[9].weight, layers[9].bias, layers[11].weight, layers[11].bias)  # fmt: skip
+    args = list(lenet_args(x, net))
+    args[LENET_PARAMS.index("fc1_weight") + 1] = torch.randn(120, 399, dtype=torch.float64)
     with getattr(torch, context)(), pytest.raises(ValueError, match="fc1_weight"):
         torch.ops.lenet_ext.lenet_forward(*args)
 
@@ -239,19 +239,13 @@ def test_training_with_frozen_layers_and_no_bias(frozen, batch, device):
     assert [p.grad is None for p in net.parameters()] == [not p.requires_grad for p in net.parameters()]
 
 
-def lenet_args(net, x):
-    layers = tuple(net)
-    return (x, layers[0].weight, layers[0].bias, 2, 2, layers[3].weight, layers[3].bias, 0, 2,
-            layers[7].weight, layers[7].bias, layers[9].weight, layers[9].bias, layers[11].weight, layers[11].bias)  # fmt: skip
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_lenet_train_forward_and_backward_operators(device):
     from torch.library import opcheck
 
     net = LeNet().to(device)
     x = torch.rand(3, 1, 28, 28, device=device, requires_grad=True)
-    args = lenet_args(net, x)
+    args = lenet_args(x, net)
     opcheck(torch.ops.lenet_ext.lenet_train_forward.default, args)
     detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
     with torch.no_grad():
@@ -317,10 +311,8 @@ def test_lenet_forward_operator(device):
     from torch.library import opcheck
 
     net = LeNet().to(device)
-    layers = tuple(net)
     x = torch.rand(3, 1, 28, 28, device=device)
-    args = (x, layers[0].weight, layers[0].bias, 2, 2, layers[3].weight, layers[3].bias, 0, 2,
-            layers[7].weight, layers[7].bias, layers[9].weight, layers[9].bias, layers[11].weight, layers[11].bias)  # fmt: skip
+    args = lenet_args(x, net)
     with torch.no_grad():
         opcheck(torch.ops.lenet_ext.lenet_forward.default, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
     ref = d2l_net().to(device)
@@ -328,7 +320,7 @@ def test_lenet_forward_operator(device):
     with torch.no_grad():
         torch.testing.assert_close(torch.ops.lenet_ext.lenet_forward(*args), ref(x), **TOLERANCES[torch.float32])
     bad = list(args)
-    bad[9] = torch.randn(120, 399, device=device)
+    bad[LENET_PARAMS.index("fc1_weight") + 1] = torch.randn(120, 399, device=device)
     with torch.no_grad(), pytest.raises(ValueError, match=r"fc1_weight of shape \(out_features, 400\)"):
         torch.ops.lenet_ext.lenet_forward(*bad)
 
@@ -546,3 +538,91 @@ def test_summary_command():
     ).stdout
     assert "Conv2d output shape: \t torch.Size([1, 6, 28, 28])" in out
     assert "Total params: 61706" in out
+
+
+# --- edge cases and second order ----------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_empty_batch_gives_zero_gradients(dtype, device):
+    """A batch of 0 images: empty logits and all-zero gradients, as nn.Sequential gives."""
+    net, ref = twin_pair(dtype, device)
+    x = torch.randn(0, 1, 28, 28, dtype=dtype, device=device)
+    for model in (net, ref):
+        out = model(x)
+        assert out.shape == (0, 10)
+        out.sum().backward()
+    for p, q in zip(net.parameters(), ref.parameters()):
+        assert torch.equal(p.grad, q.grad) and not p.grad.any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_penalty_matches_the_reference(device):
+    """Double backward through the whole-network operator: d/dparams of |d loss/dx|^2."""
+    net, ref = twin_pair(torch.float64, device)
+    x = torch.rand(3, 1, 28, 28, dtype=torch.float64, device=device)
+    target = torch.randint(0, 10, (3,), device=device)
+    grads = []
+    for model in (net, ref):
+        xs = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(nn.functional.cross_entropy(model(xs), target), xs, create_graph=True)
+        grads.append(torch.autograd.grad(gx.square().sum(), list(model.parameters())))
+    assert grads[1][0].abs().max() > 0
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, **TOLERANCES[torch.float64])
+
+
+@requires_cuda
+def test_cuda_backward_runs_each_conv_block_once():
+    """On CUDA the batch is not cut into the CPU's 64-image tiles: one conv backward per block."""
+    net = LeNet().cuda()
+    x = torch.rand(130, 1, 28, 28, device="cuda", requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        net(x).sum().backward()
+    calls = [e.count for e in prof.key_averages() if e.key == "lenet_ext::conv_sigmoid_avgpool2d_backward"]
+    assert calls == [2]
+
+
+# --- bad input to the whole-network operators ----------------------------------
+
+
+def _lenet_bad_inputs():
+    """(argument to replace, its bad value, error, message) for lenet_forward's arguments."""
+    return {
+        "x_3d": ("x", torch.rand(2, 28, 28), ValueError, r"x to be 4-d"),
+        "x_32x32": ("x", torch.rand(2, 1, 32, 32), ValueError, r"fc1_weight of shape \(out_features, 576\)"),
+        "conv2_channels": ("conv2_weight", torch.randn(16, 5, 5, 5), ValueError, r"channel mismatch"),
+        "fc2_weight_dtype": ("fc2_weight", torch.randn(84, 120, dtype=torch.float64), TypeError, r"fc2_weight to have x's dtype"),
+        "fc1_bias_size": ("fc1_bias", torch.randn(1), ValueError, r"fc1_bias to be 1-d of size out_features = 120"),
+        "fc3_bias_dtype": ("fc3_bias", torch.randn(10, dtype=torch.float64), TypeError, r"fc3_bias to have x's dtype"),
+        "pool_zero": ("pool2", 0, ValueError, r"pool >= 1"),
+    }
+
+
+@pytest.mark.parametrize("path", ["lenet_forward", "lenet_train_forward", "lenet_backward", "meta", "fake_mode"])
+@pytest.mark.parametrize("case", list(_lenet_bad_inputs().values()), ids=list(_lenet_bad_inputs()))
+def test_lenet_operators_refuse_bad_input_alike(case, path):
+    """One table through the three operators, their meta kernels and FakeTensorMode: drift fails here."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    name, value, error, message = case
+    net = LeNet()
+    args = list(lenet_args(torch.rand(2, 1, 28, 28), net))
+    args[(("x",) + LENET_PARAMS).index(name)] = value
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    x, params = args[0], args[1:]
+    saved = (torch.zeros(2, 10), x, torch.zeros(2, 6, 14, 14), torch.zeros(2, 400), torch.zeros(2, 120), torch.zeros(2, 84))
+    if path == "lenet_backward" and name == "x" and value.dim() == 4:
+        message = r"expected block1 of shape"  # a 32x32 x no longer fits the saved activations, checked first
+    with pytest.raises(error, match=message):
+        if path == "lenet_backward":
+            torch.ops.lenet_ext.lenet_backward.default(*saved, *params, [True] * 11)
+        elif path == "meta":
+            meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+            torch.ops.lenet_ext.lenet_train_forward.default(*meta)
+        elif path == "fake_mode":
+            with FakeTensorMode() as mode:
+                torch.ops.lenet_ext.lenet_forward.default(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+        else:
+            getattr(torch.ops.lenet_ext, path).default(*args)
