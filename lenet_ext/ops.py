@@ -1,7 +1,7 @@
 """Python side of the lenet_ext operators: wrappers, fake (meta) kernels and autograd.
 
-The operators themselves are defined in C++ (csrc/lenet_ext.cpp) with kernels
-in csrc/ops/cpu and csrc/ops/cuda.
+Each operator's schema and argument checks are in csrc/ops/<name>.cpp, its
+kernels in csrc/ops/cpu and csrc/ops/cuda under the same name.
 """
 
 from typing import Optional
@@ -33,7 +33,7 @@ def conv_sigmoid_avgpool2d(
 
 def _output_shape(x, weight, bias, padding, pool):
     """Shape checks for the fake kernels, in the order and with the errors of
-    check_forward_args in csrc/ops/conv_sigmoid_avgpool2d_host.cpp (the tests
+    check_forward_args in csrc/ops/conv_sigmoid_avgpool2d.cpp (the tests
     run one table of bad inputs through both)."""
     name = "conv_sigmoid_avgpool2d: "
     torch._check_value(x.dim() == 4, lambda: f"{name}expected x to be 4-d (N, C_in, H, W), got shape {tuple(x.shape)}")

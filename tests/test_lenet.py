@@ -626,3 +626,32 @@ def test_lenet_operators_refuse_bad_input_alike(case, path):
                 torch.ops.lenet_ext.lenet_forward.default(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
         else:
             getattr(torch.ops.lenet_ext, path).default(*args)
+
+
+# The implementation for devices without one of their own (CUDA's until it has
+# a fused one): the whole batch at once. Reached on the CPU by dispatching
+# past the CPU kernel.
+WHOLE_BATCH = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+
+
+@pytest.mark.parametrize("batch", [0, 3, 130])
+def test_whole_batch_implementation_matches_the_reference(batch):
+    net, ref = twin_pair(torch.float64)
+    x = torch.rand(batch, 1, 28, 28, dtype=torch.float64)
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in lenet_args(x, net)]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        logits = torch.ops.lenet_ext.lenet_forward.default.redispatch(WHOLE_BATCH, *args)
+        _, *activations = torch.ops.lenet_ext.lenet_train_forward.default.redispatch(WHOLE_BATCH, *args)
+        grad_logits = torch.randn(batch, 10, dtype=torch.float64)
+        grads = torch.ops.lenet_ext.lenet_backward.default.redispatch(
+            WHOLE_BATCH, grad_logits, x, *activations, *args[1:], [True] * 11
+        )
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts["lenet_ext::conv_sigmoid_avgpool2d"] == 4  # each block once, in each forward
+    assert counts["lenet_ext::conv_sigmoid_avgpool2d_backward"] == 2
+    xs = x.clone().requires_grad_()
+    want = ref(xs)
+    torch.testing.assert_close(logits, want.detach(), **TOLERANCES[torch.float64])
+    want_grads = torch.autograd.grad(want, [xs, *ref.parameters()], grad_logits)
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got, expected, **TOLERANCES[torch.float64])

@@ -3,7 +3,7 @@
 // float32 runs the vectorised kernels of conv_sigmoid_avgpool2d_simd.h, built
 // per instruction set and chosen at run time (simd_kernels.h). float64, and
 // float32 under LENET_EXT_CPU_KERNEL=generic, run the generic kernels below,
-// made of the per-element math in ../conv_sigmoid_avgpool2d.h that the CUDA
+// made of the per-element math in ../conv_sigmoid_avgpool2d_math.h that the CUDA
 // kernels share.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -12,8 +12,9 @@
 
 #include <vector>
 
+#include "../conv_sigmoid_avgpool2d_math.h"
 #include "../conv_sigmoid_avgpool2d.h"
-#include "../conv_sigmoid_avgpool2d_host.h"
+#include "parallel.h"
 #include "simd_kernels.h"
 
 namespace lenet_ext {
@@ -157,11 +158,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
                    &grad_x = call.grad_x;
   const bool need_x = call.need_x, need_w = call.need_weight, need_b = call.need_bias;
   // Each chunk of the batch accumulates its own weight and bias gradients,
-  // summed once at the end. A fixed chunking keeps the result independent of
-  // thread scheduling. Called from a parallel region (lenet_backward's tiles)
-  // the chunks would run one after the other: one chunk then.
-  const int64_t chunks =
-      at::in_parallel_region() ? 1 : std::max<int64_t>(1, std::min<int64_t>(g.batch, at::get_num_threads()));
+  // summed once at the end (one chunk inside lenet_cpu.cpp's parallel
+  // region: see parallel.h).
+  const int64_t chunks = cpu::chunk_count(g.batch);
   at::Tensor partials = call.param_partials(chunks);
   const int64_t weight_numel = weight.numel();
   if (g.batch > 0 && x.scalar_type() == at::kFloat) {

@@ -24,7 +24,7 @@
 //    share as soon as its dz is computed, so its dz never goes to memory
 //    unless grad_x needs it.
 //
-// The scalar reference of the same math is ../conv_sigmoid_avgpool2d.h, which
+// The scalar reference of the same math is ../conv_sigmoid_avgpool2d_math.h, which
 // the CUDA kernels and the generic CPU path run.
 #pragma once
 
@@ -32,7 +32,7 @@
 #include <cstring>
 #include <type_traits>
 
-#include "../conv_sigmoid_avgpool2d.h"
+#include "../conv_sigmoid_avgpool2d_math.h"
 #include "simd_kernels.h"
 
 #ifndef LENET_ISA

@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-#include "../conv_sigmoid_avgpool2d.h"
+#include "../conv_sigmoid_avgpool2d_math.h"
 
 namespace lenet_ext {
 namespace cpu {

@@ -1,5 +1,5 @@
 // CUDA kernels of the fused conv -> sigmoid -> avgpool operator.
-// The per-element math lives in ../conv_sigmoid_avgpool2d.h, shared with the
+// The per-element math lives in ../conv_sigmoid_avgpool2d_math.h, shared with the
 // CPU kernels; this file only maps it onto threads.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -10,8 +10,8 @@
 
 #include <algorithm>
 
+#include "../conv_sigmoid_avgpool2d_math.h"
 #include "../conv_sigmoid_avgpool2d.h"
-#include "../conv_sigmoid_avgpool2d_host.h"
 
 namespace lenet_ext {
 

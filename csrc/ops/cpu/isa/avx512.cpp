@@ -9,7 +9,7 @@
 #include <immintrin.h>
 #endif
 
-#include "../../conv_sigmoid_avgpool2d.h"
+#include "../../conv_sigmoid_avgpool2d_math.h"
 #include "../simd_kernels.h"
 
 #if defined(__x86_64__)

@@ -1,9 +1,22 @@
-#include "conv_sigmoid_avgpool2d_host.h"
+#include "conv_sigmoid_avgpool2d.h"
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-
 #include <c10/util/Exception.h>
+#include <torch/library.h>
+
+// register_fake and register_autograd for these are in lenet_ext/ops.py.
+TORCH_LIBRARY_FRAGMENT(lenet_ext, m) {
+  m.set_python_module("lenet_ext.ops");
+  m.def(
+      "conv_sigmoid_avgpool2d(Tensor x, Tensor weight, Tensor? bias=None, int padding=0, "
+      "int pool=2) -> Tensor");
+  // Gradients for (x, weight, bias); an entry whose output_mask is false, or
+  // the bias entry when bias is None, comes back undefined (None).
+  m.def(
+      "conv_sigmoid_avgpool2d_backward(Tensor grad_out, Tensor x, Tensor weight, "
+      "Tensor? bias, int padding, int pool, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}
 
 namespace lenet_ext {
 
@@ -134,12 +147,27 @@ at::Tensor BackwardCall::param_partials(int64_t chunks) const {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> BackwardCall::finish(const at::Tensor& partials) const {
   const int64_t weight_numel = weight.numel();
-  const at::Tensor totals = partials.sum(0).to(weight.scalar_type());
+  const at::Tensor totals = sum_partials(partials).to(weight.scalar_type());
   at::Tensor grad_weight =
       need_weight ? totals.narrow(0, 0, weight_numel).view(weight.sizes()).clone() : at::Tensor();
   at::Tensor grad_bias =
       need_bias ? totals.narrow(0, weight_numel, g.out_channels).clone() : at::Tensor();
   return {grad_x, grad_weight, grad_bias};
+}
+
+at::Tensor sum_partials(const at::Tensor& partials) {
+  if (partials.size(0) == 1) return partials.squeeze(0);
+  if (!partials.device().is_cpu()) return partials.sum(0);
+  at::Tensor total = partials.select(0, 0).clone(at::MemoryFormat::Contiguous);
+  const at::Tensor chunks = partials.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(partials.scalar_type(), "sum_partials", [&] {
+    const int64_t numel = total.numel();
+    scalar_t* out = total.mutable_data_ptr<scalar_t>();
+    const scalar_t* in = chunks.const_data_ptr<scalar_t>();
+    for (int64_t chunk = 1; chunk < chunks.size(0); ++chunk)
+      for (int64_t i = 0; i < numel; ++i) out[i] += in[chunk * numel + i];
+  });
+  return total;
 }
 
 }  // namespace lenet_ext

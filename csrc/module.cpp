@@ -1,8 +1,9 @@
-// The lenet_ext._C extension module: operator schemas and build facts.
-// Kernels register themselves per device in ops/cpu and ops/cuda.
+// The lenet_ext._C extension module: how this binary was built, and the CPU
+// kernel choice. Loading it registers the operators: each file in ops/
+// defines its operators' schemas (TORCH_LIBRARY_FRAGMENT), and the files in
+// ops/cpu and ops/cuda register their kernels.
 #include <Python.h>
 #include <c10/util/Exception.h>
-#include <torch/library.h>
 
 #include "ops/cpu/simd_kernels.h"
 
@@ -12,41 +13,6 @@
 #ifndef LENET_EXT_CUDA_ARCHS
 #define LENET_EXT_CUDA_ARCHS ""
 #endif
-
-TORCH_LIBRARY(lenet_ext, m) {
-  // register_fake and register_autograd for these live in lenet_ext/ops.py.
-  m.set_python_module("lenet_ext.ops");
-  m.def(
-      "conv_sigmoid_avgpool2d(Tensor x, Tensor weight, Tensor? bias=None, int padding=0, "
-      "int pool=2) -> Tensor");
-  // Gradients for (x, weight, bias); an entry whose output_mask is false, or
-  // the bias entry when bias is None, comes back undefined (None).
-  m.def(
-      "conv_sigmoid_avgpool2d_backward(Tensor grad_out, Tensor x, Tensor weight, "
-      "Tensor? bias, int padding, int pool, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
-  // LeNet's parameters, as the three whole-network operators take them.
-#define LENET_PARAMS_SCHEMA                                                                 \
-  "Tensor conv1_weight, Tensor? conv1_bias, int conv1_padding, int pool1, "                 \
-  "Tensor conv2_weight, Tensor? conv2_bias, int conv2_padding, int pool2, "                 \
-  "Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "              \
-  "Tensor fc3_weight, Tensor? fc3_bias"
-  // LeNet's whole forward (two conv blocks, then Linear-Sigmoid-Linear-Sigmoid-
-  // Linear) in one call, for inference; see ops/lenet.cpp.
-  m.def("lenet_forward(Tensor x, " LENET_PARAMS_SCHEMA ") -> Tensor");
-  // The same forward for training: the logits, then the activations
-  // lenet_backward reads (block2 flattened to (N, features)).
-  m.def(
-      "lenet_train_forward(Tensor x, " LENET_PARAMS_SCHEMA
-      ") -> (Tensor logits, Tensor block1, Tensor block2, Tensor fc1, Tensor fc2)");
-  // Gradients for x and the ten parameters, in argument order; an entry whose
-  // output_mask is false, or whose argument is None, comes back undefined.
-  m.def(
-      "lenet_backward(Tensor grad_logits, Tensor x, Tensor block1, Tensor block2, Tensor fc1, "
-      "Tensor fc2, " LENET_PARAMS_SCHEMA
-      ", bool[11] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
-      "Tensor, Tensor, Tensor, Tensor)");
-#undef LENET_PARAMS_SCHEMA
-}
 
 namespace {
 

@@ -1,0 +1,134 @@
+// LeNet as three operators: lenet_forward for inference, lenet_train_forward,
+// which also returns the activations backward reads, and lenet_backward. One
+// dispatch from Python instead of a dozen, which is most of the cost at batch
+// 1, and one autograd node for the whole network.
+//
+//   schemas, checks and the whole-batch implementation   lenet.cpp
+//   CPU: tiles of the batch, a chunk of tiles per thread  cpu/lenet_cpu.cpp
+//
+// Both are built from the steps declared here: the conv blocks run the fused
+// operator (conv_sigmoid_avgpool2d.h), the dense block addmm with an in-place
+// sigmoid.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+namespace lenet_ext {
+
+// The operators' arguments after x, in schema order (LENET_PARAMS_SCHEMA in
+// lenet.cpp; lenet_ext.ops.LENET_PARAMS on the Python side).
+struct LeNetParams {
+  const at::Tensor& conv1_weight;
+  const std::optional<at::Tensor>& conv1_bias;
+  int64_t conv1_padding, pool1;
+  const at::Tensor& conv2_weight;
+  const std::optional<at::Tensor>& conv2_bias;
+  int64_t conv2_padding, pool2;
+  const at::Tensor& fc1_weight;
+  const std::optional<at::Tensor>& fc1_bias;
+  const at::Tensor& fc2_weight;
+  const std::optional<at::Tensor>& fc2_bias;
+  const at::Tensor& fc3_weight;
+  const std::optional<at::Tensor>& fc3_bias;
+};
+
+// The dispatcher calls a kernel with the schema's arguments one by one: each
+// implementation takes them as LENET_PARAMS_ARGS and bundles them with
+// LENET_PARAMS.
+#define LENET_PARAMS_ARGS                                                                         \
+  const at::Tensor &conv1_weight, const std::optional<at::Tensor>&conv1_bias,                     \
+      int64_t conv1_padding, int64_t pool1, const at::Tensor &conv2_weight,                      \
+      const std::optional<at::Tensor>&conv2_bias, int64_t conv2_padding, int64_t pool2,           \
+      const at::Tensor &fc1_weight, const std::optional<at::Tensor>&fc1_bias,                     \
+      const at::Tensor &fc2_weight, const std::optional<at::Tensor>&fc2_bias,                     \
+      const at::Tensor &fc3_weight, const std::optional<at::Tensor>&fc3_bias
+#define LENET_PARAMS                                                                              \
+  LeNetParams {                                                                                   \
+    conv1_weight, conv1_bias, conv1_padding, pool1, conv2_weight, conv2_bias, conv2_padding,      \
+        pool2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc3_weight, fc3_bias                   \
+  }
+
+// The logits and the activations lenet_backward reads: the two conv blocks'
+// outputs (the second flattened to (N, features)) and the two hidden sigmoids.
+struct LeNetActivations {
+  at::Tensor logits, block1, block2, fc1, fc2;
+};
+
+// lenet_backward's gradients, in the order of the operators' tensor
+// arguments (x, then the parameters).
+enum LeNetGrad { kX, kConv1W, kConv1B, kConv2W, kConv2B, kFc1W, kFc1B, kFc2W, kFc2B, kFc3W, kFc3B, kGrads };
+using LeNetGradMask = std::array<bool, kGrads>;
+using LeNetGradArray = std::array<at::Tensor, kGrads>;
+using LeNetGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                              at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+LeNetGrads as_tuple(const LeNetGradArray& grads);
+
+// The parameter gradient i belongs to (i >= kConv1W; a bias only when given).
+const at::Tensor& parameter(const LeNetParams& p, LeNetGrad i);
+
+// --- forward steps ----------------------------------------------------------
+
+// The two conv blocks of x into r.block1 and r.block2; the argument checks of
+// the conv operator run on the way.
+void conv_blocks(const at::Tensor& x, const LeNetParams& p, LeNetActivations& r);
+
+// The dense layers from r.block2 into r.fc1, r.fc2 and r.logits; `op` names
+// the operator in the errors of the dense layers' checks.
+void dense_layers(const LeNetParams& p, const char* op, LeNetActivations& r);
+
+// --- backward steps ---------------------------------------------------------
+
+// A checked lenet_backward call: the saved activations fit x and the
+// parameters. mask leaves out the arguments given as None; needed_below[i]
+// says whether a gradient at index < i is asked for, so that the chain must
+// go on past layer i.
+struct LeNetBackwardCall {
+  LeNetGradMask mask;
+  std::array<bool, kGrads + 1> needed_below;
+  std::array<int64_t, 3> block2_shape;  // block 2's output per image, (C, H, W)
+};
+
+LeNetBackwardCall check_backward_args(const at::Tensor& grad_logits, const at::Tensor& x,
+                                      const LeNetActivations& saved, const LeNetParams& p,
+                                      const LeNetGradMask& output_mask);
+
+// The dense layers' backward over the rows of one slice of the batch (saved
+// holds those rows): writes each parameter gradient asked for into
+// slots[i] (out= of a matrix product or a sum), and returns the gradient of
+// block 2's output as (rows, C, H, W), undefined when nothing below fc1 is
+// asked for.
+at::Tensor dense_backward(const at::Tensor& grad_logits, const LeNetActivations& saved,
+                          const LeNetParams& p, const LeNetBackwardCall& call, LeNetGradArray& slots);
+
+// The conv operator's backward, through the dispatcher.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_block_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, int64_t padding, int64_t pool, std::array<bool, 3> mask);
+
+// The conv blocks' backward over one slice of the batch: grad_block2 and
+// block1 and x are that slice's. Calls add(i, grad) for each parameter
+// gradient asked for and returns the gradient of x (undefined when not asked
+// for).
+template <typename Add>
+at::Tensor conv_backward(const at::Tensor& grad_block2, const at::Tensor& block1, const at::Tensor& x,
+                         const LeNetParams& p, const LeNetBackwardCall& call, const Add& add) {
+  const LeNetGradMask& mask = call.mask;
+  auto [grad_block1, grad_weight, grad_bias] =
+      conv_block_backward(grad_block2, block1, p.conv2_weight, p.conv2_bias, p.conv2_padding, p.pool2,
+                          {call.needed_below[kConv2W], mask[kConv2W], mask[kConv2B]});
+  if (mask[kConv2W]) add(kConv2W, grad_weight);
+  if (mask[kConv2B]) add(kConv2B, grad_bias);
+  if (!call.needed_below[kConv2W]) return at::Tensor();
+  auto [grad_x, grad_weight1, grad_bias1] =
+      conv_block_backward(grad_block1, x, p.conv1_weight, p.conv1_bias, p.conv1_padding, p.pool1,
+                          {mask[kX], mask[kConv1W], mask[kConv1B]});
+  if (mask[kConv1W]) add(kConv1W, grad_weight1);
+  if (mask[kConv1B]) add(kConv1B, grad_bias1);
+  return grad_x;
+}
+
+}  // namespace lenet_ext
