@@ -94,7 +94,7 @@ if CUDA_HOME is not None:
 
 def extension():
     debug = env_flag("LENET_EXT_DEBUG")
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/ops/cpu/*.cpp") + glob.glob("csrc/ops/cpu/isa/*.cpp"))
+    sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
     define_macros = [("LENET_EXT_TORCH_VERSION", f'"{torch.__version__}"')]
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # -fopenmp: at::parallel_for is inlined here and runs serially without it.
@@ -109,7 +109,7 @@ def extension():
         extra_link_args += sanitize
     builder = cpp_extension.CppExtension
     if CUDA_HOME is not None:
-        sources += sorted(glob.glob("csrc/ops/cuda/*.cu"))
+        sources += sorted(glob.glob("csrc/**/*.cu", recursive=True))
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "detected from the visible GPUs")
         define_macros += [("LENET_EXT_WITH_CUDA", None), ("LENET_EXT_CUDA_ARCHS", f'"{archs}"')]
         extra_compile_args["nvcc"] = opt + ["--expt-relaxed-constexpr"] + (["-lineinfo"] if not debug else ["-G"])

@@ -5,7 +5,7 @@
 #include <Python.h>
 #include <c10/util/Exception.h>
 
-#include "ops/cpu/simd_kernels.h"
+#include "ops/cpu/simd/simd_kernels.h"
 
 #ifndef LENET_EXT_TORCH_VERSION
 #error "setup.py defines LENET_EXT_TORCH_VERSION"

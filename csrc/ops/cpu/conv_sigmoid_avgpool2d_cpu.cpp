@@ -1,7 +1,7 @@
 // CPU kernels of the fused conv -> sigmoid -> avgpool operator.
 //
-// float32 runs the vectorised kernels of conv_sigmoid_avgpool2d_simd.h, built
-// per instruction set and chosen at run time (simd_kernels.h). float64, and
+// float32 runs the vectorised kernels of simd/, built per instruction set and
+// chosen at run time (simd/simd_kernels.h). float64, and
 // float32 under LENET_EXT_CPU_KERNEL=generic, run the generic kernels below,
 // made of the per-element math in ../conv_sigmoid_avgpool2d_math.h that the CUDA
 // kernels share.
@@ -15,7 +15,7 @@
 #include "../conv_sigmoid_avgpool2d_math.h"
 #include "../conv_sigmoid_avgpool2d.h"
 #include "parallel.h"
-#include "simd_kernels.h"
+#include "simd/simd_kernels.h"
 
 namespace lenet_ext {
 
@@ -30,69 +30,59 @@ int64_t image_work(const ConvPoolGeometry& g) {
          g.kernel * g.kernel;
 }
 
-// Weights as the vectorised kernels read them, [C_out / 16][C_in][K][K][16],
-// then the bias as [C_out / 16][16], zero-padded to whole blocks of 16
-// channels. One allocation and one pass: at batch 1 this is a visible part of
-// the call.
-struct PackedParams {
+// The weights packed for the vectorised kernels (simd/packed_weights.h), in
+// a tensor that keeps them alive for the call.
+struct PackedTensor {
   at::Tensor storage;
-  const float* weights;
-  const float* bias;
+  cpu::PackedWeights view;
 };
 
-PackedParams pack_for_simd(const at::Tensor& weight, const at::Tensor& bias) {
+PackedTensor pack_for_simd(const at::Tensor& weight, const at::Tensor& bias) {
   const int64_t c_out = weight.size(0);
   const int64_t per_channel = weight.size(1) * weight.size(2) * weight.size(3);
-  const int64_t blocks = (c_out + 15) / 16;
-  at::Tensor storage = at::empty({blocks * 16 * (per_channel + 1)}, weight.options());
-  float* packed = storage.mutable_data_ptr<float>();
-  float* packed_bias = packed + blocks * 16 * per_channel;
-  const float* w = weight.const_data_ptr<float>();
-  const float* b = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
-  for (int64_t co = 0; co < blocks * 16; ++co) {
-    const bool real = co < c_out;
-    float* dst = packed + (co / 16) * per_channel * 16 + co % 16;
-    for (int64_t i = 0; i < per_channel; ++i) dst[i * 16] = real ? w[co * per_channel + i] : 0.0f;
-    packed_bias[co] = real && b ? b[co] : 0.0f;
-  }
-  return {storage, packed, packed_bias};
+  at::Tensor storage = at::empty({cpu::PackedWeights::size(c_out, per_channel)}, weight.options());
+  const cpu::PackedWeights view =
+      cpu::PackedWeights::pack(weight.const_data_ptr<float>(), bias.defined() ? bias.const_data_ptr<float>() : nullptr,
+                               c_out, per_channel, storage.mutable_data_ptr<float>());
+  return {storage, view};
 }
 
 void forward_simd(const cpu::SimdKernels& kernels, const ConvPoolGeometry& g, const at::Tensor& x,
                   const at::Tensor& weight, const at::Tensor& bias, at::Tensor& out) {
-  const PackedParams packed = pack_for_simd(weight, bias);
-  const float* x_data = x.const_data_ptr<float>();
-  const float* w_data = packed.weights;
-  const float* b_data = packed.bias;
-  float* out_data = out.mutable_data_ptr<float>();
+  const PackedTensor packed = pack_for_simd(weight, bias);
   const int64_t grain = std::max<int64_t>(1, kWorkPerChunk / std::max<int64_t>(1, image_work(g)));
   at::parallel_for(0, g.batch, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> xp(kernels.xp_size(g), 0.0f);
-    kernels.forward_images(g, x_data, w_data, b_data, out_data, begin, end, xp.data());
+    const cpu::ForwardImages call{x.const_data_ptr<float>(), packed.view, out.mutable_data_ptr<float>(), xp.data()};
+    kernels.forward_images(g, call, begin, end);
   });
 }
 
 void backward_simd(const cpu::SimdKernels& kernels, const ConvPoolGeometry& g,
                    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                    const at::Tensor& bias, const at::Tensor& grad_x, bool need_w, at::Tensor& partials) {
-  const PackedParams packed = pack_for_simd(weight, bias);
+  const PackedTensor packed = pack_for_simd(weight, bias);
   const int64_t chunks = partials.size(0);
   const int64_t weight_numel = weight.numel();
-  const int64_t bias_lanes = (g.out_channels + 15) / 16 * 16;
-  float* gx_data = grad_x.defined() ? grad_x.mutable_data_ptr<float>() : nullptr;
+  const int64_t bias_lanes = cpu::PackedWeights::blocks(g.out_channels) * cpu::kLanes;
   float* partial_data = partials.mutable_data_ptr<float>();
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     std::vector<float> xp(kernels.xp_size(g), 0.0f);
     std::vector<float> dz(kernels.dz_size(g), 0.0f);
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       // Weight gradients with their 16 lanes unsummed until the chunk ends.
-      std::vector<float> grad_weight_lanes(need_w ? weight_numel * 16 : 0, 0.0f);
+      std::vector<float> grad_weight_lanes(need_w ? weight_numel * cpu::kLanes : 0, 0.0f);
       std::vector<float> grad_bias_lanes(bias_lanes, 0.0f);
-      kernels.backward_images(g, grad_out.const_data_ptr<float>(), x.const_data_ptr<float>(),
-                              packed.weights, packed.bias, weight.const_data_ptr<float>(),
-                              gx_data, need_w ? grad_weight_lanes.data() : nullptr,
-                              grad_bias_lanes.data(), chunk * g.batch / chunks,
-                              (chunk + 1) * g.batch / chunks, xp.data(), dz.data());
+      const cpu::BackwardImages call{grad_out.const_data_ptr<float>(),
+                                     x.const_data_ptr<float>(),
+                                     packed.view,
+                                     weight.const_data_ptr<float>(),
+                                     grad_x.defined() ? grad_x.mutable_data_ptr<float>() : nullptr,
+                                     need_w ? grad_weight_lanes.data() : nullptr,
+                                     grad_bias_lanes.data(),
+                                     xp.data(),
+                                     dz.data()};
+      kernels.backward_images(g, call, chunk * g.batch / chunks, (chunk + 1) * g.batch / chunks);
       float* partial = partial_data + chunk * (weight_numel + g.out_channels);
       if (need_w) kernels.sum_weight_lanes(g, grad_weight_lanes.data(), partial);
       for (int64_t co = 0; co < g.out_channels; ++co) partial[weight_numel + co] = grad_bias_lanes[co];

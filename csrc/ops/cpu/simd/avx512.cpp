@@ -9,12 +9,11 @@
 #include <immintrin.h>
 #endif
 
-#include "../../conv_sigmoid_avgpool2d_math.h"
-#include "../simd_kernels.h"
+#include "simd_kernels.h"
 
 #if defined(__x86_64__)
 #pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
 #define LENET_ISA avx512
 #define LENET_SIMD_AVX512 1  // exp and sigmoid use AVX-512 intrinsics
-#include "../conv_sigmoid_avgpool2d_simd.h"
+#include "entry_points.h"
 #endif

@@ -5,11 +5,10 @@
 #include <cstring>
 #include <type_traits>
 
-#include "../../conv_sigmoid_avgpool2d_math.h"
-#include "../simd_kernels.h"
+#include "simd_kernels.h"
 
 #if defined(__x86_64__)
 #pragma GCC target("avx2,fma")
 #define LENET_ISA avx2
-#include "../conv_sigmoid_avgpool2d_simd.h"
+#include "entry_points.h"
 #endif

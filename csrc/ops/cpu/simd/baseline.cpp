@@ -5,8 +5,7 @@
 #include <cstring>
 #include <type_traits>
 
-#include "../../conv_sigmoid_avgpool2d_math.h"
-#include "../simd_kernels.h"
+#include "simd_kernels.h"
 
 #define LENET_ISA baseline
-#include "../conv_sigmoid_avgpool2d_simd.h"
+#include "entry_points.h"
