@@ -17,9 +17,9 @@ def test_build_info_describes_this_build():
     info = lenet_ext.build_info()
     assert info["torch_built_against"] == torch.__version__
     assert info["cpu_threads"] == torch.get_num_threads()
-    assert isinstance(info["cuda_kernels"], bool)
-    if info["cuda_kernels"]:
-        assert info["cuda_archs"]
+    assert info["cpu_kernel"] in ("generic", "baseline", "avx2", "avx512")
+    assert lenet_ext.set_cpu_kernel(info["cpu_kernel"]) == info["cpu_kernel"]
+    assert (info["cuda_archs"] is not None) == info["cuda_kernels"]
     # The CUDA kernels are registered exactly when the build says so.
     has_cuda_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(
         "lenet_ext::conv_sigmoid_avgpool2d", "CUDA"

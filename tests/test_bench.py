@@ -1,0 +1,66 @@
+"""benchmarks/bench.py, run end to end on tiny inputs."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_smoke(tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--batch-sizes", "2",
+         "--min-run-time", "0.01", "--threads", "1", "--rounds", "2", "--output-dir", str(tmp_path), "--quiet"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| inference | 2 | lenet_ext |" in result.stdout
+    data = json.loads((tmp_path / "results.json").read_text())
+    env = data["environment"]
+    for key in ("date", "torch", "lenet_ext", "cpu", "gpu", "threads", "tf32"):
+        assert key in env
+    assert env["tf32"] == {"matmul": False, "cudnn": False}
+    assert env["threads"] == 1 and env["rounds"] == 2
+    assert data["peak_gflops"]["cpu"] > 0
+    providers = {r["provider"] for r in data["rows"]}
+    assert {"torch", "torch.compile", "lenet_ext", "lenet_ext+compile"} <= providers
+    modes = {r["mode"] for r in data["rows"]}
+    assert {"inference", "training", "layer block1 forward", "layer block2 forward+backward"} <= modes
+    for row in data["rows"]:
+        for key in ("images_per_s", "median_s", "iqr_s", "speedup_vs_eager", "gflops", "peak_fraction"):
+            assert row[key] >= 0
+        if row["mode"] == "training":
+            assert row["saved_bytes_per_sample"] > 0
+    assert (tmp_path / "throughput.png").stat().st_size > 0
+
+
+def _import_bench():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench
+    finally:
+        sys.path.pop(0)
+    return bench
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bench_times_every_step_on_the_requested_threads(threads):
+    """torch.utils.benchmark.Timer alone would run every step on one thread."""
+    bench = _import_bench()
+    seen = {"a": set(), "b": set()}
+    steps = {name: (lambda name=name: seen[name].add(torch.get_num_threads())) for name in seen}
+    args = argparse.Namespace(rounds=2, min_run_time=0.02, threads=threads)
+    result = bench.time_interleaved(steps, args)
+    assert seen == {"a": {threads}, "b": {threads}}
+    assert set(result) == {"a", "b"} and all(median > 0 and iqr >= 0 for median, iqr in result.values())
+
+
+def test_bench_stops_on_a_mismatch():
+    bench = _import_bench()
+    with pytest.raises(SystemExit, match="does not match the eager reference"):
+        bench.check("broken", torch.zeros(3), torch.ones(3), "inference output")

@@ -1,0 +1,60 @@
+"""lenet_ext.fuse: Conv2d -> Sigmoid -> AvgPool2d runs of any nn.Sequential, fused, parameters shared."""
+
+import torch
+from torch import nn
+
+import lenet_ext
+
+from conftest import LENET_TOLERANCES as TOLERANCES
+from conftest import d2l_net
+
+
+def test_fuse_shares_parameters_and_fuses_the_conv_blocks():
+    model = d2l_net()
+    fused = lenet_ext.fuse(model)
+    assert fused.fused_runs() == [(0, 3), (3, 6)]
+    assert "fused_runs=[(0, 3), (3, 6)]" in repr(fused)
+    for a, b in zip(fused.parameters(), model.parameters()):
+        assert a is b
+    x = torch.rand(8, 1, 28, 28)
+    target = torch.randint(0, 10, (8,))
+    before = model(x).detach()
+    torch.testing.assert_close(fused(x), before, **TOLERANCES[torch.float32])
+    # Training the fused model trains the original.
+    opt = torch.optim.SGD(fused.parameters(), lr=0.5)
+    nn.functional.cross_entropy(fused(x), target).backward()
+    opt.step()
+    assert not torch.allclose(model(x), before)
+    torch.testing.assert_close(fused(x), model(x), **TOLERANCES[torch.float32])
+
+
+def test_fuse_leaves_other_layers_alone():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.Sigmoid(), nn.AvgPool2d(2),          # fused
+        nn.Conv2d(4, 4, 3, stride=2), nn.Sigmoid(), nn.AvgPool2d(2),           # stride 2: not fused
+        nn.Conv2d(4, 5, 1, bias=False), nn.Sigmoid(), nn.AvgPool2d(3, 3),      # fused, no bias, pool 3
+        nn.Sequential(nn.Conv2d(5, 5, 1), nn.Sigmoid(), nn.AvgPool2d(1)),      # nested: fused
+        nn.Conv2d(5, 5, 1), nn.ReLU(), nn.AvgPool2d(1),                        # ReLU: not fused
+        nn.Conv2d(5, 5, 1), nn.Sigmoid(), nn.AvgPool2d(1, ceil_mode=True),     # ceil_mode: not fused
+        nn.Flatten(), nn.Linear(5, 3),
+    ).double()  # fmt: skip
+    fused = lenet_ext.fuse(model)
+    assert fused.fused_runs() == [(0, 3), (6, 9)]
+    assert fused[9].fused_runs() == [(0, 3)]
+    x = torch.rand(2, 3, 40, 40, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(fused(x), model(x))
+    (g_fused,) = torch.autograd.grad(fused(x).sum(), x)
+    (g_model,) = torch.autograd.grad(model(x).sum(), x)
+    torch.testing.assert_close(g_fused, g_model)
+
+
+def test_fuse_keeps_the_state_dict_and_mode():
+    model = d2l_net().eval()
+    fused = lenet_ext.fuse(model)
+    assert not fused.training
+    assert list(fused.state_dict()) == list(model.state_dict())
+
+
+def test_fuse_returns_non_sequential_modules_unchanged():
+    conv = nn.Conv2d(1, 1, 3)
+    assert lenet_ext.fuse(conv) is conv

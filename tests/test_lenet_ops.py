@@ -1,0 +1,188 @@
+"""LeNet's three operators (lenet_forward, lenet_train_forward, lenet_backward):
+the CPU's tiles and per-thread chunks, the whole-batch implementation other
+devices run, opcheck, and bad input through every path."""
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.library import opcheck
+
+from lenet_ext import LeNet
+from lenet_ext.model import lenet_args
+from lenet_ext.ops import LENET_PARAMS
+
+from conftest import DEVICES, d2l_net, outputs_and_grads, requires_cuda, twin_pair
+from conftest import LENET_TOLERANCES as TOLERANCES
+
+
+@pytest.fixture
+def num_threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("batch", [65, 64 * 3 + 5])
+@pytest.mark.parametrize("num_threads", [1, 2, 3, 16], indirect=True)
+def test_inference_in_tiles_of_the_batch(context, batch, num_threads):
+    """Batches over 64 images run through the network in tiles, a whole number per thread."""
+    net, ref = twin_pair(torch.float64)
+    x = torch.rand(batch, 1, 28, 28, dtype=torch.float64)
+    with getattr(torch, context)():
+        out = net(x)
+        want = ref(x)
+    torch.testing.assert_close(out, want, **TOLERANCES[torch.float64])
+    args = list(lenet_args(x, net))
+    args[LENET_PARAMS.index("fc1_weight") + 1] = torch.randn(120, 399, dtype=torch.float64)
+    with getattr(torch, context)(), pytest.raises(ValueError, match="fc1_weight"):
+        torch.ops.lenet_ext.lenet_forward(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("batch", [65, 64 * 3 + 5])
+@pytest.mark.parametrize("num_threads", [1, 2, 3, 16], indirect=True)
+def test_training_in_tiles_of_the_batch(batch, num_threads, dtype):
+    """Training batches over 64 images run forward and backward in tiles, each thread summing its own gradients."""
+    net, ref = twin_pair(dtype)
+    x = torch.rand(batch, 1, 28, 28, dtype=dtype)
+    target = torch.randint(0, 10, (batch,))
+    out, grad_x, grads = outputs_and_grads(net, x, target)
+    # float32 against the reference in float64: the sums over the batch differ in order.
+    ref = ref.double()
+    ref_out, ref_grad_x, ref_grads = outputs_and_grads(ref, x.double(), target)
+    tol = TOLERANCES[torch.float64] if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-3)
+    torch.testing.assert_close(out, ref_out.to(dtype), **tol)
+    torch.testing.assert_close(grad_x, ref_grad_x.to(dtype), **tol)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want.to(dtype), **tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lenet_train_forward_and_backward_operators(device):
+
+    net = LeNet().to(device)
+    x = torch.rand(3, 1, 28, 28, device=device, requires_grad=True)
+    args = lenet_args(x, net)
+    opcheck(torch.ops.lenet_ext.lenet_train_forward.default, args)
+    detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    with torch.no_grad():
+        logits, *activations = torch.ops.lenet_ext.lenet_train_forward(*detached)
+    grad_logits = torch.randn_like(logits)
+    saved = (grad_logits, detached[0], *activations)
+    for mask in ([True] * 11, [False] * 9 + [True, True], [True] + [False] * 10):
+        opcheck(torch.ops.lenet_ext.lenet_backward.default, (*saved, *detached[1:], mask))
+    ref = d2l_net().to(device)
+    ref.load_state_dict(net.state_dict())
+    torch.testing.assert_close(logits, ref(x).detach(), **TOLERANCES[torch.float32])
+    # Saved activations that do not fit x and the parameters are refused by name.
+    bad = list(saved)
+    bad[3] = activations[1][:, :399]
+    with pytest.raises(ValueError, match=r"expected block2 of shape \[3, 400\]"):
+        torch.ops.lenet_ext.lenet_backward(*bad, *detached[1:], [True] * 11)
+    bad = list(saved)
+    bad[0] = grad_logits[:2]
+    with pytest.raises(ValueError, match=r"expected grad_logits of shape \[3, 10\]"):
+        torch.ops.lenet_ext.lenet_backward(*bad, *detached[1:], [True] * 11)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lenet_forward_operator(device):
+
+    net = LeNet().to(device)
+    x = torch.rand(3, 1, 28, 28, device=device)
+    args = lenet_args(x, net)
+    with torch.no_grad():
+        opcheck(torch.ops.lenet_ext.lenet_forward.default, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+    ref = d2l_net().to(device)
+    ref.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(torch.ops.lenet_ext.lenet_forward(*args), ref(x), **TOLERANCES[torch.float32])
+    bad = list(args)
+    bad[LENET_PARAMS.index("fc1_weight") + 1] = torch.randn(120, 399, device=device)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"fc1_weight of shape \(out_features, 400\)"):
+        torch.ops.lenet_ext.lenet_forward(*bad)
+
+
+@requires_cuda
+def test_cuda_backward_runs_each_conv_block_once():
+    """On CUDA the batch is not cut into the CPU's 64-image tiles: one conv backward per block."""
+    net = LeNet().cuda()
+    x = torch.rand(130, 1, 28, 28, device="cuda", requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        net(x).sum().backward()
+    calls = [e.count for e in prof.key_averages() if e.key == "lenet_ext::conv_sigmoid_avgpool2d_backward"]
+    assert calls == [2]
+
+
+# --- bad input to the whole-network operators ----------------------------------
+
+
+def _lenet_bad_inputs():
+    """(argument to replace, its bad value, error, message) for lenet_forward's arguments."""
+    return {
+        "x_3d": ("x", torch.rand(2, 28, 28), ValueError, r"x to be 4-d"),
+        "x_32x32": ("x", torch.rand(2, 1, 32, 32), ValueError, r"fc1_weight of shape \(out_features, 576\)"),
+        "conv2_channels": ("conv2_weight", torch.randn(16, 5, 5, 5), ValueError, r"channel mismatch"),
+        "fc2_weight_dtype": ("fc2_weight", torch.randn(84, 120, dtype=torch.float64), TypeError, r"fc2_weight to have x's dtype"),
+        "fc1_bias_size": ("fc1_bias", torch.randn(1), ValueError, r"fc1_bias to be 1-d of size out_features = 120"),
+        "fc3_bias_dtype": ("fc3_bias", torch.randn(10, dtype=torch.float64), TypeError, r"fc3_bias to have x's dtype"),
+        "pool_zero": ("pool2", 0, ValueError, r"pool >= 1"),
+    }
+
+
+@pytest.mark.parametrize("path", ["lenet_forward", "lenet_train_forward", "lenet_backward", "meta", "fake_mode"])
+@pytest.mark.parametrize("case", list(_lenet_bad_inputs().values()), ids=list(_lenet_bad_inputs()))
+def test_lenet_operators_refuse_bad_input_alike(case, path):
+    """One table through the three operators, their meta kernels and FakeTensorMode: drift fails here."""
+
+    name, value, error, message = case
+    net = LeNet()
+    args = list(lenet_args(torch.rand(2, 1, 28, 28), net))
+    args[(("x",) + LENET_PARAMS).index(name)] = value
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    x, params = args[0], args[1:]
+    saved = (torch.zeros(2, 10), x, torch.zeros(2, 6, 14, 14), torch.zeros(2, 400), torch.zeros(2, 120), torch.zeros(2, 84))
+    if path == "lenet_backward" and name == "x" and value.dim() == 4:
+        message = r"expected block1 of shape"  # a 32x32 x no longer fits the saved activations, checked first
+    with pytest.raises(error, match=message):
+        if path == "lenet_backward":
+            torch.ops.lenet_ext.lenet_backward.default(*saved, *params, [True] * 11)
+        elif path == "meta":
+            meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+            torch.ops.lenet_ext.lenet_train_forward.default(*meta)
+        elif path == "fake_mode":
+            with FakeTensorMode() as mode:
+                torch.ops.lenet_ext.lenet_forward.default(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+        else:
+            getattr(torch.ops.lenet_ext, path).default(*args)
+
+
+# The implementation for devices without one of their own (CUDA's until it has
+# a fused one): the whole batch at once. Reached on the CPU by dispatching
+# past the CPU kernel.
+WHOLE_BATCH = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+
+
+@pytest.mark.parametrize("batch", [0, 3, 130])
+def test_whole_batch_implementation_matches_the_reference(batch):
+    net, ref = twin_pair(torch.float64)
+    x = torch.rand(batch, 1, 28, 28, dtype=torch.float64)
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in lenet_args(x, net)]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        logits = torch.ops.lenet_ext.lenet_forward.default.redispatch(WHOLE_BATCH, *args)
+        _, *activations = torch.ops.lenet_ext.lenet_train_forward.default.redispatch(WHOLE_BATCH, *args)
+        grad_logits = torch.randn(batch, 10, dtype=torch.float64)
+        grads = torch.ops.lenet_ext.lenet_backward.default.redispatch(
+            WHOLE_BATCH, grad_logits, x, *activations, *args[1:], [True] * 11
+        )
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts["lenet_ext::conv_sigmoid_avgpool2d"] == 4  # each block once, in each forward
+    assert counts["lenet_ext::conv_sigmoid_avgpool2d_backward"] == 2
+    xs = x.clone().requires_grad_()
+    want = ref(xs)
+    torch.testing.assert_close(logits, want.detach(), **TOLERANCES[torch.float64])
+    want_grads = torch.autograd.grad(want, [xs, *ref.parameters()], grad_logits)
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got, expected, **TOLERANCES[torch.float64])
