@@ -4,6 +4,7 @@ Each operator's schema and argument checks are in csrc/ops/<name>.cpp, its
 kernels in csrc/ops/cpu and csrc/ops/cuda under the same name.
 """
 
+from collections import namedtuple
 from typing import Optional
 
 import torch
@@ -166,6 +167,8 @@ torch.library.register_autograd(
 _LENET_SCHEMA = torch.ops.lenet_ext.lenet_train_forward.default._schema
 LENET_PARAMS = tuple(a.name for a in _LENET_SCHEMA.arguments[1:])
 _LENET_TENSOR_ARGS = tuple(i for i, a in enumerate(_LENET_SCHEMA.arguments) if "Tensor" in str(a.type))
+# The parameters by name: LeNetParams(*args[1:]).conv1_weight, ...
+LeNetParams = namedtuple("LeNetParams", LENET_PARAMS)
 
 
 def lenet_forward(*args) -> Tensor:
@@ -180,14 +183,14 @@ def lenet_train_forward(*args) -> Tensor:
     return torch.ops.lenet_ext.lenet_train_forward.default(*args)[0]
 
 
-def reference_lenet_forward(x, conv1_weight, conv1_bias, conv1_padding, pool1, conv2_weight, conv2_bias,
-                            conv2_padding, pool2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc3_weight, fc3_bias):
+def reference_lenet_forward(x, *params):
     """What the LeNet operators compute, as differentiable PyTorch ops."""
-    h = reference_conv_sigmoid_avgpool2d(x, conv1_weight, conv1_bias, conv1_padding, pool1)
-    h = reference_conv_sigmoid_avgpool2d(h, conv2_weight, conv2_bias, conv2_padding, pool2).flatten(1)
-    h = torch.sigmoid(F.linear(h, fc1_weight, fc1_bias))
-    h = torch.sigmoid(F.linear(h, fc2_weight, fc2_bias))
-    return F.linear(h, fc3_weight, fc3_bias)
+    p = LeNetParams(*params)
+    h = reference_conv_sigmoid_avgpool2d(x, p.conv1_weight, p.conv1_bias, p.conv1_padding, p.pool1)
+    h = reference_conv_sigmoid_avgpool2d(h, p.conv2_weight, p.conv2_bias, p.conv2_padding, p.pool2).flatten(1)
+    h = torch.sigmoid(F.linear(h, p.fc1_weight, p.fc1_bias))
+    h = torch.sigmoid(F.linear(h, p.fc2_weight, p.fc2_bias))
+    return F.linear(h, p.fc3_weight, p.fc3_bias)
 
 
 def _check_linear(op, x, weight, bias, name):
@@ -209,13 +212,14 @@ def _check_linear(op, x, weight, bias, name):
     torch._check_value(bias.device == x.device, lambda: f"{op}: expected {name}_bias on x's device {x.device}, got {bias.device}")
 
 
-def _lenet_activations(op, x, conv1_weight, conv1_bias, conv1_padding, pool1, conv2_weight, conv2_bias,
-                       conv2_padding, pool2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc3_weight, fc3_bias):
+def _lenet_activations(op, x, *params):
     """Empty (logits, block1, block2, fc1, fc2) as lenet_train_forward returns them; checks the arguments."""
-    block1 = x.new_empty(_output_shape(x, conv1_weight, conv1_bias, conv1_padding, pool1))
-    n, c, h, w = _output_shape(block1, conv2_weight, conv2_bias, conv2_padding, pool2)
+    p = LeNetParams(*params)
+    block1 = x.new_empty(_output_shape(x, p.conv1_weight, p.conv1_bias, p.conv1_padding, p.pool1))
+    n, c, h, w = _output_shape(block1, p.conv2_weight, p.conv2_bias, p.conv2_padding, p.pool2)
     outs = [block1, x.new_empty((n, c * h * w))]
-    for name, weight, bias in (("fc1", fc1_weight, fc1_bias), ("fc2", fc2_weight, fc2_bias), ("fc3", fc3_weight, fc3_bias)):
+    for name in ("fc1", "fc2", "fc3"):
+        weight, bias = getattr(p, f"{name}_weight"), getattr(p, f"{name}_bias")
         _check_linear(op, outs[-1], weight, bias, name)
         outs.append(x.new_empty((n, weight.shape[0])))
     block1, block2, fc1, fc2, logits = outs
