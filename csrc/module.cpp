@@ -16,17 +16,23 @@
 
 namespace {
 
-// _C.cpu_kernel(): which CPU kernels float32 calls run on now.
-PyObject* cpu_kernel(PyObject*, PyObject*) {
+// Runs f() and returns its result; a C++ exception becomes the Python one
+// (ValueError for a bad value, RuntimeError otherwise) and nullptr.
+template <typename F>
+PyObject* python_errors(F&& f) {
   try {
-    return PyUnicode_FromString(lenet_ext::cpu::selected_kernel_name());
+    return f();
   } catch (const c10::ValueError& e) {
     PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
-    return nullptr;
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
-    return nullptr;
   }
+  return nullptr;
+}
+
+// _C.cpu_kernel(): which CPU kernels float32 calls run on now.
+PyObject* cpu_kernel(PyObject*, PyObject*) {
+  return python_errors([] { return PyUnicode_FromString(lenet_ext::cpu::selected_kernel_name()); });
 }
 
 // _C.set_cpu_kernel(name): runs later float32 calls on other CPU kernels
@@ -37,16 +43,10 @@ PyObject* set_cpu_kernel(PyObject*, PyObject* name) {
     if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "set_cpu_kernel: expected a str");
     return nullptr;
   }
-  try {
+  return python_errors([utf8] {
     lenet_ext::cpu::select_kernel(utf8);
-  } catch (const c10::ValueError& e) {
-    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
-    return nullptr;
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
-    return nullptr;
-  }
-  Py_RETURN_NONE;
+    Py_RETURN_NONE;
+  });
 }
 
 PyMethodDef module_methods[] = {
