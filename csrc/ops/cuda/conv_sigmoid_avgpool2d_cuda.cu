@@ -98,8 +98,11 @@ __global__ void input_grad_kernel(const acc_t* __restrict__ dz, const scalar_t* 
 }
 
 // blockIdx.x picks one weight element (or, past the weights, one bias),
-// blockIdx.y one chunk of the batch. Threads take images of the chunk in
-// turn and the block reduces their sums into partials[chunk, element].
+// blockIdx.y one chunk of the batch. The block's threads walk the chunk's
+// conv outputs in memory order (image, row, column), so that neighbouring
+// threads read neighbouring columns of dz and of x: coalesced loads. Each
+// thread's sum, then the block's tree reduction, run in a fixed order, so
+// partials[chunk, element] is bitwise repeatable.
 template <typename scalar_t, typename acc_t>
 __global__ void param_grad_kernel(const acc_t* __restrict__ dz, const scalar_t* __restrict__ x,
                                   acc_t* __restrict__ partials, ConvPoolGeometry g,
@@ -107,24 +110,29 @@ __global__ void param_grad_kernel(const acc_t* __restrict__ dz, const scalar_t* 
   const int64_t weight_numel = g.out_channels * g.in_channels * g.kernel * g.kernel;
   const int64_t element = blockIdx.x;
   const int64_t chunk = blockIdx.y;
-  const int64_t dz_image = g.out_channels * pooled_extent(g.out_height, g.pool) *
-                           pooled_extent(g.out_width, g.pool);
+  const int64_t ext_w = pooled_extent(g.out_width, g.pool);
+  const int64_t positions = pooled_extent(g.out_height, g.pool) * ext_w;
   const int64_t n_begin = chunk * images_per_chunk;
   const int64_t n_end = min(n_begin + images_per_chunk, g.batch);
+  const bool is_weight = element < weight_numel;
+  const int64_t co = is_weight ? element / (g.kernel * g.kernel * g.in_channels) : element - weight_numel;
+  const int64_t ci = (element / (g.kernel * g.kernel)) % g.in_channels;
+  const int64_t kh = (element / g.kernel) % g.kernel;
+  const int64_t kw = element % g.kernel;
 
   acc_t sum = 0;
-  for (int64_t n = n_begin + threadIdx.x; n < n_end; n += blockDim.x) {
-    if (element < weight_numel) {
-      const int64_t kw = element % g.kernel;
-      const int64_t kh = (element / g.kernel) % g.kernel;
-      const int64_t ci = (element / (g.kernel * g.kernel)) % g.in_channels;
-      const int64_t co = element / (g.kernel * g.kernel * g.in_channels);
-      sum += weight_grad<scalar_t, acc_t>(dz + n * dz_image,
-                                          x + n * g.in_channels * g.height * g.width, g, co,
-                                          ci, kh, kw);
-    } else {
-      sum += bias_grad<acc_t>(dz + n * dz_image, g, element - weight_numel);
+  for (int64_t t = threadIdx.x; t < (n_end - n_begin) * positions; t += blockDim.x) {
+    const int64_t n = n_begin + t / positions;
+    const int64_t pos = t % positions;
+    const acc_t d = dz[(n * g.out_channels + co) * positions + pos];
+    if (!is_weight) {
+      sum += d;
+      continue;
     }
+    const int64_t ih = pos / ext_w + kh - g.padding;
+    const int64_t iw = pos % ext_w + kw - g.padding;
+    if (ih >= 0 && ih < g.height && iw >= 0 && iw < g.width)
+      sum += d * acc_t(x[((n * g.in_channels + ci) * g.height + ih) * g.width + iw]);
   }
 
   __shared__ acc_t block_sums[kThreads];
@@ -172,9 +180,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   const bool need_x = call.need_x, need_w = call.need_weight, need_b = call.need_bias;
   // At least 1: check_forward_args refuses C_out = 0.
   const int64_t param_numel = weight.numel() + g.out_channels;
-  // Enough batch chunks to fill the GPU, but no fewer than a block's worth
-  // of images each.
-  const int64_t max_chunks = std::max<int64_t>(1, (g.batch + kThreads - 1) / kThreads);
+  // Enough batch chunks to fill the GPU, but a block's worth of conv outputs
+  // (kThreads) in each at least.
+  const int64_t positions = pooled_extent(g.out_height, g.pool) * pooled_extent(g.out_width, g.pool);
+  const int64_t min_images = std::max<int64_t>(1, (kThreads + positions - 1) / std::max<int64_t>(1, positions));
+  const int64_t max_chunks = std::max<int64_t>(1, (g.batch + min_images - 1) / min_images);
   const int64_t wanted_chunks =
       (2 * multiprocessor_count(x.device().index()) + param_numel - 1) / param_numel;
   const int64_t chunks = std::max<int64_t>(1, std::min(max_chunks, wanted_chunks));

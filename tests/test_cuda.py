@@ -1,0 +1,169 @@
+"""CUDA-only behaviour: capture in CUDA graphs, streams, 64-bit indexing, and the
+weight-gradient kernel's reads. Skipped, and saying so, without a GPU; the
+CUDA variants of the parity, gradcheck, opcheck and compile tests live beside
+their CPU ones (the `device` parameter)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lenet_ext import LeNet
+from lenet_ext.ops import conv_sigmoid_avgpool2d, reference_conv_sigmoid_avgpool2d
+
+from conftest import LENET_TOLERANCES, requires_cuda, twin_pair
+
+pytestmark = requires_cuda
+
+
+def test_inference_is_captured_and_replayed_in_a_cuda_graph():
+    """Capture fails on any host synchronisation, so this proves the forward path has none."""
+    net, ref = twin_pair(device="cuda")
+    net.eval()
+    static_x = torch.rand(64, 1, 28, 28, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(3):  # warm-up outside the graph, as CUDA graphs require
+            net(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_out = net(static_x)
+    for _ in range(2):
+        x = torch.rand(64, 1, 28, 28, device="cuda")
+        static_x.copy_(x)
+        graph.replay()
+        with torch.no_grad():
+            torch.testing.assert_close(static_out, ref(x), **LENET_TOLERANCES[torch.float32])
+
+
+def test_training_step_is_captured_and_replayed_in_a_cuda_graph():
+    """Forward, backward and an SGD step in one graph, replayed on new data."""
+    net, ref = twin_pair(device="cuda")
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    static_x = torch.rand(32, 1, 28, 28, device="cuda")
+    static_y = torch.randint(0, 10, (32,), device="cuda")
+
+    def step():
+        opt.zero_grad(set_to_none=False)
+        loss = F.cross_entropy(net(static_x), static_y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step()
+    # Capture records the step without running it: from here on, the graph
+    # and the reference take the same steps on the same data.
+    ref.load_state_dict(net.state_dict())
+    for _ in range(3):
+        x, y = torch.rand(32, 1, 28, 28, device="cuda"), torch.randint(0, 10, (32,), device="cuda")
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+        ref_opt.zero_grad()
+        ref_loss = F.cross_entropy(ref(x), y)
+        ref_loss.backward()
+        ref_opt.step()
+        torch.testing.assert_close(static_loss, ref_loss.detach(), **LENET_TOLERANCES[torch.float32])
+    for p, q in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-3)
+
+
+def test_compile_reduce_overhead_captures_lenet():
+    net, ref = twin_pair(device="cuda")
+    compiled = torch.compile(net, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        x = torch.rand(16, 1, 28, 28, device="cuda")
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x).clone(), ref(x), **LENET_TOLERANCES[torch.float32])
+
+
+def test_operator_runs_on_the_current_stream():
+    """Work queued on a side stream is ordered by that stream alone: no implicit default-stream use."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 6, 14, 14, generator=gen).cuda()
+    w = (torch.randn(16, 6, 5, 5, generator=gen) / 5).cuda().requires_grad_()
+    b = torch.randn(16, generator=gen).cuda().requires_grad_()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # keeps the side stream busy, so a default-stream kernel would race ahead
+        out = conv_sigmoid_avgpool2d(x, w, b, 0, 2)
+        gw, gb = torch.autograd.grad(out.square().sum(), (w, b))
+    torch.cuda.current_stream().wait_stream(side)
+    want = reference_conv_sigmoid_avgpool2d(x.double(), w.double(), b.double(), 0, 2)
+    want_gw, want_gb = torch.autograd.grad(want.square().sum(), (w, b))
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-4)
+    torch.testing.assert_close(gw.double(), want_gw.double(), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(gb.double(), want_gb.double(), atol=1e-3, rtol=1e-3)
+
+
+def test_forward_past_2_to_the_31_input_elements():
+    """Indices past int32 in the forward kernel: x of 2^31 + 2^20 elements (8 GiB of float32)."""
+    needed = 12 * 2**30
+    free, _ = torch.cuda.mem_get_info()
+    if free < max(needed, 24 * 2**30):
+        pytest.skip(f"needs 24 GB of free GPU memory, {free / 2**30:.0f} GiB free")
+    c_in, side = 1, 32
+    batch = (2**31 + 2**20) // (c_in * side * side) + 1
+    x = torch.empty(batch, c_in, side, side, device="cuda").uniform_()
+    w = torch.randn(2, c_in, 5, 5, device="cuda") / 5
+    b = torch.randn(2, device="cuda")
+    out = conv_sigmoid_avgpool2d(x, w, b, 0, 2)
+    assert x.numel() > 2**31
+    for rows in (slice(0, 3), slice(batch - 3, batch)):  # the first and the last images
+        want = reference_conv_sigmoid_avgpool2d(x[rows].double(), w.double(), b.double(), 0, 2)
+        torch.testing.assert_close(out[rows].double(), want, atol=2e-5, rtol=2e-4)
+
+
+@pytest.mark.parametrize("batch", [1, 31, 257, 4100])
+def test_weight_gradient_over_many_images(batch):
+    """The weight-gradient reduction over image tiles, against float64, at batches around its tile sizes."""
+    gen = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, 6, 14, 14, generator=gen, dtype=torch.float64)
+    w = (torch.randn(16, 6, 5, 5, generator=gen, dtype=torch.float64) / 5).requires_grad_()
+    b = torch.randn(16, generator=gen, dtype=torch.float64).requires_grad_()
+    grad_out = torch.randn(batch, 16, 5, 5, generator=gen, dtype=torch.float64)
+    want = torch.autograd.grad(reference_conv_sigmoid_avgpool2d(x, w, b, 0, 2), (w, b), grad_out)
+    wc, bc = (t.detach().float().cuda().requires_grad_() for t in (w, b))
+    got = torch.autograd.grad(conv_sigmoid_avgpool2d(x.float().cuda(), wc, bc, 0, 2), (wc, bc), grad_out.float().cuda())
+    for g, expected in zip(got, want):
+        torch.testing.assert_close(g.double().cpu(), expected, atol=1e-4 * batch**0.5, rtol=1e-3)
+    again = torch.autograd.grad(conv_sigmoid_avgpool2d(x.float().cuda(), wc, bc, 0, 2), (wc, bc), grad_out.float().cuda())
+    assert all(torch.equal(a, c) for a, c in zip(got, again)), "the reduction order is fixed: bitwise repeatable"
+
+
+def test_lenet_training_matches_the_cpu():
+    net, _ = twin_pair()
+    net_cuda, _ = twin_pair(device="cuda")
+    x = torch.rand(70, 1, 28, 28)
+    y = torch.randint(0, 10, (70,))
+    F.cross_entropy(net(x), y).backward()
+    F.cross_entropy(net_cuda(x.cuda()), y.cuda()).backward()
+    for p, q in zip(net.parameters(), net_cuda.parameters()):
+        torch.testing.assert_close(q.grad.cpu(), p.grad, atol=1e-5, rtol=1e-3)
+
+
+def test_lenet_with_a_hook_runs_the_operator_per_block_on_cuda():
+    net, ref = twin_pair(device="cuda")
+    net[8].register_forward_hook(lambda m, i, o: None)
+    x = torch.rand(8, 1, 28, 28, device="cuda")
+    torch.testing.assert_close(net(x), ref(x), **LENET_TOLERANCES[torch.float32])
+
+
+def test_lenet_state_moves_between_devices():
+    net = LeNet().cuda()
+    cpu_net = LeNet()
+    cpu_net.load_state_dict({k: v.cpu() for k, v in net.state_dict().items()})
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x.cuda()).cpu(), cpu_net(x), **LENET_TOLERANCES[torch.float32])
