@@ -1,0 +1,186 @@
+"""Verifies lenet_ext's CUDA path on the GPU at hand, in one command.
+
+    python scripts/verify_cuda.py OUT_DIR
+
+Builds the extension in place for the visible GPU's architecture, runs the
+whole test suite, runs compute-sanitizer (memcheck, racecheck, synccheck,
+initcheck) over scripts/cuda_sanitizer_workload.py, and runs
+benchmarks/bench.py on CUDA. Every stage writes its log into OUT_DIR, the
+benchmark its results.json and throughput.png; a summary table comes last,
+and the exit status is 0 only when every stage passed.
+
+Nothing is installed: the build uses the torch, setuptools and ninja already
+there (pip's build isolation would need the network). Sized for a one-GPU
+H100/H200 machine with 16 cores, about 8 minutes in all; --budget sets the
+seconds the stages may take together, and the benchmark gets what the
+others leave. Without a GPU (--no-gpu-ok) the script runs what it can on the
+CPU, for checking the script itself.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
+
+
+class Stage:
+    def __init__(self, name):
+        self.name, self.status, self.detail, self.seconds = name, "not run", "", 0.0
+
+
+def run(cmd, log_path, timeout, env=None):
+    """Runs cmd in the repository with its output in log_path; returns (exit
+    code, or None on timeout, and seconds). The source tree comes first on
+    the import path: the build is in place, nothing is installed."""
+    start = time.monotonic()
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        try:
+            code = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=max(1, timeout),
+                                  env={**os.environ, "PYTHONPATH": ROOT, **(env or {})}).returncode  # fmt: skip
+        except subprocess.TimeoutExpired:
+            code = None
+            log.write(f"\n[verify_cuda] stopped after {timeout:.0f} s\n")
+    return code, time.monotonic() - start
+
+
+def tail(path, lines=15):
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-lines:])
+
+
+def gpu_facts():
+    """(name, 'major.minor', torch facts) of GPU 0, or None without one."""
+    code = "import json, torch; print(json.dumps(dict(torch=torch.__version__, cuda=torch.version.cuda, " \
+           "gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, " \
+           "capability=list(torch.cuda.get_device_capability(0)) if torch.cuda.is_available() else None)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def find_compute_sanitizer():
+    found = shutil.which("compute-sanitizer")
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        candidate = os.path.join(home, "bin", "compute-sanitizer") if home else None
+        if not found and candidate and os.path.exists(candidate):
+            found = candidate
+    return found
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir")
+    parser.add_argument("--budget", type=float, default=450, help="seconds for all stages together (default 450)")
+    parser.add_argument("--no-gpu-ok", action="store_true", help="without a GPU, run what the CPU can")
+    args = parser.parse_args(argv)
+    out = os.path.abspath(args.out_dir)
+    os.makedirs(out, exist_ok=True)
+    deadline = time.monotonic() + args.budget
+    left = lambda: deadline - time.monotonic()  # noqa: E731
+    stages = {name: Stage(name) for name in ("build", "tests", *SANITIZER_TOOLS, "bench")}
+
+    facts = gpu_facts()
+    with open(os.path.join(out, "environment.json"), "w") as f:
+        json.dump(facts, f, indent=1)
+    has_gpu = facts["gpu"] is not None
+    print(f"torch {facts['torch']} (CUDA {facts['cuda']}), GPU: {facts['gpu'] or 'none'}", flush=True)
+    if not has_gpu and not args.no_gpu_ok:
+        sys.exit("verify_cuda: no CUDA device is visible (torch.cuda.is_available() is False); "
+                 "--no-gpu-ok runs the CPU part only")  # fmt: skip
+
+    # Build: machine code for this GPU only, all cores.
+    build_env = {"FORCE_CUDA": "1" if facts["cuda"] else "0", "MAX_JOBS": str(os.cpu_count() or 4)}
+    if has_gpu:
+        build_env["TORCH_CUDA_ARCH_LIST"] = "{}.{}".format(*facts["capability"])
+    stage = stages["build"]
+    code, stage.seconds = run([sys.executable, "setup.py", "build_ext", "--inplace"], os.path.join(out, "build.log"),
+                              min(240, left()), env=build_env)  # fmt: skip
+    stage.status = "passed" if code == 0 else "FAILED"
+    stage.detail = "arch " + build_env["TORCH_CUDA_ARCH_LIST"] if has_gpu else "setup.py's default archs (no GPU)"
+    if code != 0:
+        return finish(stages, out, tail(os.path.join(out, "build.log")))
+
+    # The whole suite, CUDA variants included.
+    stage = stages["tests"]
+    junit = os.path.join(out, "tests.xml")
+    code, stage.seconds = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"],
+                              os.path.join(out, "tests.log"), min(240, left() - 120))  # fmt: skip
+    stage.status = "passed" if code == 0 else ("TIMED OUT" if code is None else "FAILED")
+    if os.path.exists(junit):
+        suite = ET.parse(junit).getroot()
+        suite = suite if suite.tag == "testsuite" else suite[0]
+        counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+        stage.detail = "{} run, {} failed, {} errors, {} skipped".format(*counts.values())
+
+    # compute-sanitizer over a small workload that reaches every CUDA kernel.
+    sanitizer = find_compute_sanitizer()
+    workload = [sys.executable, os.path.join("scripts", "cuda_sanitizer_workload.py")]
+    if not has_gpu:  # the workload itself, on the CPU, so that a GPU run does not meet its bugs first
+        code, _ = run(workload + ["--device", "cpu"], os.path.join(out, "workload-cpu.log"), min(120, left()))
+        for tool in SANITIZER_TOOLS:
+            stages[tool].status = "unavailable"
+            stages[tool].detail = "no GPU; the workload on the CPU " + ("passed" if code == 0 else "FAILED")
+    for tool in SANITIZER_TOOLS if has_gpu else ():
+        stage = stages[tool]
+        if sanitizer is None:
+            stage.status, stage.detail = "unavailable", "compute-sanitizer not found"
+            continue
+        log = os.path.join(out, f"sanitizer-{tool}.log")
+        cmd = [sanitizer, "--tool", tool, "--error-exitcode", "99", "--print-limit", "50"]
+        if tool == "racecheck":
+            cmd += ["--racecheck-report", "all"]
+        code, stage.seconds = run(cmd + workload, log, min(90, left() - 60))
+        summary = re.findall(r"ERROR SUMMARY: (\d+) error", tail(log, 40))
+        errors = int(summary[-1]) if summary else None
+        stage.status = "passed" if code == 0 and errors == 0 else ("TIMED OUT" if code is None else "FAILED")
+        stage.detail = f"{errors} errors" if errors is not None else tail(log, 3).strip().replace("\n", " | ")[:120]
+
+    # The benchmark, with what time is left: first without the torch.compile
+    # providers (quick, so that lenet_ext against eager always comes back),
+    # then the whole table, whose compiles take most of its time.
+    stage = stages["bench"]
+    bench = [sys.executable, os.path.join("benchmarks", "bench.py"), "--quiet", "--modes", "inference,training"]
+    if has_gpu:
+        bench += ["--devices", "cuda", "--batch-sizes", "1,256,8192,65536"]
+    else:
+        bench += ["--devices", "cpu", "--batch-sizes", "1,256"]
+    quick = bench + ["--no-compile", "--output-dir", os.path.join(out, "bench-no-compile")]
+    code, stage.seconds = run(quick, os.path.join(out, "bench-no-compile.log"), left())
+    if code == 0 and left() > 30:
+        code, seconds = run(bench + ["--output-dir", os.path.join(out, "bench")], os.path.join(out, "bench.log"), left())
+        stage.seconds += seconds
+        stage.detail = "bench/: results.json, throughput.png" if code == 0 else "the whole table: see bench.log"
+    elif code == 0:
+        code, stage.detail = None, "no time left for the torch.compile providers; bench-no-compile/ has the rest"
+    stage.status = "passed" if code == 0 else ("TIMED OUT" if code is None else "FAILED")
+    return finish(stages, out, None)
+
+
+def finish(stages, out, failure_tail):
+    if failure_tail:
+        print(failure_tail)
+    lines = ["| stage | status | seconds | detail |", "|---|---|---|---|"]
+    lines += [f"| {s.name} | {s.status} | {s.seconds:.0f} | {s.detail} |" for s in stages.values()]
+    table = "\n".join(lines)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(table + "\n")
+    for log in ("bench.log", "bench-no-compile.log"):
+        if os.path.exists(os.path.join(out, log)):
+            print(tail(os.path.join(out, log), 60))
+            break
+    print(f"\nlogs in {out}\n\n{table}")
+    ok = all(s.status in ("passed", "unavailable") for s in stages.values())
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
