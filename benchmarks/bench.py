@@ -295,6 +295,7 @@ def plot(rows, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     panels = list(dict.fromkeys((r["device"], r["mode"]) for r in rows if not r["mode"].startswith("layer")))
     if not panels:
@@ -305,7 +306,10 @@ def plot(rows, path):
         for provider in dict.fromkeys(r["provider"] for r in panel):
             pts = sorted((r["batch"], r["images_per_s"]) for r in panel if r["provider"] == provider)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
+        batches = sorted({r["batch"] for r in panel})
         ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])  # the batch sizes run, not powers of two
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_yscale("log")
         ax.set_xlabel("batch size")
         ax.set_ylabel("images/s")

@@ -184,22 +184,31 @@ def train(args) -> Dict[str, Dict[str, List[float]]]:
 
 
 def plot_history(history, path: str) -> None:
+    """Loss and accuracy per epoch, one colour per model in both panels.
+
+    With --compare the two models follow the same curve, so lenet_ext's
+    lines are solid and thick and the reference's dashed and thin on top of
+    them: where they coincide, both stay visible.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    styles = {
+        "lenet_ext": dict(color="tab:blue", linestyle="-", linewidth=3.0, alpha=0.6),
+        "torch": dict(color="tab:orange", linestyle="--", linewidth=1.2),
+    }
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, h in history.items():
+        style = styles.get(name, {})
         epochs = range(1, len(h["loss"]) + 1)
-        ax_loss.plot(epochs, h["loss"], label=f"{name} train loss")
-        ax_acc.plot(epochs, h["train_acc"], label=f"{name} train acc")
-        ax_acc.plot(epochs, h["test_acc"], "--", label=f"{name} test acc")
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("cross-entropy")
-    ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel("accuracy")
-    ax_acc.set_ylim(0, 1)
+        ax_loss.plot(epochs, h["loss"], label=name, **style)
+        ax_acc.plot(epochs, h["train_acc"], label=f"{name} train", **style)
+        ax_acc.plot(epochs, h["test_acc"], label=f"{name} test", marker="o", markevery=max(1, len(h["loss"]) // 10),
+                    markersize=4, **style)  # fmt: skip
+    ax_loss.set(title="Training loss", xlabel="epoch", ylabel="cross-entropy")
+    ax_acc.set(title="Accuracy (markers: test set)", xlabel="epoch", ylabel="accuracy", ylim=(0, 1))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()

@@ -30,6 +30,12 @@ BAD_INPUTS = {
     "bias_wrong_size": (lenet_layer2(bias=torch.randn(15)), ValueError, r"bias to be 1-d of size C_out = 16"),
     "mixed_dtypes": (lenet_layer2(weight=torch.randn(16, 6, 5, 5, dtype=torch.float64)), TypeError, r"weight to have x's dtype"),
     "bias_dtype": (lenet_layer2(bias=torch.randn(16, dtype=torch.float64)), TypeError, r"bias to have x's dtype"),
+    # torch's conv2d lets mixed dtypes through when the batch is empty; lenet_ext refuses them always.
+    "mixed_dtypes_empty_batch": (
+        lenet_layer2(x=torch.randn(0, 6, 14, 14), weight=torch.randn(16, 6, 5, 5, dtype=torch.float64), bias=None),
+        TypeError,
+        r"weight to have x's dtype",
+    ),
     "integer_x": (
         lenet_layer2(x=torch.ones(2, 6, 14, 14, dtype=torch.int32), weight=torch.ones(16, 6, 5, 5, dtype=torch.int32), bias=None),
         TypeError,

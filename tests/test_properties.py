@@ -74,8 +74,11 @@ def test_operator_matches_the_reference_or_raises_where_it_does(case):
     note(f"x {tuple(x.shape)} {x.dtype} {layouts}, weight {tuple(weight.shape)} {weight.dtype}, padding {padding}, pool {pool}")
 
     ref_out, ref_error = reference_or_error(x, weight, bias, padding, pool)
-    event("invalid: the reference raises" if ref_error is not None else "valid")
-    if ref_error is not None:
+    # Mixed dtypes are refused always; torch's conv2d lets them through when
+    # the batch is empty.
+    invalid = ref_error is not None or weight.dtype != x.dtype
+    event("invalid: the reference raises, or mixed dtypes" if invalid else "valid")
+    if invalid:
         with pytest.raises((ValueError, TypeError)):
             conv_sigmoid_avgpool2d(x, weight, bias, padding, pool)
         with FakeTensorMode() as mode, pytest.raises((ValueError, TypeError)):
