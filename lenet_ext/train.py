@@ -184,7 +184,7 @@ def train(args) -> Dict[str, Dict[str, List[float]]]:
 
 
 def plot_history(history, path: str) -> None:
-    """Loss and accuracy per epoch, one colour per model in both panels.
+    """Loss, train and test accuracy per epoch, one colour per model in every panel.
 
     With --compare the two models follow the same curve, so lenet_ext's
     lines are solid and thick and the reference's dashed and thin on top of
@@ -199,17 +199,15 @@ def plot_history(history, path: str) -> None:
         "lenet_ext": dict(color="tab:blue", linestyle="-", linewidth=3.0, alpha=0.6),
         "torch": dict(color="tab:orange", linestyle="--", linewidth=1.2),
     }
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, h in history.items():
-        style = styles.get(name, {})
-        epochs = range(1, len(h["loss"]) + 1)
-        ax_loss.plot(epochs, h["loss"], label=name, **style)
-        ax_acc.plot(epochs, h["train_acc"], label=f"{name} train", **style)
-        ax_acc.plot(epochs, h["test_acc"], label=f"{name} test", marker="o", markevery=max(1, len(h["loss"]) // 10),
-                    markersize=4, **style)  # fmt: skip
-    ax_loss.set(title="Training loss", xlabel="epoch", ylabel="cross-entropy")
-    ax_acc.set(title="Accuracy (markers: test set)", xlabel="epoch", ylabel="accuracy", ylim=(0, 1))
-    for ax in (ax_loss, ax_acc):
+    panels = (("loss", "Training loss", "cross-entropy"), ("train_acc", "Train accuracy", "accuracy"),
+              ("test_acc", "Test accuracy", "accuracy"))  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.2))
+    for ax, (key, title, ylabel) in zip(axes, panels):
+        for name, h in history.items():
+            ax.plot(range(1, len(h[key]) + 1), h[key], label=name, **styles.get(name, {}))
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+        if key != "loss":
+            ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
