@@ -123,7 +123,25 @@ def extension():
     )
 
 
+class BuildExtension(cpp_extension.BuildExtension):
+    """Also writes lenet_ext/_build_info.py: the torch this binary is built
+    against, readable without loading the binary, so that a mismatch is
+    reported with both versions even when the binary cannot load."""
+
+    def run(self):
+        text = (
+            "# Written by setup.py when lenet_ext._C is built; read before _C is loaded.\n"
+            f"TORCH_VERSION = {torch.__version__!r}\n"
+        )
+        # The source tree serves in-place and editable builds, build_lib a wheel.
+        for root in {".", self.build_lib}:
+            os.makedirs(os.path.join(root, "lenet_ext"), exist_ok=True)
+            with open(os.path.join(root, "lenet_ext", "_build_info.py"), "w") as f:
+                f.write(text)
+        super().run()
+
+
 setup(
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    cmdclass={"build_ext": BuildExtension},
 )

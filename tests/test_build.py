@@ -1,6 +1,7 @@
 """What the build reports, and how it fails when torch is missing or mismatched."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -34,10 +35,22 @@ def test_info_command():
     assert "torch_built_against" in out and torch.__version__ in out and "cuda_kernels" in out
 
 
-def test_mismatched_torch_asks_for_a_rebuild(monkeypatch):
-    monkeypatch.setattr(lenet_ext._C, "torch_version", "0.0.0-other")
-    with pytest.raises(ImportError, match=r"built against torch 0\.0\.0-other.*\n.*Rebuild"):
+@pytest.mark.parametrize("record", ["build_info", "binary"])
+def test_mismatched_torch_names_both_versions_and_asks_for_a_rebuild(record, monkeypatch):
+    """The plain-Python record is read before the binary loads; the binary's own record backs it up."""
+    from lenet_ext import _build_info
+
+    target = _build_info if record == "build_info" else lenet_ext._C
+    monkeypatch.setattr(target, "TORCH_VERSION" if record == "build_info" else "torch_version", "0.0.0-other")
+    expected = rf"built against torch 0\.0\.0-other but torch {re.escape(torch.__version__)} is installed.*\n.*Rebuild"
+    with pytest.raises(ImportError, match=expected):
         _extension.load()
+
+
+def test_build_info_file_records_the_torch_of_the_binary():
+    from lenet_ext import _build_info
+
+    assert _build_info.TORCH_VERSION == lenet_ext._C.torch_version == torch.__version__
 
 
 def test_setup_without_torch_stops_with_instructions():
