@@ -89,20 +89,39 @@ class LeNet(FusedSequential):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28):
         super().__init__(*_lenet_layers(num_classes, in_channels, image_size))
+        self.image_size = image_size
 
     def forward(self, x: Tensor) -> Tensor:
         # The whole network is one operator call, and with autograd one graph
         # node: at small batches the dispatches, not the arithmetic, are most
         # of the time, and at large ones a tile of images stays in cache
         # through all the layers.
-        if x.dtype in _FUSED_DTYPES and x.device.type in _FUSED_DEVICES and x.dim() == 4:
+        if x.dtype in _FUSED_DTYPES and x.device.type in _FUSED_DEVICES:
             layers = tuple(self._modules.values())
-            if _is_reference_layout(layers):
+            if x.dim() == 4 and _is_reference_layout(layers):
                 args = lenet_args(x, layers)
-                if torch.is_grad_enabled() and _records_gradients(x, layers):
-                    return ops.lenet_train_forward(*args)
-                return ops.lenet_forward(*args)
+                try:
+                    if torch.is_grad_enabled() and _records_gradients(x, layers):
+                        return ops.lenet_train_forward(*args)
+                    return ops.lenet_forward(*args)
+                except ValueError as e:
+                    self._check_input(x, e)
+                    raise
+            if x.dim() != 4 and _is_reference_layout(layers):
+                self._check_input(x, None)
         return super().forward(x)
+
+    def _check_input(self, x: Tensor, error) -> None:
+        """Raises the error a user needs when x's shape, not a layer, is what does not fit."""
+        expected = (self[0].in_channels, self.image_size, self.image_size)
+        if x.dim() == 4 and tuple(x.shape[1:]) == expected:
+            return
+        raise ValueError(
+            f"LeNet(in_channels={expected[0]}, image_size={self.image_size}) expects input of shape "
+            f"(N, {expected[0]}, {self.image_size}, {self.image_size}) (batch, channels, height, width), "
+            f"got {tuple(x.shape)}"
+            + (". A single image needs its batch dimension: x.unsqueeze(0)." if x.dim() == 3 else "")
+        ) from error
 
     def __getitem__(self, idx):
         # A slice is no longer a whole LeNet; keep its layers, and its fusion.

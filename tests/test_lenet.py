@@ -334,3 +334,26 @@ def test_gradient_penalty_matches_the_reference(device):
     assert grads[1][0].abs().max() > 0
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize(
+    "shape, hint",
+    [((2, 1, 32, 32), ""), ((2, 28, 28), "batch dimension"), ((2, 3, 28, 28), ""), ((1, 1, 20, 20), "")],
+    ids=["32x32", "no_channel_dim", "3_channels", "too_small"],
+)
+@pytest.mark.parametrize("mode", ["train", "inference"])
+def test_input_of_the_wrong_shape_is_named(shape, hint, mode):
+    """The user is told what LeNet expects and what it got, not which weight of an internal operator failed."""
+    net = LeNet()
+    context = torch.inference_mode() if mode == "inference" else contextlib.nullcontext()
+    with context, pytest.raises(ValueError, match=r"expects input of shape \(N, 1, 28, 28\)") as info:
+        net(torch.rand(shape))
+    assert str(tuple(shape)) in str(info.value) and hint in str(info.value)
+    assert "lenet_train_forward" not in str(info.value) and "lenet_forward" not in str(info.value)
+
+
+def test_input_error_follows_the_configuration():
+    net = LeNet(in_channels=3, image_size=32)
+    with pytest.raises(ValueError, match=r"expects input of shape \(N, 3, 32, 32\)"):
+        net(torch.rand(2, 1, 28, 28))
+    assert net(torch.rand(2, 3, 32, 32)).shape == (2, 10)
