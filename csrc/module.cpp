@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include "ops/cpu/simd/simd_kernels.h"
+#include "ops/lenet.h"
 
 #ifndef LENET_EXT_TORCH_VERSION
 #error "setup.py defines LENET_EXT_TORCH_VERSION"
@@ -49,7 +50,28 @@ PyObject* set_cpu_kernel(PyObject*, PyObject* name) {
   });
 }
 
+// _C.set_cuda_kernel(name): "fused" (the default) or "reference", the names
+// LENET_EXT_CUDA_KERNEL takes; the tests use it to run both.
+PyObject* set_cuda_kernel(PyObject*, PyObject* name) {
+  const char* utf8 = PyUnicode_Check(name) ? PyUnicode_AsUTF8(name) : nullptr;
+  if (utf8 == nullptr) {
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "set_cuda_kernel: expected a str");
+    return nullptr;
+  }
+  return python_errors([utf8] {
+    lenet_ext::select_cuda_kernel(utf8);
+    Py_RETURN_NONE;
+  });
+}
+
+// _C.cuda_kernel(): which CUDA kernels lenet_forward runs.
+PyObject* cuda_kernel(PyObject*, PyObject*) {
+  return python_errors([] { return PyUnicode_FromString(lenet_ext::cuda_reference_selected() ? "reference" : "fused"); });
+}
+
 PyMethodDef module_methods[] = {
+    {"cuda_kernel", cuda_kernel, METH_NOARGS, "The CUDA kernels lenet_forward runs: fused or reference."},
+    {"set_cuda_kernel", set_cuda_kernel, METH_O, "Runs lenet_forward's later CUDA calls on fused or reference kernels."},
     {"cpu_kernel", cpu_kernel, METH_NOARGS, "The CPU kernels float32 calls run on now."},
     {"set_cpu_kernel", set_cpu_kernel, METH_O,
      "Runs later float32 calls on the named CPU kernels (generic, baseline, avx2, avx512, auto)."},

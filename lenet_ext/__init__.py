@@ -39,6 +39,8 @@ def build_info() -> dict:
         "cpu_threads": torch.get_num_threads(),
         # float32 kernels in use; LENET_EXT_CPU_KERNEL=generic|baseline|avx2|avx512 overrides.
         "cpu_kernel": _C.cpu_kernel(),
+        # lenet_forward on CUDA: fused (one launch) or reference; LENET_EXT_CUDA_KERNEL overrides.
+        "cuda_kernel": _C.cuda_kernel(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
 

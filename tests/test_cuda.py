@@ -167,3 +167,27 @@ def test_lenet_state_moves_between_devices():
     x = torch.rand(4, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(net(x.cuda()).cpu(), cpu_net(x), **LENET_TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("batch", [1, 9, 4099])
+def test_fused_inference_matches_the_reference_kernels(batch):
+    """lenet_forward's one-launch tile program against the layer-by-layer kernels and nn.Sequential."""
+    import lenet_ext
+
+    net, ref = twin_pair(device="cuda")
+    x = torch.rand(batch, 1, 28, 28, device="cuda")
+    before = lenet_ext._C.cuda_kernel()
+    with torch.inference_mode():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fused = net(x)
+            torch.cuda.synchronize()
+        lenet_ext._C.set_cuda_kernel("reference")
+        try:
+            layers = net(x)
+        finally:
+            lenet_ext._C.set_cuda_kernel(before)
+        want = ref(x)
+    kernels = [e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert any("lenet_forward_kernel" in k for k in kernels) and not any("preactivation" in k for k in kernels)
+    torch.testing.assert_close(fused, want, **LENET_TOLERANCES[torch.float32])
+    torch.testing.assert_close(layers, want, **LENET_TOLERANCES[torch.float32])

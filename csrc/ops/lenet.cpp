@@ -8,6 +8,9 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <utility>
 
 #include "conv_sigmoid_avgpool2d.h"
@@ -15,12 +18,6 @@
 // register_fake and register_autograd for these are in lenet_ext/ops.py.
 TORCH_LIBRARY_FRAGMENT(lenet_ext, m) {
   m.set_python_module("lenet_ext.ops");
-  // LeNet's parameters, as the three operators take them after x.
-#define LENET_PARAMS_SCHEMA                                                                 \
-  "Tensor conv1_weight, Tensor? conv1_bias, int conv1_padding, int pool1, "                 \
-  "Tensor conv2_weight, Tensor? conv2_bias, int conv2_padding, int pool2, "                 \
-  "Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "              \
-  "Tensor fc3_weight, Tensor? fc3_bias"
   // The whole forward (two conv blocks, then Linear-Sigmoid-Linear-Sigmoid-
   // Linear) in one call, for inference.
   m.def("lenet_forward(Tensor x, " LENET_PARAMS_SCHEMA ") -> Tensor");
@@ -36,7 +33,6 @@ TORCH_LIBRARY_FRAGMENT(lenet_ext, m) {
       "Tensor fc2, " LENET_PARAMS_SCHEMA
       ", bool[11] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
       "Tensor, Tensor, Tensor, Tensor)");
-#undef LENET_PARAMS_SCHEMA
 }
 
 namespace lenet_ext {
@@ -201,14 +197,6 @@ at::Tensor dense_backward(const at::Tensor& grad_logits, const LeNetActivations&
   return at::mm(g, p.fc1_weight).view({g.size(0), c, h, w});
 }
 
-namespace {
-
-// --- the whole-batch implementation ------------------------------------------
-// Every layer on the whole batch at once, for devices whose kernels
-// parallelise over the batch themselves. Nothing here is differentiated
-// (lenet_train_forward's autograd formula is lenet_backward): dispatch below
-// autograd.
-
 LeNetActivations forward_whole_batch(const at::Tensor& x, const LeNetParams& p, const char* op) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   LeNetActivations r;
@@ -216,6 +204,72 @@ LeNetActivations forward_whole_batch(const at::Tensor& x, const LeNetParams& p, 
   dense_layers(p, op, r);
   return r;
 }
+
+bool tile_program_fits(const at::Tensor& x, const LeNetParams& p) {
+  const bool float32 = x.scalar_type() == at::kFloat && p.conv1_weight.scalar_type() == at::kFloat;
+  // 32-bit offsets inside a tile; the widest layer bounds the rest.
+  return float32 && x.dim() == 4 && x.size(1) * x.size(2) * x.size(3) < (int64_t(1) << 24) &&
+         p.fc1_weight.numel() < (int64_t(1) << 31);
+}
+
+LeNetTileCall prepare_tile_call(const at::Tensor& x, const LeNetParams& p, int tile) {
+  // An empty batch through the layers runs every argument check.
+  const LeNetActivations shapes = forward_whole_batch(x.narrow(0, 0, 0), p, "lenet_forward");
+  LeNetTileCall call;
+  const auto contiguous = [](const std::optional<at::Tensor>& t) { return t ? t->contiguous() : at::Tensor(); };
+  call.tensors = {x.contiguous(), p.conv1_weight.contiguous(), contiguous(p.conv1_bias),
+                  p.conv2_weight.contiguous(), contiguous(p.conv2_bias), p.fc1_weight.contiguous(),
+                  contiguous(p.fc1_bias), p.fc2_weight.contiguous(), contiguous(p.fc2_bias),
+                  p.fc3_weight.contiguous(), contiguous(p.fc3_bias)};
+  call.logits = at::empty({x.size(0), p.fc3_weight.size(0)}, x.options());
+  const auto data = [&](int i) { return call.tensors[i].defined() ? call.tensors[i].const_data_ptr<float>() : nullptr; };
+  LeNetTileParams& tp = call.params;
+  tp.s = make_tile_shape(x.size(1), x.size(2), x.size(3), p.conv1_weight.size(0), p.conv1_weight.size(2),
+                         p.conv1_padding, p.pool1, p.conv2_weight.size(0), p.conv2_weight.size(2), p.conv2_padding,
+                         p.pool2, p.fc1_weight.size(0), p.fc2_weight.size(0), p.fc3_weight.size(0), tile);
+  TORCH_CHECK(tp.s.f0 == shapes.block2.size(1), "lenet_forward: tile program and layers disagree on block 2");
+  tp.batch = x.size(0);
+  tp.x = data(kX);
+  tp.conv1_w = data(kConv1W), tp.conv1_b = data(kConv1B), tp.conv2_w = data(kConv2W), tp.conv2_b = data(kConv2B);
+  tp.fc1_w = data(kFc1W), tp.fc1_b = data(kFc1B), tp.fc2_w = data(kFc2W), tp.fc2_b = data(kFc2B);
+  tp.fc3_w = data(kFc3W), tp.fc3_b = data(kFc3B);
+  tp.logits = call.logits.mutable_data_ptr<float>();
+  return call;
+}
+
+namespace {
+
+// LENET_EXT_CUDA_KERNEL, or what select_cuda_kernel set.
+std::atomic<int> cuda_kernel_choice{-1};  // -1: not read yet; 0: fused; 1: reference
+
+int parse_cuda_kernel(const char* name, const char* source) {
+  if (name == nullptr || *name == '\0' || std::strcmp(name, "fused") == 0) return 0;
+  if (std::strcmp(name, "reference") == 0) return 1;
+  TORCH_CHECK_VALUE(false, source, "=", name, ": expected fused or reference");
+}
+
+}  // namespace
+
+bool cuda_reference_selected() {
+  int choice = cuda_kernel_choice.load(std::memory_order_acquire);
+  if (choice < 0) {
+    choice = parse_cuda_kernel(std::getenv("LENET_EXT_CUDA_KERNEL"), "LENET_EXT_CUDA_KERNEL");
+    cuda_kernel_choice.store(choice, std::memory_order_release);
+  }
+  return choice == 1;
+}
+
+void select_cuda_kernel(const char* name) {
+  cuda_kernel_choice.store(parse_cuda_kernel(name, "cuda_kernel"), std::memory_order_release);
+}
+
+namespace {
+
+// --- the whole-batch implementation ------------------------------------------
+// Every layer on the whole batch at once, for devices whose kernels
+// parallelise over the batch themselves. Nothing here is differentiated
+// (lenet_train_forward's autograd formula is lenet_backward): dispatch below
+// autograd.
 
 at::Tensor lenet_forward(const at::Tensor& x, LENET_PARAMS_ARGS) {
   return forward_whole_batch(x, LENET_PARAMS, "lenet_forward").logits;

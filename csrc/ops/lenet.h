@@ -13,6 +13,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "lenet_forward_tile.h"
+
 #include <array>
 #include <optional>
 #include <tuple>
@@ -35,6 +37,13 @@ struct LeNetParams {
   const at::Tensor& fc3_weight;
   const std::optional<at::Tensor>& fc3_bias;
 };
+
+// LeNet's parameters in the schemas of the operators (lenet.cpp), after x.
+#define LENET_PARAMS_SCHEMA                                                                 \
+  "Tensor conv1_weight, Tensor? conv1_bias, int conv1_padding, int pool1, "                 \
+  "Tensor conv2_weight, Tensor? conv2_bias, int conv2_padding, int pool2, "                 \
+  "Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "              \
+  "Tensor fc3_weight, Tensor? fc3_bias"
 
 // The dispatcher calls a kernel with the schema's arguments one by one: each
 // implementation takes them as LENET_PARAMS_ARGS and bundles them with
@@ -79,6 +88,30 @@ void conv_blocks(const at::Tensor& x, const LeNetParams& p, LeNetActivations& r)
 // The dense layers from r.block2 into r.fc1, r.fc2 and r.logits; `op` names
 // the operator in the errors of the dense layers' checks.
 void dense_layers(const LeNetParams& p, const char* op, LeNetActivations& r);
+
+// The whole forward on the whole batch at once (the implementation for
+// devices without their own, and the checks of every other).
+LeNetActivations forward_whole_batch(const at::Tensor& x, const LeNetParams& p, const char* op);
+
+// --- inference as one tile program (lenet_forward_tile.h) ---------------------
+
+// A checked lenet_forward call for the tile program: its tensors made
+// contiguous and kept alive, the logits allocated, and the program's
+// parameters pointing at them. tile_program_fits says whether the program
+// takes this call (float32; otherwise the caller runs the layers).
+struct LeNetTileCall {
+  std::array<at::Tensor, 11> tensors;  // x and the ten parameters, contiguous
+  at::Tensor logits;
+  LeNetTileParams params;
+};
+bool tile_program_fits(const at::Tensor& x, const LeNetParams& p);
+LeNetTileCall prepare_tile_call(const at::Tensor& x, const LeNetParams& p, int tile);
+
+// Which CUDA kernels lenet_forward runs: the tile program ("fused", the
+// default) or the layers one by one ("reference"). LENET_EXT_CUDA_KERNEL,
+// read once, picks one; select_cuda_kernel switches it (for tests).
+bool cuda_reference_selected();
+void select_cuda_kernel(const char* name);
 
 // --- backward steps ---------------------------------------------------------
 
