@@ -19,6 +19,11 @@
 #error "define LENET_ISA to the namespace of this instruction set"
 #endif
 
+// The 16-float vectors are passed and returned by value only between inline
+// functions of one translation unit, so GCC's note that their calling
+// convention differs between instruction sets (-Wpsabi) concerns no call.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace lenet_ext {
 namespace cpu {
 namespace LENET_ISA {
