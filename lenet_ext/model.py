@@ -96,6 +96,8 @@ class LeNet(FusedSequential):
         # node: at small batches the dispatches, not the arithmetic, are most
         # of the time, and at large ones a tile of images stays in cache
         # through all the layers.
+        if torch.onnx.is_in_onnx_export():  # ONNX has no lenet_ext operators: export the plain layers
+            return nn.Sequential.forward(self, x)
         if x.dtype in _FUSED_DTYPES and x.device.type in _FUSED_DEVICES:
             layers = tuple(self._modules.values())
             if x.dim() == 4 and _is_reference_layout(layers):
