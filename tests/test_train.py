@@ -93,3 +93,32 @@ def test_train_command_line_help_and_errors():
         assert flag in out.stdout
     bad = subprocess.run([sys.executable, "-m", "lenet_ext.train", "--batch-size", "0"], capture_output=True, text=True)
     assert bad.returncode != 0 and "--batch-size" in bad.stderr
+
+
+def test_two_gloo_processes_take_the_same_steps_as_one(tmp_path):
+    """torchrun --nproc-per-node 2: DDP on gloo reaches the weights one process reaches on the full batch."""
+    import shutil
+
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not on PATH")
+    fake_mnist(str(tmp_path), gz=False, n_train=128, n_test=32)
+    argv = ["--data-dir", str(tmp_path), "--epochs", "2", "--batch-size", "32", "--lr", "0.5", "--quiet", "--device", "cpu"]
+    single = tmp_path / "single.pt"
+    train_mod.train(train_mod.parse_args(argv + ["--save", str(single)]))
+    ddp = tmp_path / "ddp.pt"
+    result = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "lenet_ext.train", *argv, "--save", str(ddp)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("epoch   2") == 1, "rank 0 alone prints"
+    assert "2 process(es)" in result.stdout
+    got, want = torch.load(ddp, weights_only=True), torch.load(single, weights_only=True)
+    assert list(got) == list(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4)
+    torch.manual_seed(0)  # the initial weights train() starts from with --seed 0
+    initial = train_mod.LeNet()
+    initial.apply(train_mod.init_weights)
+    assert not torch.allclose(want["0.weight"], initial.state_dict()["0.weight"])  # the runs did train
