@@ -17,6 +17,7 @@ import glob
 import os
 import shutil
 import sys
+import sysconfig
 
 from setuptools import setup
 
@@ -28,6 +29,8 @@ except ImportError:
         "Install torch first (pip install torch), then build lenet_ext with\n"
         "  pip install --no-build-isolation ."
     )
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Used when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset: Ampere (8.0)
 # and Hopper (9.0) as machine code, plus PTX of 9.0 that newer GPUs can JIT.
@@ -128,13 +131,26 @@ class BuildExtension(cpp_extension.BuildExtension):
     against, readable without loading the binary, so that a mismatch is
     reported with both versions even when the binary cannot load."""
 
+    def finalize_options(self):
+        super().finalize_options()
+        # pip builds in a new temporary directory every time; the objects and
+        # ninja's log go to one kept beside the sources instead, so that a
+        # second install with the same flags (the README's second command)
+        # only links. ninja still recompiles whatever source, header or
+        # compile command changed.
+        self.build_temp = os.path.join(
+            HERE, "build", f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+        )
+
     def run(self):
+        print("lenet_ext: compiling the C++/CUDA kernels (a few minutes the first time; pip -v shows the compiler)",
+              file=sys.stderr, flush=True)  # fmt: skip
         text = (
             "# Written by setup.py when lenet_ext._C is built; read before _C is loaded.\n"
             f"TORCH_VERSION = {torch.__version__!r}\n"
         )
         # The source tree serves in-place and editable builds, build_lib a wheel.
-        for root in {".", self.build_lib}:
+        for root in {HERE, self.build_lib}:
             os.makedirs(os.path.join(root, "lenet_ext"), exist_ok=True)
             with open(os.path.join(root, "lenet_ext", "_build_info.py"), "w") as f:
                 f.write(text)

@@ -12,6 +12,9 @@ and compile time excluded (compile time is reported on its own).
   python benchmarks/bench.py --full                 # batch 1, 64, 256, 1024, 8192
   python benchmarks/bench.py --batch-sizes 1,256 --modes inference --output-dir results/
   python benchmarks/bench.py --threads 1            # every provider on one thread
+
+CPU inference rows also time ONNX Runtime and OpenVINO on the exported
+reference model when they are installed (pip install ".[peers]"; see peers.py).
 """
 
 import argparse
@@ -105,8 +108,10 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def make_providers(device, reference):
+def make_providers(device, reference, mode, args):
     """name -> model. Each provider trains its own copy of the reference's weights.
+
+    For CPU inference the peers of peers.py join, when installed.
 
     Dynamo's caches are cleared first, so that each mode's compile time is
     its own and the many compiled copies never hit the recompile limit (past
@@ -128,6 +133,13 @@ def make_providers(device, reference):
     if device.type == "cuda":
         providers["torch.compile(reduce-overhead)"] = torch.compile(copy(reference_lenet), mode="reduce-overhead")
         providers["lenet_ext+compile(reduce-overhead)"] = torch.compile(copy(LeNet), mode="reduce-overhead")
+    if device.type == "cpu" and mode == "inference" and not args.no_peers:
+        from peers import peer_providers
+
+        peers, notes = peer_providers(copy(reference_lenet), args.threads)
+        providers.update(peers)
+        for note in notes:
+            print(note, file=sys.stderr)
     return providers
 
 
@@ -345,6 +357,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="CPU threads for every provider (default: torch's, here %(default)s)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile providers")
+    parser.add_argument("--no-peers", action="store_true", help="leave out ONNX Runtime and OpenVINO (CPU inference)")
     parser.add_argument("--output-dir", help="write results.json and throughput.png here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -404,6 +417,7 @@ def main(argv=None):
     for device in args.devices:
         per_batch = len(model_modes) * (n_providers + 2 * (device == "cuda" and not args.no_compile))
         per_batch += 8 * ("layer" in args.modes)
+        per_batch += 3 * (device == "cpu" and "inference" in args.modes and not args.no_peers)
         total += per_batch * len(args.batch_sizes)
     progress = tqdm(total=total, disable=args.quiet, unit="row", file=sys.stderr)
 
@@ -417,7 +431,7 @@ def main(argv=None):
         flops = lenet_forward_flops(reference)
         for mode in model_modes:
             # Fresh compiled models per mode, so that each compile time is its own.
-            providers = make_providers(device, reference)
+            providers = make_providers(device, reference, mode, args)
             if args.no_compile:
                 providers = {k: v for k, v in providers.items() if "compile" not in k}
             for batch in args.batch_sizes:

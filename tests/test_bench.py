@@ -1,6 +1,7 @@
 """benchmarks/bench.py, run end to end on tiny inputs."""
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -29,6 +30,13 @@ def test_bench_smoke(tmp_path):
     assert data["peak_gflops"]["cpu"] > 0
     providers = {r["provider"] for r in data["rows"]}
     assert {"torch", "torch.compile", "lenet_ext", "lenet_ext+compile"} <= providers
+    # The peers join the CPU inference rows when installed, checked against the reference like the rest.
+    peers = {"onnxruntime": "onnxruntime", "openvino": "openvino(latency)"}
+    for package, provider in peers.items():
+        installed = importlib.util.find_spec(package) is not None and importlib.util.find_spec("onnxscript") is not None
+        assert (provider in providers) == installed, (provider, installed)
+        if installed:
+            assert {r["mode"] for r in data["rows"] if r["provider"] == provider} == {"inference"}
     modes = {r["mode"] for r in data["rows"]}
     assert {"inference", "training", "layer block1 forward", "layer block2 forward+backward"} <= modes
     for row in data["rows"]:
