@@ -97,18 +97,15 @@ def test_train_command_line_help_and_errors():
 
 def test_two_gloo_processes_take_the_same_steps_as_one(tmp_path):
     """torchrun --nproc-per-node 2: DDP on gloo reaches the weights one process reaches on the full batch."""
-    import shutil
-
-    torchrun = shutil.which("torchrun")
-    if torchrun is None:
-        pytest.skip("torchrun is not on PATH")
     fake_mnist(str(tmp_path), gz=False, n_train=128, n_test=32)
     argv = ["--data-dir", str(tmp_path), "--epochs", "2", "--batch-size", "32", "--lr", "0.5", "--quiet", "--device", "cpu"]
     single = tmp_path / "single.pt"
     train_mod.train(train_mod.parse_args(argv + ["--save", str(single)]))
     ddp = tmp_path / "ddp.pt"
     result = subprocess.run(
-        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "lenet_ext.train", *argv, "--save", str(ddp)],
+        # torchrun, from this interpreter's torch (the one on PATH may belong to another environment)
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "lenet_ext.train",
+         *argv, "--save", str(ddp)],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
