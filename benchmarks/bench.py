@@ -91,15 +91,15 @@ def time_interleaved(steps, args):
     instead of on whichever ran during it. torch.utils.benchmark runs on one
     thread unless told otherwise; every step here runs on args.threads.
     """
-    times = {name: [] for name in steps}
+    rounds = {name: [] for name in steps}
     for _ in range(args.rounds):
         for name, step in steps.items():
-            timer = benchmark.Timer("step()", globals={"step": step}, num_threads=args.threads)
-            times[name] += timer.blocked_autorange(min_run_time=args.min_run_time / args.rounds).times
+            timer = benchmark.Timer("step()", globals={"step": step}, num_threads=args.threads, description=name)
+            rounds[name].append(timer.blocked_autorange(min_run_time=args.min_run_time / args.rounds))
     result = {}
-    for name, t in times.items():
-        q = torch.tensor(t, dtype=torch.float64).quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
-        result[name] = (q[1].item(), (q[2] - q[0]).item())
+    for name, measurements in rounds.items():
+        (merged,) = benchmark.Measurement.merge(measurements)  # one task, its blocks from every round
+        result[name] = (merged.median, merged.iqr)
     return result
 
 
