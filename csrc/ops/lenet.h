@@ -5,10 +5,12 @@
 //
 //   schemas, checks and the whole-batch implementation   lenet.cpp
 //   CPU: tiles of the batch, a chunk of tiles per thread  cpu/lenet_cpu.cpp
+//   CUDA inference: one launch of a tile program          cuda/lenet_cuda.cu,
+//                                                         lenet_forward_tile.h
 //
-// Both are built from the steps declared here: the conv blocks run the fused
-// operator (conv_sigmoid_avgpool2d.h), the dense block addmm with an in-place
-// sigmoid.
+// The first two are built from the steps declared here: the conv blocks run
+// the fused operator (conv_sigmoid_avgpool2d.h), the dense block addmm with an
+// in-place sigmoid.
 #pragma once
 
 #include <ATen/core/Tensor.h>
