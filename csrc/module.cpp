@@ -36,32 +36,30 @@ PyObject* cpu_kernel(PyObject*, PyObject*) {
   return python_errors([] { return PyUnicode_FromString(lenet_ext::cpu::selected_kernel_name()); });
 }
 
+// Calls select(name) with the str argument of a _C.set_* function.
+template <typename Select>
+PyObject* select_by_name(PyObject* name, const char* function, Select&& select) {
+  const char* utf8 = PyUnicode_Check(name) ? PyUnicode_AsUTF8(name) : nullptr;
+  if (utf8 == nullptr) {
+    if (!PyErr_Occurred()) PyErr_Format(PyExc_TypeError, "%s: expected a str", function);
+    return nullptr;
+  }
+  return python_errors([&] {
+    select(utf8);
+    Py_RETURN_NONE;
+  });
+}
+
 // _C.set_cpu_kernel(name): runs later float32 calls on other CPU kernels
 // (the names LENET_EXT_CPU_KERNEL takes); the tests use it to cover each one.
 PyObject* set_cpu_kernel(PyObject*, PyObject* name) {
-  const char* utf8 = PyUnicode_Check(name) ? PyUnicode_AsUTF8(name) : nullptr;
-  if (utf8 == nullptr) {
-    if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "set_cpu_kernel: expected a str");
-    return nullptr;
-  }
-  return python_errors([utf8] {
-    lenet_ext::cpu::select_kernel(utf8);
-    Py_RETURN_NONE;
-  });
+  return select_by_name(name, "set_cpu_kernel", lenet_ext::cpu::select_kernel);
 }
 
 // _C.set_cuda_kernel(name): "fused" (the default) or "reference", the names
 // LENET_EXT_CUDA_KERNEL takes; the tests use it to run both.
 PyObject* set_cuda_kernel(PyObject*, PyObject* name) {
-  const char* utf8 = PyUnicode_Check(name) ? PyUnicode_AsUTF8(name) : nullptr;
-  if (utf8 == nullptr) {
-    if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "set_cuda_kernel: expected a str");
-    return nullptr;
-  }
-  return python_errors([utf8] {
-    lenet_ext::select_cuda_kernel(utf8);
-    Py_RETURN_NONE;
-  });
+  return select_by_name(name, "set_cuda_kernel", lenet_ext::select_cuda_kernel);
 }
 
 // _C.cuda_kernel(): which CUDA kernels lenet_forward runs.

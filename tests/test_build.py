@@ -63,3 +63,20 @@ def test_setup_without_torch_stops_with_instructions():
     assert result.returncode != 0
     assert "needs torch to build" in result.stderr
     assert "pip install --no-build-isolation" in result.stderr
+
+
+def test_cuda_kernel_switch_is_validated():
+    """LENET_EXT_CUDA_KERNEL's names, switchable at run time like the CPU kernels (no GPU needed to check)."""
+    before = lenet_ext._C.cuda_kernel()
+    assert lenet_ext.build_info()["cuda_kernel"] == before and before in ("fused", "reference")
+    try:
+        for name in ("reference", "fused"):
+            lenet_ext._C.set_cuda_kernel(name)
+            assert lenet_ext._C.cuda_kernel() == name
+        with pytest.raises(ValueError, match="cuda_kernel=bogus: expected fused or reference"):
+            lenet_ext._C.set_cuda_kernel("bogus")
+        with pytest.raises(TypeError, match="set_cuda_kernel: expected a str"):
+            lenet_ext._C.set_cuda_kernel(3)
+        assert lenet_ext._C.cuda_kernel() == "fused"
+    finally:
+        lenet_ext._C.set_cuda_kernel(before)
