@@ -156,6 +156,10 @@ class Distributed:
         if self.enabled:
             import torch.distributed as dist
 
+            # Every process leaves together: rank 0 may still be evaluating
+            # and saving, and tearing down a gloo group under a peer that is
+            # still connected can abort the process.
+            dist.barrier()
             dist.destroy_process_group()
 
 
