@@ -154,7 +154,11 @@ class Distributed:
 
     def close(self):
         if self.enabled:
+            import gc
+
             import torch.distributed as dist
+
+            gc.collect()  # DistributedDataParallel objects in reference cycles
 
             # Every process leaves together: rank 0 may still be evaluating
             # and saving, and tearing down a gloo group under a peer that is
@@ -249,6 +253,9 @@ def train(args) -> Dict[str, Dict[str, List[float]]]:
         if args.plot:
             plot_history(history, args.plot)
             print(f"saved curves to {args.plot}")
+    # The DDP wrappers hold the process group: free them before it goes.
+    trained.clear()
+    model = None
     dist.close()
     return history
 
