@@ -6,7 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include "ops/cpu/simd/simd_kernels.h"
-#include "ops/lenet.h"
+#include "ops/cuda_kernel_choice.h"
 
 #ifndef LENET_EXT_TORCH_VERSION
 #error "setup.py defines LENET_EXT_TORCH_VERSION"
@@ -62,14 +62,14 @@ PyObject* set_cuda_kernel(PyObject*, PyObject* name) {
   return select_by_name(name, "set_cuda_kernel", lenet_ext::select_cuda_kernel);
 }
 
-// _C.cuda_kernel(): which CUDA kernels lenet_forward runs.
+// _C.cuda_kernel(): which CUDA kernels the operators run.
 PyObject* cuda_kernel(PyObject*, PyObject*) {
   return python_errors([] { return PyUnicode_FromString(lenet_ext::cuda_reference_selected() ? "reference" : "fused"); });
 }
 
 PyMethodDef module_methods[] = {
-    {"cuda_kernel", cuda_kernel, METH_NOARGS, "The CUDA kernels lenet_forward runs: fused or reference."},
-    {"set_cuda_kernel", set_cuda_kernel, METH_O, "Runs lenet_forward's later CUDA calls on fused or reference kernels."},
+    {"cuda_kernel", cuda_kernel, METH_NOARGS, "The CUDA kernels the operators run: fused or reference."},
+    {"set_cuda_kernel", set_cuda_kernel, METH_O, "Runs the operators' later CUDA calls on fused or reference kernels."},
     {"cpu_kernel", cpu_kernel, METH_NOARGS, "The CPU kernels float32 calls run on now."},
     {"set_cpu_kernel", set_cpu_kernel, METH_O,
      "Runs later float32 calls on the named CPU kernels (generic, baseline, avx2, avx512, auto)."},

@@ -4,7 +4,8 @@ scripts/verify_cuda.py runs it under memcheck, racecheck, synccheck and
 initcheck. Small shapes keep the sanitizers fast; the odd ones (a flooring
 pool, one channel, a batch of 0, no bias) reach the kernels' edge cases.
 Every result is checked against the float64 reference, so the workload also
-fails on a wrong answer.
+fails on a wrong answer. On CUDA, float32 runs twice: on the tile programs
+and on the reference kernels (LENET_EXT_CUDA_KERNEL's two choices).
 """
 
 import argparse
@@ -12,6 +13,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+import lenet_ext
 from lenet_ext import LeNet
 from lenet_ext.ops import conv_sigmoid_avgpool2d, reference_conv_sigmoid_avgpool2d
 
@@ -69,9 +71,13 @@ def main():
     parser.add_argument("--device", default="cuda", help="cuda (default), or cpu to check the workload itself")
     device = parser.parse_args().device
     for case in CASES:
-        for dtype in (torch.float32, torch.float64):
-            check_operator(case, dtype, device)
-    check_lenet(device)
+        check_operator(case, torch.float64, device)
+    for kernel in ("fused", "reference") if device == "cuda" else ("cpu",):
+        if device == "cuda":
+            lenet_ext._C.set_cuda_kernel(kernel)
+        for case in CASES:
+            check_operator(case, torch.float32, device)
+        check_lenet(device)
     if device == "cuda":
         torch.cuda.synchronize()
     print("workload passed")

@@ -7,12 +7,54 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lenet_ext
 from lenet_ext import LeNet
 from lenet_ext.ops import conv_sigmoid_avgpool2d, reference_conv_sigmoid_avgpool2d
 
 from conftest import LENET_TOLERANCES, requires_cuda, twin_pair
+import test_conv_sigmoid_avgpool2d as conv_tests
 
 pytestmark = requires_cuda
+
+
+@pytest.fixture(params=["fused", "reference"])
+def cuda_kernel(request):
+    """Runs a test on the tile programs and again on the reference kernels."""
+    before = lenet_ext._C.cuda_kernel()
+    lenet_ext._C.set_cuda_kernel(request.param)
+    try:
+        yield request.param
+    finally:
+        lenet_ext._C.set_cuda_kernel(before)
+
+
+def cuda_kernel_names(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("case", list(conv_tests.CASES.values()), ids=list(conv_tests.CASES))
+def test_reference_kernels_match_the_reference(case, with_bias, cuda_kernel):
+    """float32 on both CUDA paths (the default grid runs the tile programs only)."""
+    conv_tests.test_forward_and_gradients_match_reference(case, with_bias, torch.float32, "cuda")
+
+
+@pytest.mark.parametrize("batch", [1, 9, 4099])
+def test_conv_operator_runs_one_tile_kernel_each_way(batch, cuda_kernel):
+    """Forward is one launch and backward one (plus the sum of the per-tile partials) on the tile programs."""
+    x = torch.rand(batch, 6, 14, 14, device="cuda")
+    w = (torch.randn(16, 6, 5, 5, device="cuda") / 5).requires_grad_()
+    b = torch.randn(16, device="cuda").requires_grad_()
+    names = cuda_kernel_names(lambda: torch.autograd.grad(conv_sigmoid_avgpool2d(x, w, b, 0, 2).sum(), (w, b)))
+    tiled = [n for n in names if "tile_kernel" in n]
+    if cuda_kernel == "fused":
+        assert any("forward_tile_kernel" in n for n in tiled) and any("backward_tile_kernel" in n for n in tiled)
+        assert not any("preactivation_grad_kernel" in n for n in names)
+    else:
+        assert not tiled and any("preactivation_grad_kernel" in n for n in names)
 
 
 def test_inference_is_captured_and_replayed_in_a_cuda_graph():
@@ -87,7 +129,7 @@ def test_compile_reduce_overhead_captures_lenet():
             torch.testing.assert_close(compiled(x).clone(), ref(x), **LENET_TOLERANCES[torch.float32])
 
 
-def test_operator_runs_on_the_current_stream():
+def test_operator_runs_on_the_current_stream(cuda_kernel):
     """Work queued on a side stream is ordered by that stream alone: no implicit default-stream use."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(64, 6, 14, 14, generator=gen).cuda()
@@ -107,7 +149,7 @@ def test_operator_runs_on_the_current_stream():
     torch.testing.assert_close(gb.double(), want_gb.double(), atol=1e-3, rtol=1e-3)
 
 
-def test_forward_past_2_to_the_31_input_elements():
+def test_forward_past_2_to_the_31_input_elements(cuda_kernel):
     """Indices past int32 in the forward kernel: x of 2^31 + 2^20 elements (8 GiB of float32)."""
     needed = 12 * 2**30
     free, _ = torch.cuda.mem_get_info()
@@ -126,7 +168,7 @@ def test_forward_past_2_to_the_31_input_elements():
 
 
 @pytest.mark.parametrize("batch", [1, 31, 257, 4100])
-def test_weight_gradient_over_many_images(batch):
+def test_weight_gradient_over_many_images(batch, cuda_kernel):
     """The weight-gradient reduction over image tiles, against float64, at batches around its tile sizes."""
     gen = torch.Generator().manual_seed(batch)
     x = torch.randn(batch, 6, 14, 14, generator=gen, dtype=torch.float64)
@@ -172,8 +214,6 @@ def test_lenet_state_moves_between_devices():
 @pytest.mark.parametrize("batch", [1, 9, 4099])
 def test_fused_inference_matches_the_reference_kernels(batch):
     """lenet_forward's one-launch tile program against the layer-by-layer kernels and nn.Sequential."""
-    import lenet_ext
-
     net, ref = twin_pair(device="cuda")
     x = torch.rand(batch, 1, 28, 28, device="cuda")
     before = lenet_ext._C.cuda_kernel()

@@ -5,6 +5,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 // register_fake and register_autograd for these are in lenet_ext/ops.py.
 TORCH_LIBRARY_FRAGMENT(lenet_ext, m) {
   m.set_python_module("lenet_ext.ops");
@@ -168,6 +170,38 @@ at::Tensor sum_partials(const at::Tensor& partials) {
       for (int64_t i = 0; i < numel; ++i) out[i] += in[chunk * numel + i];
   });
   return total;
+}
+
+bool conv_tile_program_fits(const ConvPoolGeometry& g, const at::Tensor& x) {
+  return x.scalar_type() == at::kFloat && conv_tile_indices_fit(g);
+}
+
+ConvTileForwardParams conv_tile_forward_params(const ForwardCall& call, int tile) {
+  ConvTileForwardParams p;
+  p.s = make_conv_tile_shape(call.g, tile, /*backward_threads=*/0);
+  p.batch = call.g.batch;
+  p.x = call.x.const_data_ptr<float>();
+  p.weight = call.weight.const_data_ptr<float>();
+  p.bias = call.bias.defined() ? call.bias.const_data_ptr<float>() : nullptr;
+  p.out = call.out.mutable_data_ptr<float>();
+  return p;
+}
+
+ConvTileBackward prepare_tile_backward(const BackwardCall& call, int tile, int threads) {
+  ConvTileBackward r;
+  r.tiles = (call.g.batch + tile - 1) / tile;
+  const bool need_params = call.need_weight || call.need_bias;
+  r.partials = call.param_partials(need_params ? std::max<int64_t>(r.tiles, 1) : 1);
+  ConvTileBackwardParams& p = r.params;
+  p.s = make_conv_tile_shape(call.g, tile, threads);
+  p.batch = call.g.batch;
+  p.grad_out = call.grad_out.const_data_ptr<float>();
+  p.x = call.x.const_data_ptr<float>();
+  p.weight = call.weight.const_data_ptr<float>();
+  p.bias = call.bias.defined() ? call.bias.const_data_ptr<float>() : nullptr;
+  p.grad_x = call.need_x ? call.grad_x.mutable_data_ptr<float>() : nullptr;
+  p.partials = need_params ? r.partials.mutable_data_ptr<float>() : nullptr;
+  return r;
 }
 
 }  // namespace lenet_ext

@@ -6,6 +6,7 @@
 //
 //   schema and checks   conv_sigmoid_avgpool2d.cpp
 //   per-element math    conv_sigmoid_avgpool2d_math.h
+//   CUDA tile programs  conv_sigmoid_avgpool2d_tile.h
 //   kernels             cpu/conv_sigmoid_avgpool2d_cpu.cpp, cuda/conv_sigmoid_avgpool2d_cuda.cu
 #pragma once
 
@@ -16,6 +17,7 @@
 #include <tuple>
 
 #include "conv_sigmoid_avgpool2d_math.h"
+#include "conv_sigmoid_avgpool2d_tile.h"
 
 namespace lenet_ext {
 
@@ -64,5 +66,24 @@ at::Tensor sum_partials(const at::Tensor& partials);
 BackwardCall prepare_backward(const at::Tensor& grad_out, const at::Tensor& x,
                               const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               int64_t padding, int64_t pool, std::array<bool, 3> output_mask);
+
+// --- the tile programs (conv_sigmoid_avgpool2d_tile.h) -----------------------
+
+// Whether the tile programs take a call: float32, and 32-bit offsets inside a
+// tile. Whether a tile fits a block's shared memory is the launcher's test.
+bool conv_tile_program_fits(const ConvPoolGeometry& g, const at::Tensor& x);
+
+// The forward program's parameters for a prepared call, `tile` images per block.
+ConvTileForwardParams conv_tile_forward_params(const ForwardCall& call, int tile);
+
+// The backward program's parameters for a prepared call, for blocks of
+// `threads` threads, and the per-tile weight and bias sums it writes (one row
+// per tile; call.finish adds them).
+struct ConvTileBackward {
+  int64_t tiles;
+  at::Tensor partials;
+  ConvTileBackwardParams params;
+};
+ConvTileBackward prepare_tile_backward(const BackwardCall& call, int tile, int threads);
 
 }  // namespace lenet_ext

@@ -109,12 +109,6 @@ struct LeNetTileCall {
 bool tile_program_fits(const at::Tensor& x, const LeNetParams& p);
 LeNetTileCall prepare_tile_call(const at::Tensor& x, const LeNetParams& p, int tile);
 
-// Which CUDA kernels lenet_forward runs: the tile program ("fused", the
-// default) or the layers one by one ("reference"). LENET_EXT_CUDA_KERNEL,
-// read once, picks one; select_cuda_kernel switches it (for tests).
-bool cuda_reference_selected();
-void select_cuda_kernel(const char* name);
-
 // --- backward steps ---------------------------------------------------------
 
 // A checked lenet_backward call: the saved activations fit x and the

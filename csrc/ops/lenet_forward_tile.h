@@ -7,7 +7,7 @@
 // The phases are __host__ __device__ and take the thread's coordinates as
 // arguments, so the same code runs in two places:
 //   cuda/lenet_cuda.cu            the kernel: one thread block per tile
-//   lenet_tile_emulation.cpp      the CPU, thread by thread and phase by
+//   tile_emulation.cpp            the CPU, thread by thread and phase by
 //                                 phase, for the tests (see there)
 // float32 only; the index math inside a tile is 32-bit.
 #pragma once

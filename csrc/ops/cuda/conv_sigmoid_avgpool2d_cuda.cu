@@ -1,6 +1,11 @@
 // CUDA kernels of the fused conv -> sigmoid -> avgpool operator.
-// The per-element math lives in ../conv_sigmoid_avgpool2d_math.h, shared with the
-// CPU kernels; this file only maps it onto threads.
+//
+// float32 runs the tile programs of ../conv_sigmoid_avgpool2d_tile.h: one
+// launch for the forward, one (plus the sum of per-tile partials) for the
+// backward, every intermediate in shared memory. float64, sizes whose tile
+// does not fit a block's shared memory, and LENET_EXT_CUDA_KERNEL=reference
+// run the reference kernels below: one thread per output, built from the
+// per-element math in ../conv_sigmoid_avgpool2d_math.h that the CPU shares.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -10,8 +15,9 @@
 
 #include <algorithm>
 
-#include "../conv_sigmoid_avgpool2d_math.h"
 #include "../conv_sigmoid_avgpool2d.h"
+#include "../conv_sigmoid_avgpool2d_math.h"
+#include "../cuda_kernel_choice.h"
 
 namespace lenet_ext {
 
@@ -145,6 +151,53 @@ __global__ void param_grad_kernel(const acc_t* __restrict__ dz, const scalar_t* 
   if (threadIdx.x == 0) partials[chunk * gridDim.x + element] = block_sums[0];
 }
 
+// --- the tile programs ---------------------------------------------------------
+
+__global__ void __launch_bounds__(kThreads) forward_tile_kernel(const ConvTileForwardParams p) {
+  extern __shared__ float smem[];
+  for (int phase = 0; phase < kConvTileForwardPhases; ++phase) {
+    conv_tile_forward_phase(phase, p, smem, blockIdx.x, threadIdx.x, blockDim.x);
+    __syncthreads();
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) backward_tile_kernel(const ConvTileBackwardParams p) {
+  extern __shared__ float smem[];
+  for (int phase = 0; phase < kConvTileBackwardPhases; ++phase) {
+    conv_tile_backward_phase(phase, p, smem, blockIdx.x, threadIdx.x, blockDim.x);
+    __syncthreads();
+  }
+}
+
+// Images per block for a tile program: the most (up to 8) whose buffers fit
+// one block's shared memory while the batch still gives every multiprocessor
+// two blocks; 0 when not even one image fits (the reference kernels run).
+int choose_tile(const ConvPoolGeometry& g, const at::Tensor& x, bool backward) {
+  if (cuda_reference_selected() || !conv_tile_program_fits(g, x)) return 0;
+  const c10::DeviceIndex device = x.device().index();
+  int max_bytes = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const int64_t enough_blocks = 2 * int64_t(multiprocessor_count(device));
+  for (int tile = 8; tile >= 1; tile /= 2) {
+    const int64_t bytes = make_conv_tile_shape(g, tile, backward ? kThreads : 0).floats * int64_t(sizeof(float));
+    const bool fills_gpu = tile == 1 || (g.batch + tile - 1) / tile >= enough_blocks;
+    if (bytes <= max_bytes && fills_gpu) return tile;
+  }
+  return 0;
+}
+
+// Launches a tile program's kernel over `tiles` blocks with `floats` of
+// shared memory; past 48 KB a kernel must ask for it.
+template <typename Params>
+void launch_tile_program(void (*kernel)(Params), const Params& p, int64_t tiles) {
+  const int bytes = p.s.floats * static_cast<int>(sizeof(float));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  kernel<<<static_cast<unsigned>(tiles), kThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// --- the operator ------------------------------------------------------------
+
 at::Tensor forward_cuda(const at::Tensor& x_arg, const at::Tensor& weight_arg,
                         const std::optional<at::Tensor>& bias_arg, int64_t padding,
                         int64_t pool) {
@@ -156,6 +209,10 @@ at::Tensor forward_cuda(const at::Tensor& x_arg, const at::Tensor& weight_arg,
   const int64_t total = out.numel();
   if (total == 0) return out;
 
+  if (const int tile = choose_tile(g, x, /*backward=*/false)) {
+    launch_tile_program(forward_tile_kernel, conv_tile_forward_params(call, tile), (g.batch + tile - 1) / tile);
+    return out;
+  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_sigmoid_avgpool2d_cuda", [&] {
     forward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
@@ -178,6 +235,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   const at::Tensor &grad_out = call.grad_out, &x = call.x, &weight = call.weight, &bias = call.bias,
                    &grad_x = call.grad_x;
   const bool need_x = call.need_x, need_w = call.need_weight, need_b = call.need_bias;
+  if (!need_x && !need_w && !need_b) return call.finish(call.param_partials(1));
+  if (const int tile = g.batch > 0 ? choose_tile(g, x, /*backward=*/true) : 0) {
+    const ConvTileBackward tiled = prepare_tile_backward(call, tile, kThreads);
+    launch_tile_program(backward_tile_kernel, tiled.params, tiled.tiles);
+    return call.finish(tiled.partials);
+  }
   // At least 1: check_forward_args refuses C_out = 0.
   const int64_t param_numel = weight.numel() + g.out_channels;
   // Enough batch chunks to fill the GPU, but a block's worth of conv outputs

@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../cuda_kernel_choice.h"
 #include "../lenet.h"
 
 namespace lenet_ext {

@@ -1,0 +1,344 @@
+// The conv -> sigmoid -> avgpool operator's fast CUDA kernels, forward and
+// backward, written as the programs of one thread block for a tile of images:
+// phases separated by barriers, each phase a loop of work items that the
+// block's threads share out (item = thread, thread + threads, ...).
+//
+//   forward   stage | pooled outputs
+//   backward  stage | dL/dz | dL/dx, and slices of the weight and bias sums
+//             | the slices added: this tile's sums
+//
+// The weights and the tile's images (with their zero padding) sit in shared
+// memory, so the conv reads no global memory and needs no bounds checks; a
+// thread computes kChannelsPerThread output channels at one position, so
+// every input value it loads feeds that many multiply-adds. The backward
+// keeps dL/dz in shared memory too: one launch per conv block. A weight's sum
+// over the tile is split into slices of its rows when there are too few
+// weights to keep every thread busy (LeNet's first block has 156); the slices
+// are added in a fixed order, and each tile writes its own row of sums, which
+// the launcher adds in tile order (sum_partials): the gradients are bitwise
+// repeatable.
+//
+// Like lenet_forward_tile.h, the phases are __host__ __device__ over the
+// thread's coordinates: cuda/conv_sigmoid_avgpool2d_cuda.cu launches them, and
+// tile_emulation.cpp runs them on the CPU thread by thread for the tests.
+// float32 only; index math inside a tile is 32-bit, offsets into the batch
+// 64-bit.
+#pragma once
+
+#include <cstdint>
+
+#include "conv_sigmoid_avgpool2d_math.h"
+
+namespace lenet_ext {
+
+constexpr int kChannelsPerThread = 4;
+
+// Loops over kChannelsPerThread unrolled on the GPU, so that the per-channel
+// arrays live in registers, not in local memory.
+#if defined(__CUDA_ARCH__)
+#define LENET_UNROLL _Pragma("unroll")
+#else
+#define LENET_UNROLL
+#endif
+
+// Sizes of one call and where each buffer sits in shared memory (in floats).
+struct ConvTileShape {
+  int in_channels, height, width, out_channels, kernel, padding, pool;
+  int out_h, out_w;        // pooled output
+  int ext_h, ext_w;        // conv outputs under a pooling window
+  int padded_h, padded_w;  // x with its zero padding
+  int tile;                // images per thread block
+  int slices;              // backward: parts of the tile's (image, conv row) rows per parameter sum
+  int weight_at, bias_at, x_at, dz_at, slices_at;  // the last two: backward only
+  int floats;                                      // shared memory in all
+};
+
+// Weights and biases: the length of a tile's row of sums.
+LENET_HOST_DEVICE int parameter_count(const ConvTileShape& s) {
+  return s.out_channels * (s.in_channels * s.kernel * s.kernel + 1);
+}
+
+// The layout for `tile` images per block; `threads` is the block size, which
+// the backward's slice count is chosen for (0 for the forward).
+inline ConvTileShape make_conv_tile_shape(const ConvPoolGeometry& g, int tile, int backward_threads) {
+  ConvTileShape s{};
+  s.in_channels = int(g.in_channels), s.height = int(g.height), s.width = int(g.width);
+  s.out_channels = int(g.out_channels), s.kernel = int(g.kernel), s.padding = int(g.padding), s.pool = int(g.pool);
+  s.out_h = int(g.out_height), s.out_w = int(g.out_width);
+  s.ext_h = s.out_h * s.pool, s.ext_w = s.out_w * s.pool;
+  s.padded_h = s.height + 2 * s.padding, s.padded_w = s.width + 2 * s.padding;
+  s.tile = tile;
+  const int parameters = parameter_count(s);
+  const int rows = tile * s.ext_h;
+  // About two parameter items per thread, and never an empty slice.
+  const int wanted = (2 * backward_threads + parameters - 1) / parameters;
+  s.slices = wanted < 1 ? 1 : wanted > rows ? rows : wanted;
+  int at = 0;
+  const auto take = [&](int floats) {
+    const int start = at;
+    at += floats;
+    return start;
+  };
+  s.weight_at = take(s.out_channels * s.in_channels * s.kernel * s.kernel);
+  s.bias_at = take(s.out_channels);
+  s.x_at = take(tile * s.in_channels * s.padded_h * s.padded_w);
+  const bool backward = backward_threads > 0;
+  s.dz_at = backward ? take(tile * s.out_channels * s.ext_h * s.ext_w) : at;
+  s.slices_at = backward && s.slices > 1 ? take(s.slices * parameters) : at;
+  s.floats = at;
+  return s;
+}
+
+// Whether the sizes of a call keep every offset inside a tile of one image
+// (and the weights) within 32 bits; shared memory then bounds the rest.
+inline bool conv_tile_indices_fit(const ConvPoolGeometry& g) {
+  const int64_t limit = int64_t(1) << 24;
+  return g.in_channels * (g.height + 2 * g.padding) * (g.width + 2 * g.padding) < limit &&
+         g.out_channels * g.in_channels * g.kernel * g.kernel < limit &&
+         g.out_channels * g.out_height * g.pool * g.out_width * g.pool < limit;
+}
+
+struct ConvTileForwardParams {
+  ConvTileShape s;
+  int64_t batch;
+  const float *x, *weight, *bias;  // bias may be null
+  float* out;
+};
+
+struct ConvTileBackwardParams {
+  ConvTileShape s;
+  int64_t batch;
+  const float *grad_out, *x, *weight, *bias;  // bias may be null
+  float* grad_x;                              // null when dL/dx is not asked for
+  float* partials;  // (tiles, weight numel + C_out), weight first; null when neither is asked for
+};
+
+constexpr int kConvTileForwardPhases = 2;
+constexpr int kConvTileBackwardPhases = 4;
+
+namespace conv_tile_phases {
+
+// Phase 0 of both programs: weights, biases (0 without one) and the tile's
+// images inside their zero padding; images past the batch are all zeros.
+LENET_HOST_DEVICE void stage(const ConvTileShape& s, int64_t batch, const float* x, const float* weight,
+                             const float* bias, float* smem, int64_t tile_index, int tid, int threads) {
+  const int weight_numel = s.out_channels * s.in_channels * s.kernel * s.kernel;
+  for (int i = tid; i < weight_numel; i += threads) smem[s.weight_at + i] = weight[i];
+  for (int i = tid; i < s.out_channels; i += threads) smem[s.bias_at + i] = bias ? bias[i] : 0.0f;
+  const int plane = s.padded_h * s.padded_w;
+  for (int i = tid; i < s.tile * s.in_channels * plane; i += threads) {
+    const int image = i / (s.in_channels * plane), ci = i / plane % s.in_channels;
+    const int y = i % plane / s.padded_w - s.padding, xx = i % s.padded_w - s.padding;
+    const int64_t n = tile_index * s.tile + image;
+    const bool inside = n < batch && y >= 0 && y < s.height && xx >= 0 && xx < s.width;
+    smem[s.x_at + i] = inside ? x[((n * s.in_channels + ci) * s.height + y) * s.width + xx] : 0.0f;
+  }
+}
+
+// z of output channels first, first + 1, ... (kChannelsPerThread of them) at
+// conv position (oh, ow) of one image of the tile. Channels past C_out repeat
+// the last one, so every read stays inside the weights; callers drop them.
+LENET_HOST_DEVICE void conv_channels(const ConvTileShape& s, const float* smem, int image, int first, int oh, int ow,
+                                     float (&z)[kChannelsPerThread]) {
+  const int taps = s.in_channels * s.kernel * s.kernel;
+  const float* filters[kChannelsPerThread];
+  LENET_UNROLL
+  for (int c = 0; c < kChannelsPerThread; ++c) {
+    const int co = first + c < s.out_channels ? first + c : s.out_channels - 1;
+    filters[c] = smem + s.weight_at + co * taps;
+    z[c] = smem[s.bias_at + co];
+  }
+  const float* image_x = smem + s.x_at + image * s.in_channels * s.padded_h * s.padded_w;
+  for (int ci = 0; ci < s.in_channels; ++ci) {
+    for (int kh = 0; kh < s.kernel; ++kh) {
+      const float* row = image_x + (ci * s.padded_h + oh + kh) * s.padded_w + ow;
+      const int tap = (ci * s.kernel + kh) * s.kernel;
+      for (int kw = 0; kw < s.kernel; ++kw) {
+        const float value = row[kw];
+        LENET_UNROLL
+        for (int c = 0; c < kChannelsPerThread; ++c) z[c] += value * filters[c][tap + kw];
+      }
+    }
+  }
+}
+
+// A work item of the channel-group phases: one image of the tile, output
+// channels first, first + 1, ..., and one position of a height x width plane,
+// the column fastest, so that neighbouring threads touch neighbouring outputs.
+struct ChannelGroupItem {
+  int image, first, row, col;
+};
+
+LENET_HOST_DEVICE int channel_group_items(const ConvTileShape& s, int height, int width) {
+  return s.tile * ((s.out_channels + kChannelsPerThread - 1) / kChannelsPerThread) * height * width;
+}
+
+LENET_HOST_DEVICE ChannelGroupItem channel_group_item(const ConvTileShape& s, int height, int width, int i) {
+  const int groups = (s.out_channels + kChannelsPerThread - 1) / kChannelsPerThread, plane = height * width;
+  return {i / (groups * plane), i / plane % groups * kChannelsPerThread, i % plane / width, i % width};
+}
+
+// Forward phase 1: the pooled outputs.
+LENET_HOST_DEVICE void pooled_outputs(const ConvTileForwardParams& p, const float* smem, int64_t tile_index, int tid,
+                                      int threads) {
+  const ConvTileShape& s = p.s;
+  const float window = float(s.pool * s.pool);
+  for (int i = tid; i < channel_group_items(s, s.out_h, s.out_w); i += threads) {
+    const auto [image, first, ph, pw] = channel_group_item(s, s.out_h, s.out_w, i);
+    const int64_t n = tile_index * s.tile + image;
+    if (n >= p.batch) continue;
+    float sum[kChannelsPerThread] = {};
+    for (int dy = 0; dy < s.pool; ++dy) {
+      for (int dx = 0; dx < s.pool; ++dx) {
+        float z[kChannelsPerThread];
+        conv_channels(s, smem, image, first, ph * s.pool + dy, pw * s.pool + dx, z);
+        LENET_UNROLL
+        for (int c = 0; c < kChannelsPerThread; ++c) sum[c] += sigmoid(z[c]);
+      }
+    }
+    LENET_UNROLL
+    for (int c = 0; c < kChannelsPerThread; ++c)
+      if (first + c < s.out_channels)
+        p.out[((n * s.out_channels + first + c) * s.out_h + ph) * s.out_w + pw] = sum[c] / window;
+  }
+}
+
+// Backward phase 1: dL/dz of the tile at every conv output under a pooling
+// window (zero for images past the batch), recomputing z.
+LENET_HOST_DEVICE void preactivation_grads(const ConvTileBackwardParams& p, float* smem, int64_t tile_index, int tid,
+                                           int threads) {
+  const ConvTileShape& s = p.s;
+  const float window = float(s.pool * s.pool);
+  for (int i = tid; i < channel_group_items(s, s.ext_h, s.ext_w); i += threads) {
+    const auto [image, first, oh, ow] = channel_group_item(s, s.ext_h, s.ext_w, i);
+    const int64_t n = tile_index * s.tile + image;
+    float z[kChannelsPerThread] = {};
+    if (n < p.batch) conv_channels(s, smem, image, first, oh, ow, z);
+    LENET_UNROLL
+    for (int c = 0; c < kChannelsPerThread; ++c) {
+      if (first + c >= s.out_channels) continue;
+      float dz = 0.0f;
+      if (n < p.batch) {
+        const float a = sigmoid(z[c]);
+        const float g = p.grad_out[((n * s.out_channels + first + c) * s.out_h + oh / s.pool) * s.out_w + ow / s.pool];
+        dz = g / window * a * (1.0f - a);
+      }
+      smem[s.dz_at + ((image * s.out_channels + first + c) * s.ext_h + oh) * s.ext_w + ow] = dz;
+    }
+  }
+}
+
+// Backward phase 2, part one: one slice of the tile's sum for a weight or
+// bias element (weights first, then the biases), over rows [begin, end) of
+// its (image, conv row) pairs. The padding is zeros in shared memory, so no
+// tap needs a bounds check.
+LENET_HOST_DEVICE float parameter_sum(const ConvTileShape& s, const float* smem, int element, int begin, int end) {
+  const int taps = s.in_channels * s.kernel * s.kernel;
+  const int weight_numel = s.out_channels * taps;
+  const bool is_bias = element >= weight_numel;
+  const int co = is_bias ? element - weight_numel : element / taps;
+  const int ci = element / (s.kernel * s.kernel) % s.in_channels;
+  const int kh = element / s.kernel % s.kernel, kw = element % s.kernel;
+  float sum = 0.0f;
+  for (int row = begin; row < end; ++row) {
+    const int image = row / s.ext_h, oh = row % s.ext_h;
+    const float* dz = smem + s.dz_at + ((image * s.out_channels + co) * s.ext_h + oh) * s.ext_w;
+    if (is_bias) {
+      for (int ow = 0; ow < s.ext_w; ++ow) sum += dz[ow];
+      continue;
+    }
+    const float* x = smem + s.x_at + ((image * s.in_channels + ci) * s.padded_h + oh + kh) * s.padded_w + kw;
+    for (int ow = 0; ow < s.ext_w; ++ow) sum += dz[ow] * x[ow];
+  }
+  return sum;
+}
+
+// Backward phase 2, part two: dL/dx at (ci, ih, iw) of one image, a gather
+// over the conv outputs that read it.
+LENET_HOST_DEVICE float input_grad(const ConvTileShape& s, const float* smem, int image, int ci, int ih, int iw) {
+  float sum = 0.0f;
+  for (int co = 0; co < s.out_channels; ++co) {
+    const float* dz = smem + s.dz_at + (image * s.out_channels + co) * s.ext_h * s.ext_w;
+    const float* filter = smem + s.weight_at + (co * s.in_channels + ci) * s.kernel * s.kernel;
+    for (int kh = 0; kh < s.kernel; ++kh) {
+      const int oh = ih + s.padding - kh;
+      if (oh < 0 || oh >= s.ext_h) continue;
+      for (int kw = 0; kw < s.kernel; ++kw) {
+        const int ow = iw + s.padding - kw;
+        if (ow >= 0 && ow < s.ext_w) sum += dz[oh * s.ext_w + ow] * filter[kh * s.kernel + kw];
+      }
+    }
+  }
+  return sum;
+}
+
+// Backward phase 2: the parameter slices first (each is long), then one item
+// per input element of the tile's real images. With one slice the sums go
+// straight to the tile's row of partials.
+LENET_HOST_DEVICE void gradients(const ConvTileBackwardParams& p, float* smem, int64_t tile_index, int tid,
+                                 int threads) {
+  const ConvTileShape& s = p.s;
+  const int parameters = p.partials ? parameter_count(s) : 0;
+  const int slice_items = parameters * s.slices;
+  const int rows = s.tile * s.ext_h;
+  const int plane = s.height * s.width;
+  const int inputs = p.grad_x ? s.tile * s.in_channels * plane : 0;
+  for (int i = tid; i < slice_items + inputs; i += threads) {
+    if (i < slice_items) {
+      const int slice = i / parameters, element = i % parameters;
+      const float sum = parameter_sum(s, smem, element, slice * rows / s.slices, (slice + 1) * rows / s.slices);
+      if (s.slices == 1)
+        p.partials[tile_index * parameters + element] = sum;
+      else
+        smem[s.slices_at + i] = sum;
+      continue;
+    }
+    const int j = i - slice_items;
+    const int image = j / (s.in_channels * plane), ci = j / plane % s.in_channels;
+    const int64_t n = tile_index * s.tile + image;
+    if (n >= p.batch) continue;
+    const int ih = j % plane / s.width, iw = j % s.width;
+    p.grad_x[((n * s.in_channels + ci) * s.height + ih) * s.width + iw] = input_grad(s, smem, image, ci, ih, iw);
+  }
+}
+
+// Backward phase 3: each parameter's slices added in slice order.
+LENET_HOST_DEVICE void add_slices(const ConvTileBackwardParams& p, const float* smem, int64_t tile_index, int tid,
+                                  int threads) {
+  const ConvTileShape& s = p.s;
+  if (!p.partials || s.slices == 1) return;
+  const int parameters = parameter_count(s);
+  for (int element = tid; element < parameters; element += threads) {
+    float sum = 0.0f;
+    for (int slice = 0; slice < s.slices; ++slice) sum += smem[s.slices_at + slice * parameters + element];
+    p.partials[tile_index * parameters + element] = sum;
+  }
+}
+
+}  // namespace conv_tile_phases
+
+// One phase of the forward program for thread tid of `threads`.
+LENET_HOST_DEVICE void conv_tile_forward_phase(int phase, const ConvTileForwardParams& p, float* smem,
+                                               int64_t tile_index, int tid, int threads) {
+  using namespace conv_tile_phases;
+  if (phase == 0)
+    stage(p.s, p.batch, p.x, p.weight, p.bias, smem, tile_index, tid, threads);
+  else
+    pooled_outputs(p, smem, tile_index, tid, threads);
+}
+
+// One phase of the backward program for thread tid of `threads`.
+LENET_HOST_DEVICE void conv_tile_backward_phase(int phase, const ConvTileBackwardParams& p, float* smem,
+                                                int64_t tile_index, int tid, int threads) {
+  using namespace conv_tile_phases;
+  if (phase == 0)
+    stage(p.s, p.batch, p.x, p.weight, p.bias, smem, tile_index, tid, threads);
+  else if (phase == 1)
+    preactivation_grads(p, smem, tile_index, tid, threads);
+  else if (phase == 2)
+    gradients(p, smem, tile_index, tid, threads);
+  else
+    add_slices(p, smem, tile_index, tid, threads);
+}
+
+}  // namespace lenet_ext

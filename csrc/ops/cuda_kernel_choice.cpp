@@ -1,0 +1,37 @@
+#include "cuda_kernel_choice.h"
+
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+namespace lenet_ext {
+
+namespace {
+
+// LENET_EXT_CUDA_KERNEL, or what select_cuda_kernel set.
+std::atomic<int> cuda_kernel_choice{-1};  // -1: not read yet; 0: fused; 1: reference
+
+int parse_cuda_kernel(const char* name, const char* source) {
+  if (name == nullptr || *name == '\0' || std::strcmp(name, "fused") == 0) return 0;
+  if (std::strcmp(name, "reference") == 0) return 1;
+  TORCH_CHECK_VALUE(false, source, "=", name, ": expected fused or reference");
+}
+
+}  // namespace
+
+bool cuda_reference_selected() {
+  int choice = cuda_kernel_choice.load(std::memory_order_acquire);
+  if (choice < 0) {
+    choice = parse_cuda_kernel(std::getenv("LENET_EXT_CUDA_KERNEL"), "LENET_EXT_CUDA_KERNEL");
+    cuda_kernel_choice.store(choice, std::memory_order_release);
+  }
+  return choice == 1;
+}
+
+void select_cuda_kernel(const char* name) {
+  cuda_kernel_choice.store(parse_cuda_kernel(name, "cuda_kernel"), std::memory_order_release);
+}
+
+}  // namespace lenet_ext

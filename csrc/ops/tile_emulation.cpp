@@ -1,0 +1,114 @@
+// The CUDA tile programs run on the CPU, thread by thread and phase by phase,
+// as operators for the tests (tests/test_tile_programs.py):
+//   _lenet_forward_tile_emulated                     lenet_forward_tile.h
+//   _conv_sigmoid_avgpool2d_tile_emulated            conv_sigmoid_avgpool2d_tile.h
+//   _conv_sigmoid_avgpool2d_backward_tile_emulated   conv_sigmoid_avgpool2d_tile.h
+// They check the programs' index math, shared-memory layouts and partial last
+// tiles without a GPU; the phase functions are the CUDA kernels' own.
+//
+// Each phase runs twice, its threads in opposite orders, on two copies of the
+// shared memory: if any thread of a phase reads what another thread writes in
+// the same phase, or two threads write one place, the copies differ and the
+// call fails. That is the race a barrier would have to prevent. What this
+// cannot see: races on global memory, and the GPU's own rules (coalescing,
+// bank conflicts, occupancy), which the GPU run and compute-sanitizer cover.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "conv_sigmoid_avgpool2d.h"
+#include "lenet.h"
+
+TORCH_LIBRARY_FRAGMENT(lenet_ext, m) {
+  m.def("_lenet_forward_tile_emulated(Tensor x, " LENET_PARAMS_SCHEMA ", int tile, int threads) -> Tensor");
+  m.def(
+      "_conv_sigmoid_avgpool2d_tile_emulated(Tensor x, Tensor weight, Tensor? bias, int padding, int pool, "
+      "int tile, int threads) -> Tensor");
+  m.def(
+      "_conv_sigmoid_avgpool2d_backward_tile_emulated(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, "
+      "int padding, int pool, bool[3] output_mask, int tile, int threads) -> (Tensor, Tensor, Tensor)");
+}
+
+namespace lenet_ext {
+
+namespace {
+
+// Runs `phases` phases of a program over `tiles` blocks of `threads` threads
+// with `floats` of shared memory; run_phase(phase, smem, tile, tid) is one
+// thread's share of one phase.
+template <typename RunPhase>
+void emulate_tile_program(const char* op, int phases, int floats, int64_t tiles, int64_t threads,
+                          const RunPhase& run_phase) {
+  TORCH_CHECK_VALUE(threads >= 1, op, ": expected threads >= 1, got ", threads);
+  std::vector<float> smem(floats), reversed(floats);
+  for (int64_t t = 0; t < tiles; ++t) {
+    // Whatever a previous block left behind; the program must not read it.
+    std::fill(smem.begin(), smem.end(), std::nanf(""));
+    for (int phase = 0; phase < phases; ++phase) {
+      reversed = smem;
+      for (int tid = static_cast<int>(threads) - 1; tid >= 0; --tid) run_phase(phase, reversed.data(), t, tid);
+      for (int tid = 0; tid < threads; ++tid) run_phase(phase, smem.data(), t, tid);
+      TORCH_CHECK(std::memcmp(smem.data(), reversed.data(), smem.size() * sizeof(float)) == 0, op, ": phase ", phase,
+                  " depends on the order of its threads");
+    }
+  }
+}
+
+int checked_tile(const char* op, int64_t tile) {
+  TORCH_CHECK_VALUE(tile >= 1 && tile <= 1024, op, ": expected 1 <= tile <= 1024, got ", tile);
+  return static_cast<int>(tile);
+}
+
+at::Tensor lenet_forward_tile_emulated(const at::Tensor& x, LENET_PARAMS_ARGS, int64_t tile, int64_t threads) {
+  constexpr const char* op = "_lenet_forward_tile_emulated";
+  const LeNetParams p = LENET_PARAMS;
+  TORCH_CHECK_TYPE(tile_program_fits(x, p), op, ": the tile program takes float32 only");
+  const LeNetTileCall call = prepare_tile_call(x, p, checked_tile(op, tile));
+  const LeNetTileParams& params = call.params;
+  emulate_tile_program(op, kLeNetTilePhases, params.s.floats, (x.size(0) + tile - 1) / tile, threads,
+                       [&](int phase, float* smem, int64_t t, int tid) {
+                         lenet_tile_phase(phase, params, smem, t, tid, static_cast<int>(threads));
+                       });
+  return call.logits;
+}
+
+at::Tensor conv_tile_emulated(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              int64_t padding, int64_t pool, int64_t tile, int64_t threads) {
+  constexpr const char* op = "_conv_sigmoid_avgpool2d_tile_emulated";
+  const ForwardCall call = prepare_forward(x, weight, bias, padding, pool);
+  TORCH_CHECK_TYPE(conv_tile_program_fits(call.g, x), op, ": the tile program takes float32 only");
+  const ConvTileForwardParams params = conv_tile_forward_params(call, checked_tile(op, tile));
+  emulate_tile_program(op, kConvTileForwardPhases, params.s.floats, (call.g.batch + tile - 1) / tile, threads,
+                       [&](int phase, float* smem, int64_t t, int tid) {
+                         conv_tile_forward_phase(phase, params, smem, t, tid, static_cast<int>(threads));
+                       });
+  return call.out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_tile_emulated(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    int64_t padding, int64_t pool, std::array<bool, 3> output_mask, int64_t tile, int64_t threads) {
+  constexpr const char* op = "_conv_sigmoid_avgpool2d_backward_tile_emulated";
+  const BackwardCall call = prepare_backward(grad_out, x, weight, bias, padding, pool, output_mask);
+  TORCH_CHECK_TYPE(conv_tile_program_fits(call.g, x), op, ": the tile program takes float32 only");
+  TORCH_CHECK_VALUE(threads >= 1, op, ": expected threads >= 1, got ", threads);
+  const ConvTileBackward tiled = prepare_tile_backward(call, checked_tile(op, tile), static_cast<int>(threads));
+  emulate_tile_program(op, kConvTileBackwardPhases, tiled.params.s.floats, tiled.tiles, threads,
+                       [&](int phase, float* smem, int64_t t, int tid) {
+                         conv_tile_backward_phase(phase, tiled.params, smem, t, tid, static_cast<int>(threads));
+                       });
+  return call.finish(tiled.partials);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lenet_ext, CPU, m) {
+  m.impl("_lenet_forward_tile_emulated", &lenet_forward_tile_emulated);
+  m.impl("_conv_sigmoid_avgpool2d_tile_emulated", &conv_tile_emulated);
+  m.impl("_conv_sigmoid_avgpool2d_backward_tile_emulated", &conv_backward_tile_emulated);
+}
+
+}  // namespace lenet_ext

@@ -1,0 +1,131 @@
+"""The CUDA tile programs, run on the CPU: lenet_forward's (csrc/ops/lenet_forward_tile.h)
+and the conv operator's forward and backward (csrc/ops/conv_sigmoid_avgpool2d_tile.h).
+
+The lenet_ext::_*_tile_emulated operators run a kernel's phases thread by
+thread; each phase runs twice, its threads in opposite orders, and fails if
+the results differ (a race the barrier would have to prevent). These tests
+check the programs' index math, shared-memory layouts and partial last tiles
+against the PyTorch reference without a GPU.
+"""
+
+import pytest
+import torch
+
+from lenet_ext import LeNet
+from lenet_ext.model import lenet_args
+from lenet_ext.ops import reference_lenet_forward
+
+from test_conv_sigmoid_avgpool2d import CASES, TOLERANCES, grads_of, make_inputs, reference as reference_conv
+
+EMULATED = torch.ops.lenet_ext._lenet_forward_tile_emulated.default
+CONV_EMULATED = torch.ops.lenet_ext._conv_sigmoid_avgpool2d_tile_emulated.default
+CONV_BACKWARD_EMULATED = torch.ops.lenet_ext._conv_sigmoid_avgpool2d_backward_tile_emulated.default
+# (images per block, threads per block): one thread, fewer threads than items,
+# a tile that does not divide the batch, the CUDA launch's shape.
+TILINGS = [(1, 1), (3, 7), (2, 33), (8, 256)]
+
+
+def random_lenet_args(batch, in_channels=1, size=28, c1=6, k1=5, pad1=2, pool1=2, c2=16, k2=5, pad2=0, pool2=2,
+                      f1=120, f2=84, f3=10, bias=True, seed=0):  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen) * scale
+
+    h1 = (size + 2 * pad1 - k1 + 1) // pool1
+    h2 = (h1 + 2 * pad2 - k2 + 1) // pool2
+    f0 = c2 * h2 * h2
+    maybe = (lambda t: t) if bias else (lambda t: None)
+    return (
+        torch.rand(batch, in_channels, size, size, generator=gen),
+        randn(c1, in_channels, k1, k1, scale=1 / k1), maybe(randn(c1)), pad1, pool1,
+        randn(c2, c1, k2, k2, scale=1 / k2), maybe(randn(c2)), pad2, pool2,
+        randn(f1, f0, scale=f0**-0.5), maybe(randn(f1)), randn(f2, f1, scale=f1**-0.5), maybe(randn(f2)),
+        randn(f3, f2, scale=f2**-0.5), maybe(randn(f3)),
+    )  # fmt: skip
+
+
+def reference(args):
+    return reference_lenet_forward(*(a.double() if isinstance(a, torch.Tensor) else a for a in args)).float()
+
+
+@pytest.mark.parametrize("batch", [1, 7, 8, 9, 17])
+@pytest.mark.parametrize("tile, threads", [(1, 1), (3, 7), (8, 256), (4, 33)])
+def test_lenet_tile_program_matches_the_reference(batch, tile, threads):
+    """Partial last tiles, tiles larger than the batch, fewer threads than items and more."""
+    args = lenet_args(torch.rand(batch, 1, 28, 28), LeNet())
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.testing.assert_close(EMULATED(*args, tile, threads), reference(args), atol=2e-5, rtol=2e-4)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(size=32, pad1=0),  # LeCun's original input
+        dict(in_channels=3, f3=47, bias=False),
+        dict(size=13, k1=3, pad1=1, pool1=3, c1=5, k2=2, pad2=1, pool2=1, c2=3, f1=9, f2=7, f3=4),
+        dict(size=9, k1=1, pad1=0, pool1=1, c1=2, k2=3, pad2=2, pool2=4, c2=17, f1=5, f2=3, f3=2),
+    ],
+    ids=["32x32", "rgb_47_classes_no_bias", "odd_pools_and_paddings", "kernel1_pool4"],
+)
+def test_lenet_tile_program_takes_every_configuration(config):
+    args = random_lenet_args(5, **config)
+    torch.testing.assert_close(EMULATED(*args, 2, 64), reference(args), atol=2e-5, rtol=2e-4)
+
+
+def test_lenet_tile_program_empty_batch_and_bad_input():
+    args = random_lenet_args(0)
+    assert EMULATED(*args, 8, 256).shape == (0, 10)
+    args = list(random_lenet_args(2))
+    args[9] = torch.randn(120, 399)
+    with pytest.raises(ValueError, match=r"fc1_weight of shape \(out_features, 400\)"):
+        EMULATED(*args, 8, 256)
+    with pytest.raises(TypeError, match="float32"):
+        EMULATED(*(a.double() if isinstance(a, torch.Tensor) else a for a in random_lenet_args(2)), 8, 256)
+
+
+@pytest.mark.parametrize("tile, threads", TILINGS)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_conv_tile_programs_match_the_reference(case, with_bias, tile, threads):
+    """Forward and every gradient, against float64, on the conv operator's awkward shapes."""
+    x, weight, bias, padding, pool = make_inputs(case, torch.float32, "cpu", with_bias)
+    out = CONV_EMULATED(x, weight, bias, padding, pool, tile, threads)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    tensors = (x, weight, bias)
+    ref_out, ref_grads = grads_of(
+        lambda *t: reference_conv(*t, padding, pool), tuple(None if t is None else t.double() for t in tensors), grad_out
+    )
+    grads = CONV_BACKWARD_EMULATED(grad_out.float(), x, weight, bias, padding, pool, [True, True, True], tile, threads)
+    torch.testing.assert_close(out.double(), ref_out, **TOLERANCES[torch.float32])
+    assert (grads[2] is None) == (bias is None)
+    for got, want in zip([g for g in grads if g is not None], ref_grads):
+        torch.testing.assert_close(got.double(), want, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("mask", [[True, False, False], [False, True, False], [False, False, True], [False] * 3])
+def test_conv_backward_tile_program_computes_what_is_asked(mask):
+    x, weight, bias, padding, pool = make_inputs(CASES["lenet_layer2"], torch.float32, "cpu")
+    grad_out = torch.randn(3, 16, 5, 5)
+    got = CONV_BACKWARD_EMULATED(grad_out, x, weight, bias, padding, pool, mask, 2, 64)
+    want = torch.ops.lenet_ext.conv_sigmoid_avgpool2d_backward(grad_out, x, weight, bias, padding, pool, mask)
+    for asked, g, w in zip(mask, got, want):
+        assert (g is not None) == asked
+        if asked:
+            torch.testing.assert_close(g, w, **TOLERANCES[torch.float32])
+
+
+def test_conv_tile_programs_empty_batch_and_bad_input():
+    x, weight, bias, padding, pool = make_inputs(CASES["batch0"], torch.float32, "cpu")
+    assert CONV_EMULATED(x, weight, bias, padding, pool, 4, 32).shape == (0, 6, 14, 14)
+    grads = CONV_BACKWARD_EMULATED(torch.zeros(0, 6, 14, 14), x, weight, bias, padding, pool, [True] * 3, 4, 32)
+    assert grads[0].shape == x.shape and not grads[1].any() and not grads[2].any()
+    x, weight, bias, padding, pool = make_inputs(CASES["lenet_layer1"], torch.float32, "cpu")
+    with pytest.raises(ValueError, match="expected 1 <= tile <= 1024, got 0"):
+        CONV_EMULATED(x, weight, bias, padding, pool, 0, 32)
+    with pytest.raises(ValueError, match="expected threads >= 1, got 0"):
+        CONV_EMULATED(x, weight, bias, padding, pool, 2, 0)
+    with pytest.raises(ValueError, match="channel mismatch"):
+        CONV_EMULATED(x, weight[:, :0], bias, padding, pool, 2, 32)
+    with pytest.raises(TypeError, match="float32 only"):
+        CONV_EMULATED(x.double(), weight.double(), bias.double(), padding, pool, 2, 32)
