@@ -5,7 +5,9 @@
 Builds the extension in place for the visible GPU's architecture, runs the
 whole test suite, runs compute-sanitizer (memcheck, racecheck, synccheck,
 initcheck) over scripts/cuda_sanitizer_workload.py, and runs
-benchmarks/bench.py on CUDA. Every stage writes its log into OUT_DIR, the
+benchmarks/bench.py on CUDA (and, with the time left, once more on the
+reference kernels, LENET_EXT_CUDA_KERNEL=reference, to show what the tile
+programs gain). Every stage writes its log into OUT_DIR, the
 benchmark its results.json and throughput.png; a summary table comes last,
 and the exit status is 0 only when every stage passed.
 
@@ -60,7 +62,8 @@ def tail(path, lines=15):
 
 def gpu_facts():
     """(name, 'major.minor', torch facts) of GPU 0, or None without one."""
-    code = "import json, torch; print(json.dumps(dict(torch=torch.__version__, cuda=torch.version.cuda, " \
+    code = "import json, torch, importlib.metadata as m; print(json.dumps(dict(torch=torch.__version__, " \
+           "cuda=torch.version.cuda, setuptools=m.version('setuptools'), " \
            "gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, " \
            "capability=list(torch.cuda.get_device_capability(0)) if torch.cuda.is_available() else None)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -86,13 +89,13 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     deadline = time.monotonic() + args.budget
     left = lambda: deadline - time.monotonic()  # noqa: E731
-    stages = {name: Stage(name) for name in ("build", "tests", *SANITIZER_TOOLS, "bench")}
+    stages = {name: Stage(name) for name in ("build", "tests", *SANITIZER_TOOLS, "bench", "bench-reference")}
 
     facts = gpu_facts()
     with open(os.path.join(out, "environment.json"), "w") as f:
         json.dump(facts, f, indent=1)
     has_gpu = facts["gpu"] is not None
-    print(f"torch {facts['torch']} (CUDA {facts['cuda']}), GPU: {facts['gpu'] or 'none'}", flush=True)
+    print(f"torch {facts['torch']} (CUDA {facts['cuda']}), setuptools {facts['setuptools']}, GPU: {facts['gpu'] or 'none'}", flush=True)
     if not has_gpu and not args.no_gpu_ok:
         sys.exit("verify_cuda: no CUDA device is visible (torch.cuda.is_available() is False); "
                  "--no-gpu-ok runs the CPU part only")  # fmt: skip
@@ -162,6 +165,17 @@ def main(argv=None):
     elif code == 0:
         code, stage.detail = None, "no time left for the torch.compile providers; bench-no-compile/ has the rest"
     stage.status = "passed" if code == 0 else ("TIMED OUT" if code is None else "FAILED")
+
+    # The same quick table on the reference kernels: what the tile programs gain.
+    stage = stages["bench-reference"]
+    if has_gpu and left() > 60:
+        code, stage.seconds = run(bench + ["--no-compile", "--output-dir", os.path.join(out, "bench-reference")],
+                                  os.path.join(out, "bench-reference.log"), left(),
+                                  env={"LENET_EXT_CUDA_KERNEL": "reference"})  # fmt: skip
+        stage.status = "passed" if code == 0 else ("TIMED OUT" if code is None else "FAILED")
+        stage.detail = "bench-reference/: the simple kernels"
+    else:
+        stage.status, stage.detail = "skipped", "no GPU" if not has_gpu else "no time left"
     return finish(stages, out, None)
 
 
@@ -178,7 +192,7 @@ def finish(stages, out, failure_tail):
             print(tail(os.path.join(out, log), 60))
             break
     print(f"\nlogs in {out}\n\n{table}")
-    ok = all(s.status in ("passed", "unavailable") for s in stages.values())
+    ok = all(s.status in ("passed", "unavailable", "skipped") for s in stages.values())
     return 0 if ok else 1
 
 
