@@ -1,12 +1,13 @@
 """LeNet-5 as in d2l: a drop-in for its nn.Sequential, with fused conv blocks."""
 
 from collections import OrderedDict
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from . import ops
-from .fuse import _FUSED_DEVICES, _FUSED_DTYPES, FusedSequential, _conv_padding, _global_hooks, _square, fusable_config
+from .fuse import _FUSED_DTYPES, FusedSequential, _conv_padding, _global_hooks, _square, fusable_config
 
 __all__ = ["LeNet", "reference_lenet", "lenet_args"]
 
@@ -37,36 +38,95 @@ _LENET_TYPES = (
 )  # fmt: skip
 
 
-def _is_reference_layout(layers) -> bool:
-    """Whether the 12 layers still are the reference's kinds, so that lenet_forward computes them."""
-    if tuple(map(type, layers)) != _LENET_TYPES:
-        return False
-    for m in layers:  # inline: at batch 1 this check is a visible part of the forward
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
-            return False
-    flatten = layers[6]
+def _config_key(conv1, pool1, conv2, pool2, flatten) -> tuple:
+    """Every attribute that _operator_config reads: while these compare equal,
+    so does what it decides."""
     return (
-        fusable_config(layers[0], layers[2])
-        and fusable_config(layers[3], layers[5])
-        and flatten.start_dim == 1
-        and flatten.end_dim == -1
-        and not _global_hooks()
-    )
-
-
-def lenet_args(x: Tensor, layers) -> tuple:
-    """The LeNet operators' arguments, (x, *ops.LENET_PARAMS), from LeNet's 12
-    layers as they are now (Conv2d and AvgPool2d as fusable_config accepts)."""
-    conv1, _, pool1, conv2, _, pool2, _, fc1, _, fc2, _, fc3 = layers
-    return (
-        x, conv1.weight, conv1.bias, _conv_padding(conv1), _square(pool1.kernel_size),
-        conv2.weight, conv2.bias, _conv_padding(conv2), _square(pool2.kernel_size),
-        fc1.weight, fc1.bias, fc2.weight, fc2.bias, fc3.weight, fc3.bias,
+        conv1.stride, conv1.dilation, conv1.groups, conv1.padding_mode, conv1.kernel_size, conv1.padding,
+        pool1.kernel_size, pool1.stride, pool1.padding, pool1.ceil_mode, pool1.divisor_override,
+        conv2.stride, conv2.dilation, conv2.groups, conv2.padding_mode, conv2.kernel_size, conv2.padding,
+        pool2.kernel_size, pool2.stride, pool2.padding, pool2.ceil_mode, pool2.divisor_override,
+        flatten.start_dim, flatten.end_dim,
     )  # fmt: skip
 
 
-def _records_gradients(x: Tensor, layers) -> bool:
-    return x.requires_grad or any(p.requires_grad for m in layers for p in m._parameters.values() if p is not None)
+def _operator_config(conv1, pool1, conv2, pool2, flatten) -> Optional[tuple]:
+    """(conv1_padding, pool1, conv2_padding, pool2) for the operators, or None
+    when a conv block or the flatten is configured otherwise than they compute."""
+    if not (fusable_config(conv1, pool1) and fusable_config(conv2, pool2)):
+        return None
+    if flatten.start_dim != 1 or flatten.end_dim != -1:
+        return None
+    return _conv_padding(conv1), _square(pool1.kernel_size), _conv_padding(conv2), _square(pool2.kernel_size)
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _has_any_hooks(layers) -> bool:
+    return any(getattr(m, name) for m in layers for name in _HOOK_DICTS) or _global_hooks()
+
+
+def _args_from(x: Tensor, layers: tuple, config: tuple) -> tuple:
+    conv1, _, _, conv2, _, _, _, fc1, _, fc2, _, fc3 = layers
+    padding1, size1, padding2, size2 = config
+    try:  # the registered parameters, without nn.Module.__getattr__'s cost
+        c1, c2, f1, f2, f3 = (m._parameters for m in (conv1, conv2, fc1, fc2, fc3))
+        return (
+            x, c1["weight"], c1["bias"], padding1, size1, c2["weight"], c2["bias"], padding2, size2,
+            f1["weight"], f1["bias"], f2["weight"], f2["bias"], f3["weight"], f3["bias"],
+        )  # fmt: skip
+    except KeyError:  # a parameter replaced by a plain attribute
+        return (
+            x, conv1.weight, conv1.bias, padding1, size1, conv2.weight, conv2.bias, padding2, size2,
+            fc1.weight, fc1.bias, fc2.weight, fc2.bias, fc3.weight, fc3.bias,
+        )  # fmt: skip
+
+
+def lenet_args(x: Tensor, layers) -> Optional[tuple]:
+    """The LeNet operators' arguments, (x, *ops.LENET_PARAMS), from LeNet's 12
+    layers as they are now, or None unless the layers are the reference's
+    kinds, configured as the operators compute them, without hooks."""
+    layers = tuple(layers)
+    if tuple(map(type, layers)) != _LENET_TYPES or _has_any_hooks(layers):
+        return None
+    conv1, _, pool1, conv2, _, pool2, flatten = layers[:7]
+    config = _operator_config(conv1, pool1, conv2, pool2, flatten)
+    return None if config is None else _args_from(x, layers, config)
+
+
+class _LayoutCache:
+    """What lenet_args decides for one set of 12 layer objects, kept so that
+    a call re-reads only what can change: the layers' types, their hook
+    dictionaries (register_*_hook and a handle's remove() change them in
+    place), the attributes of _config_key, and the parameters."""
+
+    def __init__(self, layers: tuple):
+        self.layers = layers
+        self.hook_dicts = tuple(getattr(m, name) for m in layers for name in _HOOK_DICTS)
+        self.key = None
+        self.config = None
+
+    def args(self, x: Tensor, layers: tuple) -> Optional[tuple]:
+        if tuple(map(type, layers)) != _LENET_TYPES or any(self.hook_dicts) or _global_hooks():
+            return None
+        conv1, _, pool1, conv2, _, pool2, flatten = layers[:7]
+        key = _config_key(conv1, pool1, conv2, pool2, flatten)
+        if key != self.key:
+            self.key, self.config = key, _operator_config(conv1, pool1, conv2, pool2, flatten)
+        return None if self.config is None else _args_from(x, layers, self.config)
+
+
+def _records_gradients(args: tuple) -> bool:
+    return any(isinstance(a, Tensor) and a.requires_grad for a in args)
+
+
+def _exporting_to_onnx() -> bool:
+    # The cheap tests first: torch.onnx.is_in_onnx_export imports two modules
+    # at every call, and both exporters trace (TorchScript) or compile.
+    return (torch._C._get_tracing_state() is not None or torch.compiler.is_compiling()) and (
+        torch.onnx.is_in_onnx_export()
+    )
 
 
 def reference_lenet(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> nn.Sequential:
@@ -96,22 +156,32 @@ class LeNet(FusedSequential):
         # node: at small batches the dispatches, not the arithmetic, are most
         # of the time, and at large ones a tile of images stays in cache
         # through all the layers.
-        if torch.onnx.is_in_onnx_export():  # ONNX has no lenet_ext operators: export the plain layers
-            return nn.Sequential.forward(self, x)
-        if x.dtype in _FUSED_DTYPES and x.device.type in _FUSED_DEVICES:
-            layers = tuple(self._modules.values())
-            if x.dim() == 4 and _is_reference_layout(layers):
-                args = lenet_args(x, layers)
+        if x.dtype in _FUSED_DTYPES and (x.is_cpu or x.is_cuda) and not _exporting_to_onnx():  # fuse._FUSED_DEVICES
+            # ONNX has no lenet_ext operators: export runs the plain layers.
+            args = self._operator_args(x)
+            if args is not None and x.dim() == 4:
                 try:
-                    if torch.is_grad_enabled() and _records_gradients(x, layers):
+                    if torch.is_grad_enabled() and _records_gradients(args):
                         return ops.lenet_train_forward(*args)
                     return ops.lenet_forward(*args)
                 except ValueError as e:
                     self._check_input(x, e)
                     raise
-            if x.dim() != 4 and _is_reference_layout(layers):
+            if args is not None:
                 self._check_input(x, None)
         return super().forward(x)
+
+    def _operator_args(self, x: Tensor) -> Optional[tuple]:
+        """lenet_args for the layers as they are now, from a _LayoutCache of them."""
+        layers = tuple(self._modules.values())
+        if torch.compiler.is_compiling():  # compiled code guards on what lenet_args reads
+            return lenet_args(x, layers)
+        cache = self.__dict__.get("_layout_cache")
+        if cache is None or cache.layers != layers:
+            if len(layers) != len(_LENET_TYPES):
+                return None
+            cache = self.__dict__["_layout_cache"] = _LayoutCache(layers)
+        return cache.args(x, layers)
 
     def _check_input(self, x: Tensor, error) -> None:
         """Raises the error a user needs when x's shape, not a layer, is what does not fit."""

@@ -357,3 +357,96 @@ def test_input_error_follows_the_configuration():
     with pytest.raises(ValueError, match=r"expects input of shape \(N, 3, 32, 32\)"):
         net(torch.rand(2, 1, 28, 28))
     assert net(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+# --- what the small-batch inference path and the layout cache must see -----
+# At batch 1 LeNet reuses what it decided at the previous call (csrc/ops/cpu/
+# lenet_small_batch.cpp keeps packed conv weights, model.py the layers'
+# layout): every change below is made after a first call.
+
+
+def _check_against_reference(net, ref, batch=1):
+    x = torch.rand(batch, 1, 28, 28)
+    with torch.inference_mode():
+        torch.testing.assert_close(net(x), ref(x), **TOLERANCES[torch.float32])
+
+
+def _same_to_both(edit):
+    """A change made the same way to LeNet and to the reference, then the reference's parameters made equal."""
+
+    def change(net, ref):
+        edit(net)
+        edit(ref)
+        ref.load_state_dict(net.state_dict())
+
+    return change
+
+
+def _hook_doubling_fc2(model):
+    model[10].register_forward_hook(lambda m, i, o: o * 2)
+
+
+def _swap_conv1_weight(model):
+    model[0].weight = nn.Parameter(torch.randn(6, 1, 5, 5))
+
+
+CHANGES_AFTER_A_CALL = {
+    # In place, and through .data: no version counter moves.
+    "weight_data_in_place": lambda net, ref: [m[3].weight.data.mul_(0.5) for m in (net, ref)],
+    "bias_data_in_place": lambda net, ref: [m[0].bias.data.fill_(1.0) for m in (net, ref)],
+    "init_in_place": _same_to_both(lambda m: nn.init.normal_(m[3].weight)),
+    "load_state_dict": lambda net, ref: [m.load_state_dict(LeNet().state_dict()) for m in (ref,)]
+    and net.load_state_dict(ref.state_dict()),
+    "parameter_swapped": _same_to_both(_swap_conv1_weight),
+    "bias_removed": lambda net, ref: [setattr(m[3], "bias", None) for m in (net, ref)],
+    "layer_replaced": _same_to_both(lambda m: m.__setitem__(9, nn.Linear(120, 84))),
+    # Same shapes, other values: only the layer path computes these.
+    "padding_mode": lambda net, ref: [setattr(m[0], "padding_mode", "reflect") for m in (net, ref)],
+    "pool_divisor": lambda net, ref: [setattr(m[5], "divisor_override", 3) for m in (net, ref)],
+    "padding_same": lambda net, ref: [setattr(m[0], "padding", "same") for m in (net, ref)],
+    "hook_added": lambda net, ref: [_hook_doubling_fc2(m) for m in (net, ref)],
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES_AFTER_A_CALL.values()), ids=list(CHANGES_AFTER_A_CALL))
+def test_changes_after_a_call_are_honoured_at_batch_1(change):
+    net, ref = twin_pair()
+    _check_against_reference(net, ref)
+    with torch.no_grad():
+        change(net, ref)
+    _check_against_reference(net, ref)
+    _check_against_reference(net, ref, batch=3)
+
+
+def test_hook_removed_after_a_call_returns_to_the_operator():
+    net, ref = twin_pair()
+    handle = net[4].register_forward_hook(lambda m, i, o: None)
+    _check_against_reference(net, ref)
+    handle.remove()
+    with torch.inference_mode(), AtenOpRecorder() as recorder:
+        net(torch.rand(1, 1, 28, 28))
+    assert "lenet_ext.lenet_forward" in recorder.ops
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 5, 8])
+def test_models_called_in_turn_keep_their_own_weights(batch):
+    """Two models alternating on one thread, and on another thread, around the small-batch limit."""
+    pairs = [twin_pair(seed=seed) for seed in (0, 1)]
+    for _ in range(2):
+        for net, ref in pairs:
+            _check_against_reference(net, ref, batch)
+    errors = []
+
+    def other_thread():
+        try:
+            for net, ref in reversed(pairs):
+                _check_against_reference(net, ref, batch)
+        except AssertionError as e:
+            errors.append(e)
+
+    import threading
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    assert not errors

@@ -31,30 +31,30 @@ bool is_supported_dtype(at::ScalarType t) {
 }  // namespace
 
 ConvPoolGeometry check_forward_args(
-    const at::Tensor& x, const at::Tensor& weight,
+    const InputMeta& x, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, int64_t padding, int64_t pool) {
   constexpr const char* op = "conv_sigmoid_avgpool2d: ";
-  TORCH_CHECK_VALUE(x.dim() == 4, op, "expected x to be 4-d (N, C_in, H, W), got a ",
-                    x.dim(), "-d tensor of shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.sizes.size() == 4, op, "expected x to be 4-d (N, C_in, H, W), got a ",
+                    x.sizes.size(), "-d tensor of shape ", x.sizes);
   TORCH_CHECK_VALUE(weight.dim() == 4, op,
                     "expected weight to be 4-d (C_out, C_in, K, K), got a ",
                     weight.dim(), "-d tensor of shape ", weight.sizes());
-  TORCH_CHECK_TYPE(is_supported_dtype(x.scalar_type()), op,
-                   "expected x to be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), op,
-                   "expected weight to have x's dtype ", x.scalar_type(),
+  TORCH_CHECK_TYPE(is_supported_dtype(x.dtype), op,
+                   "expected x to be float32 or float64, got ", x.dtype);
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.dtype, op,
+                   "expected weight to have x's dtype ", x.dtype,
                    ", got ", weight.scalar_type());
-  TORCH_CHECK_VALUE(weight.device() == x.device(), op,
-                    "expected weight on x's device ", x.device(), ", got ",
+  TORCH_CHECK_VALUE(weight.device() == x.device, op,
+                    "expected weight on x's device ", x.device, ", got ",
                     weight.device());
   // Empty channel dimensions are refused, as torch's conv2d refuses them.
-  TORCH_CHECK_VALUE(x.size(1) >= 1, op, "expected x to have at least one channel, got shape ",
-                    x.sizes());
+  TORCH_CHECK_VALUE(x.sizes[1] >= 1, op, "expected x to have at least one channel, got shape ",
+                    x.sizes);
   TORCH_CHECK_VALUE(weight.size(0) >= 1, op,
                     "expected weight to have at least one output channel, got shape ",
                     weight.sizes());
-  TORCH_CHECK_VALUE(weight.size(1) == x.size(1), op,
-                    "channel mismatch: x has ", x.size(1),
+  TORCH_CHECK_VALUE(weight.size(1) == x.sizes[1], op,
+                    "channel mismatch: x has ", x.sizes[1],
                     " input channels but weight expects ", weight.size(1),
                     " (weight shape ", weight.sizes(), ")");
   TORCH_CHECK_VALUE(weight.size(2) == weight.size(3), op,
@@ -66,19 +66,19 @@ ConvPoolGeometry check_forward_args(
     TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == weight.size(0), op,
                       "expected bias to be 1-d of size C_out = ", weight.size(0),
                       ", got shape ", b.sizes());
-    TORCH_CHECK_TYPE(b.scalar_type() == x.scalar_type(), op,
-                     "expected bias to have x's dtype ", x.scalar_type(), ", got ",
+    TORCH_CHECK_TYPE(b.scalar_type() == x.dtype, op,
+                     "expected bias to have x's dtype ", x.dtype, ", got ",
                      b.scalar_type());
-    TORCH_CHECK_VALUE(b.device() == x.device(), op, "expected bias on x's device ",
-                      x.device(), ", got ", b.device());
+    TORCH_CHECK_VALUE(b.device() == x.device, op, "expected bias on x's device ",
+                      x.device, ", got ", b.device());
   }
   TORCH_CHECK_VALUE(padding >= 0, op, "expected padding >= 0, got ", padding);
 
   ConvPoolGeometry g;
-  g.batch = x.size(0);
-  g.in_channels = x.size(1);
-  g.height = x.size(2);
-  g.width = x.size(3);
+  g.batch = x.sizes[0];
+  g.in_channels = x.sizes[1];
+  g.height = x.sizes[2];
+  g.width = x.sizes[3];
   g.out_channels = weight.size(0);
   g.kernel = weight.size(2);
   g.padding = padding;
@@ -86,7 +86,7 @@ ConvPoolGeometry check_forward_args(
   TORCH_CHECK_VALUE(g.kernel <= g.height + 2 * padding && g.kernel <= g.width + 2 * padding, op,
                     "kernel size ", g.kernel, " is larger than the padded input ",
                     g.height + 2 * padding, "x", g.width + 2 * padding,
-                    " (x of shape ", x.sizes(), ", padding ", padding, ")");
+                    " (x of shape ", x.sizes, ", padding ", padding, ")");
   g.conv_height = g.height + 2 * padding - g.kernel + 1;
   g.conv_width = g.width + 2 * padding - g.kernel + 1;
   TORCH_CHECK_VALUE(pool >= 1, op, "expected pool >= 1, got ", pool);

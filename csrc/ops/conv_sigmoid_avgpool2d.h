@@ -21,10 +21,26 @@
 
 namespace lenet_ext {
 
+// What the argument checks read of a layer's input: a tensor's, or one that
+// a fused caller has not made yet.
+struct InputMeta {
+  at::IntArrayRef sizes;
+  at::ScalarType dtype;
+  at::Device device;
+};
+
+inline InputMeta meta_of(const at::Tensor& x) { return {x.sizes(), x.scalar_type(), x.device()}; }
+
 // Validates the forward arguments and returns the sizes of the call.
 ConvPoolGeometry check_forward_args(
-    const at::Tensor& x, const at::Tensor& weight,
+    const InputMeta& x, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, int64_t padding, int64_t pool);
+
+inline ConvPoolGeometry check_forward_args(
+    const at::Tensor& x, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, int64_t padding, int64_t pool) {
+  return check_forward_args(meta_of(x), weight, bias, padding, pool);
+}
 
 // Validates the backward arguments (the forward ones plus grad_out).
 ConvPoolGeometry check_backward_args(

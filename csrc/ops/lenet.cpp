@@ -48,29 +48,9 @@ at::Tensor conv_block(const at::Tensor& x, const at::Tensor& weight,
   return op.call(x, weight, bias, padding, pool);
 }
 
-// A dense layer's weight and bias against its input x; `name` is the
-// layer's name in the schema (fc1, fc2, fc3).
-void check_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                  const char* op, const char* name) {
-  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == x.size(1), op, ": expected ", name,
-                    "_weight of shape (out_features, ", x.size(1), "), got ", weight.sizes());
-  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), op, ": expected ", name,
-                   "_weight to have x's dtype ", x.scalar_type(), ", got ", weight.scalar_type());
-  TORCH_CHECK_VALUE(weight.device() == x.device(), op, ": expected ", name, "_weight on x's device ",
-                    x.device(), ", got ", weight.device());
-  if (!bias.has_value()) return;
-  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": expected ", name,
-                    "_bias to be 1-d of size out_features = ", weight.size(0), ", got shape ",
-                    bias->sizes());
-  TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), op, ": expected ", name,
-                   "_bias to have x's dtype ", x.scalar_type(), ", got ", bias->scalar_type());
-  TORCH_CHECK_VALUE(bias->device() == x.device(), op, ": expected ", name, "_bias on x's device ",
-                    x.device(), ", got ", bias->device());
-}
-
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const char* op, const char* name) {
-  check_linear(x, weight, bias, op, name);
+  check_linear(meta_of(x), weight, bias, op, name);
   if (bias.has_value()) return at::addmm(*bias, x, weight.t());
   return at::mm(x, weight.t());
 }
@@ -86,6 +66,24 @@ LeNetGrads tuple_of(const LeNetGradArray& grads, std::index_sequence<I...>) {
 }
 
 }  // namespace
+
+void check_linear(const InputMeta& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const char* op, const char* name) {
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == x.sizes[1], op, ": expected ", name,
+                    "_weight of shape (out_features, ", x.sizes[1], "), got ", weight.sizes());
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.dtype, op, ": expected ", name,
+                   "_weight to have x's dtype ", x.dtype, ", got ", weight.scalar_type());
+  TORCH_CHECK_VALUE(weight.device() == x.device, op, ": expected ", name, "_weight on x's device ",
+                    x.device, ", got ", weight.device());
+  if (!bias.has_value()) return;
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": expected ", name,
+                    "_bias to be 1-d of size out_features = ", weight.size(0), ", got shape ",
+                    bias->sizes());
+  TORCH_CHECK_TYPE(bias->scalar_type() == x.dtype, op, ": expected ", name,
+                   "_bias to have x's dtype ", x.dtype, ", got ", bias->scalar_type());
+  TORCH_CHECK_VALUE(bias->device() == x.device, op, ": expected ", name, "_bias on x's device ",
+                    x.device, ", got ", bias->device());
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_block_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
@@ -154,11 +152,11 @@ LeNetBackwardCall check_backward_args(const at::Tensor& grad_logits, const at::T
   const ConvPoolGeometry g2 =
       check_forward_args(saved.block1, p.conv2_weight, p.conv2_bias, p.conv2_padding, p.pool2);
   check_saved(saved.block2, {g2.batch, g2.out_channels * g2.out_height * g2.out_width}, "block2");
-  check_linear(saved.block2, p.fc1_weight, p.fc1_bias, "lenet_backward", "fc1");
+  check_linear(meta_of(saved.block2), p.fc1_weight, p.fc1_bias, "lenet_backward", "fc1");
   check_saved(saved.fc1, {g1.batch, p.fc1_weight.size(0)}, "fc1");
-  check_linear(saved.fc1, p.fc2_weight, p.fc2_bias, "lenet_backward", "fc2");
+  check_linear(meta_of(saved.fc1), p.fc2_weight, p.fc2_bias, "lenet_backward", "fc2");
   check_saved(saved.fc2, {g1.batch, p.fc2_weight.size(0)}, "fc2");
-  check_linear(saved.fc2, p.fc3_weight, p.fc3_bias, "lenet_backward", "fc3");
+  check_linear(meta_of(saved.fc2), p.fc3_weight, p.fc3_bias, "lenet_backward", "fc3");
   check_saved(grad_logits, {g1.batch, p.fc3_weight.size(0)}, "grad_logits");
 
   LeNetBackwardCall call;

@@ -15,6 +15,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "conv_sigmoid_avgpool2d.h"
 #include "lenet_forward_tile.h"
 
 #include <array>
@@ -86,6 +87,11 @@ const at::Tensor& parameter(const LeNetParams& p, LeNetGrad i);
 // The two conv blocks of x into r.block1 and r.block2; the argument checks of
 // the conv operator run on the way.
 void conv_blocks(const at::Tensor& x, const LeNetParams& p, LeNetActivations& r);
+
+// A dense layer's weight and bias against its input x; `name` is the
+// layer's name in the schema (fc1, fc2, fc3), `op` the operator's.
+void check_linear(const InputMeta& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const char* op, const char* name);
 
 // The dense layers from r.block2 into r.fc1, r.fc2 and r.logits; `op` names
 // the operator in the errors of the dense layers' checks.

@@ -14,6 +14,7 @@
 
 #include "../conv_sigmoid_avgpool2d.h"
 #include "../lenet.h"
+#include "lenet_small_batch.h"
 #include "parallel.h"
 
 namespace lenet_ext {
@@ -115,7 +116,9 @@ LeNetActivations forward(const at::Tensor& x, const LeNetParams& p, bool keep_ac
 }
 
 at::Tensor lenet_forward_cpu(const at::Tensor& x, LENET_PARAMS_ARGS) {
-  return forward(x, LENET_PARAMS, false, "lenet_forward").logits;
+  const LeNetParams p = LENET_PARAMS;
+  if (at::Tensor logits = forward_small_batch(x, p); logits.defined()) return logits;
+  return forward(x, p, false, "lenet_forward").logits;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lenet_train_forward_cpu(

@@ -23,6 +23,7 @@
 // which the CUDA kernels and the generic CPU path run.
 #pragma once
 
+#include "dense.h"
 #include "dz.h"
 #include "forward.h"
 #include "input_grad.h"
@@ -117,8 +118,8 @@ inline void backward_images(const ConvPoolGeometry& g, const BackwardImages& cal
   }
 }
 
-const SimdKernels kernels = {&supported, &xp_size, &dz_size, &forward_images, &backward_images,
-                             &sum_weight_lanes};
+const SimdKernels kernels = {&supported,       &xp_size,          &dz_size,   &forward_images,
+                             &backward_images, &sum_weight_lanes, &dense_rows};
 
 }  // namespace LENET_ISA
 }  // namespace cpu

@@ -2,7 +2,8 @@
 // instruction set, and the choice among them.
 //
 //   the kernels         entry_points.h, built from vec.h, workspace.h, conv.h,
-//                       forward.h, dz.h, weight_grad.h, input_grad.h, transpose.h
+//                       forward.h, dz.h, weight_grad.h, input_grad.h, transpose.h,
+//                       dense.h
 //   one build per ISA   baseline.cpp, avx2.cpp, avx512.cpp
 //   the choice          select.cpp
 #pragma once
@@ -42,6 +43,14 @@ struct BackwardImages {
   float* dz;
 };
 
+// A dense layer: out = in . weight^T + bias, then the sigmoid when `sigmoid`.
+struct DenseLayer {
+  const float* weight;  // (out_features, in_features)
+  const float* bias;    // out_features, or nullptr
+  int64_t in_features, out_features;
+  bool sigmoid;
+};
+
 struct SimdKernels {
   bool (*supported)(const ConvPoolGeometry& g);
   int64_t (*xp_size)(const ConvPoolGeometry& g);  // per-thread buffer sizes, in floats
@@ -52,6 +61,8 @@ struct SimdKernels {
   // Turns the weight-gradient lanes that backward_images accumulates
   // (C_out * C_in * K * K * 16 floats) into C_out * C_in * K * K sums.
   void (*sum_weight_lanes)(const ConvPoolGeometry& g, const float* lanes, float* out);
+  // A dense layer over `rows` contiguous rows of in into contiguous rows of out.
+  void (*dense_rows)(const DenseLayer& layer, const float* in, int64_t rows, float* out);
 };
 
 namespace baseline { extern const SimdKernels kernels; }
