@@ -428,7 +428,7 @@ def test_hook_removed_after_a_call_returns_to_the_operator():
     assert "lenet_ext.lenet_forward" in recorder.ops
 
 
-@pytest.mark.parametrize("batch", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("batch", [1, 2, 3, 5, 32, 33])
 def test_models_called_in_turn_keep_their_own_weights(batch):
     """Two models alternating on one thread, and on another thread, around the small-batch limit."""
     pairs = [twin_pair(seed=seed) for seed in (0, 1)]
@@ -450,3 +450,15 @@ def test_models_called_in_turn_keep_their_own_weights(batch):
     thread.start()
     thread.join()
     assert not errors
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("batch", [1, 2, 7])
+def test_small_batches_on_other_thread_counts(threads, batch):
+    """One thread, and more threads than images share out (the small-batch path splits images or rows)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_against_reference(*twin_pair(), batch=batch)
+    finally:
+        torch.set_num_threads(before)

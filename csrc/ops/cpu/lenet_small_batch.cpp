@@ -1,6 +1,11 @@
 #include "lenet_small_batch.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include <algorithm>
 #include <cstring>
@@ -15,6 +20,12 @@ namespace {
 float* sized(std::vector<float>& buffer, int64_t floats) {
   if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(floats);
   return buffer.data();
+}
+
+float* zeroed(std::vector<float>& buffer, int64_t floats) {
+  float* data = sized(buffer, floats);
+  std::fill_n(data, floats, 0.0f);
+  return data;
 }
 
 const float* data_or_null(const std::optional<at::Tensor>& t) {
@@ -55,7 +66,8 @@ class PackedCache {
 // Per-thread state, grown to the largest call seen and reused.
 struct Buffers {
   PackedCache conv1, conv2;
-  std::vector<float> xp1, xp2, block1, block2, fc1, fc2;
+  std::vector<std::vector<float>> xp;  // per thread
+  std::vector<float> block1, block2, fc1, fc2;
 };
 
 std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
@@ -94,25 +106,70 @@ at::Tensor forward_small_batch(const at::Tensor& x_arg, const LeNetParams& p) {
   const int64_t f1 = fc1_w.size(0), f2 = fc2_w.size(0), f3 = fc3_w.size(0);
   at::Tensor logits = at::empty({batch, f3}, x.options());
 
+  // Threads when they are free: each takes its share of the images, or, for
+  // one image, two take a share of every layer's pooled rows and of fc1's
+  // features. (A parallel region of at::parallel_for has no barrier; the
+  // layers of one shared image need one between them.)
+  int threads = 1;
+#ifdef _OPENMP
+  if (!at::in_parallel_region())
+    threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(batch, 2)));
+#endif
+
   thread_local Buffers buffers;
   Buffers& b = buffers;
+  const cpu::PackedWeights packed1 = b.conv1.get(conv1_w, conv1_b), packed2 = b.conv2.get(conv2_w, conv2_b);
   // The kernels leave xp's zero border as they find it; another call's sizes
-  // may have put data there.
-  float* xp1 = sized(b.xp1, kernels->xp_size(g1));
-  float* xp2 = sized(b.xp2, kernels->xp_size(g2));
-  std::fill_n(xp1, kernels->xp_size(g1), 0.0f);
-  std::fill_n(xp2, kernels->xp_size(g2), 0.0f);
+  // may have put data there. Each thread has its own, one per conv block.
+  if (static_cast<int>(b.xp.size()) < threads) b.xp.resize(threads);
+  const int64_t xp1_size = kernels->xp_size(g1), xp2_size = kernels->xp_size(g2);
+  for (int t = 0; t < threads; ++t) zeroed(b.xp[t], xp1_size + xp2_size);
   float* block1_out = sized(b.block1, batch * g1.out_channels * g1.out_height * g1.out_width);
   float* block2_out = sized(b.block2, batch * f0);
-  kernels->forward_images(g1, {x.const_data_ptr<float>(), b.conv1.get(conv1_w, conv1_b), block1_out, xp1}, 0,
-                          batch);
-  kernels->forward_images(g2, {block1_out, b.conv2.get(conv2_w, conv2_b), block2_out, xp2}, 0, batch);
   float* fc1_out = sized(b.fc1, batch * f1);
   float* fc2_out = sized(b.fc2, batch * f2);
-  kernels->dense_rows({fc1_w.const_data_ptr<float>(), data_or_null(fc1_b), f0, f1, true}, block2_out, batch, fc1_out);
-  kernels->dense_rows({fc2_w.const_data_ptr<float>(), data_or_null(fc2_b), f1, f2, true}, fc1_out, batch, fc2_out);
-  kernels->dense_rows({fc3_w.const_data_ptr<float>(), data_or_null(fc3_b), f2, f3, false}, fc2_out, batch,
-                      logits.mutable_data_ptr<float>());
+  const cpu::DenseLayer fc1{fc1_w.const_data_ptr<float>(), data_or_null(fc1_b), f0, f1, true};
+  const cpu::DenseLayer fc2{fc2_w.const_data_ptr<float>(), data_or_null(fc2_b), f1, f2, true};
+  const cpu::DenseLayer fc3{fc3_w.const_data_ptr<float>(), data_or_null(fc3_b), f2, f3, false};
+  const float* x_data = x.const_data_ptr<float>();
+  float* logits_data = logits.mutable_data_ptr<float>();
+
+  // Nothing below throws: every check and allocation is above.
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    int t = 0, n = 1;
+#ifdef _OPENMP
+    t = omp_get_thread_num(), n = omp_get_num_threads();
+#endif
+    const auto xp = [&](int thread) { return b.xp[thread].data(); };
+    // This thread's part of `size` rows, features or images.
+    const auto share = [&](int64_t size) { return cpu::IndexRange{t * size / n, (t + 1) * size / n}; };
+    if (batch >= n) {  // whole images: no thread reads what another writes
+      const auto images = share(batch);
+      const int64_t rows = images.end - images.begin;
+      const cpu::IndexRange all_rows1{0, g1.out_height}, all_rows2{0, g2.out_height};
+      kernels->forward_images(g1, {x_data, packed1, block1_out, xp(t), all_rows1}, images.begin, images.end);
+      kernels->forward_images(g2, {block1_out, packed2, block2_out, xp(t) + xp1_size, all_rows2}, images.begin,
+                              images.end);
+      kernels->dense_rows(fc1, block2_out + images.begin * f0, rows, fc1_out + images.begin * f1);
+      kernels->dense_rows(fc2, fc1_out + images.begin * f1, rows, fc2_out + images.begin * f2);
+      kernels->dense_rows(fc3, fc2_out + images.begin * f2, rows, logits_data + images.begin * f3);
+    } else {  // one image, shared
+      kernels->forward_images(g1, {x_data, packed1, block1_out, xp(t), share(g1.out_height)}, 0, 1);
+#pragma omp barrier
+      kernels->forward_images(g2, {block1_out, packed2, block2_out, xp(t) + xp1_size, share(g2.out_height)}, 0, 1);
+#pragma omp barrier
+      const auto features = share(f1);
+      const cpu::DenseLayer part{fc1.weight + features.begin * f0, fc1.bias ? fc1.bias + features.begin : nullptr,
+                                 f0, features.end - features.begin, true};
+      kernels->dense_rows(part, block2_out, 1, fc1_out + features.begin);
+#pragma omp barrier
+      if (t == 0) {  // fc2 and fc3 are too small to share
+        kernels->dense_rows(fc2, fc1_out, 1, fc2_out);
+        kernels->dense_rows(fc3, fc2_out, 1, logits_data);
+      }
+    }
+  }
   return logits;
 }
 

@@ -3,7 +3,7 @@
 // of through ATen's addmm, whose dispatch and BLAS set-up cost more than the
 // arithmetic at batch 1 (fc1 is 48,000 multiply-adds).
 //
-// Four output features at a time share each vector of the input row; the
+// Blocks of four rows and four output features share their loads; the
 // products run along the input features in vectors, with a scalar tail.
 #pragma once
 
@@ -30,44 +30,59 @@ inline float lane_sum(vec v) {
   return (q[0] + q[2]) + (q[1] + q[3]);
 }
 
-// out[j] = bias[j] + in . weight[j] for features j0 .. j0 + F - 1.
-template <int F>
-inline void dense_features(const DenseLayer& l, const float* in, int64_t j0, float* out) {
+// out[r][j] = bias[j] + in[r] . weight[j] for R rows and features j0 .. j0 + F - 1:
+// each weight vector loaded serves R rows, each input vector F features.
+template <int R, int F>
+inline void dense_block(const DenseLayer& l, const float* in, int64_t j0, float* out) {
   const int64_t n = l.in_features;
   const int64_t whole = n / kLanes * kLanes;
-  vec acc[F] = {};
+  vec acc[R][F] = {};
   for (int64_t k = 0; k < whole; k += kLanes) {
-    const vec x = load(in + k);
-    for (int f = 0; f < F; ++f) acc[f] += x * load(l.weight + (j0 + f) * n + k);
+    vec x[R];
+    for (int r = 0; r < R; ++r) x[r] = load(in + r * n + k);
+    for (int f = 0; f < F; ++f) {
+      const vec w = load(l.weight + (j0 + f) * n + k);
+      for (int r = 0; r < R; ++r) acc[r][f] += x[r] * w;
+    }
   }
-  for (int f = 0; f < F; ++f) {
-    float sum = lane_sum(acc[f]);
-    const float* row = l.weight + (j0 + f) * n;
-    for (int64_t k = whole; k < n; ++k) sum += in[k] * row[k];
-    out[j0 + f] = (l.bias ? l.bias[j0 + f] : 0.0f) + sum;
+  for (int r = 0; r < R; ++r) {
+    for (int f = 0; f < F; ++f) {
+      float sum = lane_sum(acc[r][f]);
+      const float* row = l.weight + (j0 + f) * n;
+      for (int64_t k = whole; k < n; ++k) sum += in[r * n + k] * row[k];
+      out[r * l.out_features + j0 + f] = (l.bias ? l.bias[j0 + f] : 0.0f) + sum;
+    }
+  }
+}
+
+// All features of R rows, four at a time.
+template <int R>
+inline void dense_block_rows(const DenseLayer& l, const float* in, float* out) {
+  int64_t j = 0;
+  for (; j + 4 <= l.out_features; j += 4) dense_block<R, 4>(l, in, j, out);
+  for (; j < l.out_features; ++j) dense_block<R, 1>(l, in, j, out);
+}
+
+inline void sigmoid_row(float* row, int64_t size) {
+  // The vector sigmoid throughout, the tail through a vector of its own.
+  int64_t i = 0;
+  for (; i + kLanes <= size; i += kLanes) store(row + i, sigmoid_vec(load(row + i)));
+  if (i < size) {
+    float tail[kLanes] = {};
+    std::memcpy(tail, row + i, (size - i) * sizeof(float));
+    store(tail, sigmoid_vec(load(tail)));
+    std::memcpy(row + i, tail, (size - i) * sizeof(float));
   }
 }
 
 // The layer over `rows` rows of in (in_features each) into out
-// (out_features each).
+// (out_features each), four rows at a time.
 inline void dense_rows(const DenseLayer& l, const float* in, int64_t rows, float* out) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* in_row = in + r * l.in_features;
-    float* out_row = out + r * l.out_features;
-    int64_t j = 0;
-    for (; j + 4 <= l.out_features; j += 4) dense_features<4>(l, in_row, j, out_row);
-    for (; j < l.out_features; ++j) dense_features<1>(l, in_row, j, out_row);
-    if (!l.sigmoid) continue;
-    // The vector sigmoid throughout, the tail through a vector of its own.
-    int64_t i = 0;
-    for (; i + kLanes <= l.out_features; i += kLanes) store(out_row + i, sigmoid_vec(load(out_row + i)));
-    if (i < l.out_features) {
-      float tail[kLanes] = {};
-      std::memcpy(tail, out_row + i, (l.out_features - i) * sizeof(float));
-      store(tail, sigmoid_vec(load(tail)));
-      std::memcpy(out_row + i, tail, (l.out_features - i) * sizeof(float));
-    }
-  }
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) dense_block_rows<4>(l, in + r * l.in_features, out + r * l.out_features);
+  for (; r < rows; ++r) dense_block_rows<1>(l, in + r * l.in_features, out + r * l.out_features);
+  if (l.sigmoid)
+    for (r = 0; r < rows; ++r) sigmoid_row(out + r * l.out_features, l.out_features);
 }
 
 }  // namespace LENET_ISA

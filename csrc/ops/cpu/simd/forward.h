@@ -10,8 +10,8 @@ namespace LENET_ISA {
 
 template <int CB>
 inline void column_forward_block(const ConvPoolGeometry& g, const Workspace& ws, const float* xp,
-                                 const PackedWeights& packed, int64_t co0, float* out_image) {
-  for_each_column_tile<CB>(g, ws, xp, packed, co0,
+                                 const PackedWeights& packed, int64_t co0, IndexRange rows, float* out_image) {
+  for_each_column_tile<CB>(g, ws, xp, packed, co0, rows,
                            [&](vec (&acc)[CB][2][2], int64_t ph, int64_t j0, int64_t cols) {
     for (int c = 0; c < CB; ++c) {
       const float b = packed.bias[co0 + c];
@@ -47,11 +47,11 @@ inline void forward_strip(const ConvPoolGeometry& g, const Workspace& ws, const 
 
 template <int P>
 void forward_pool(const ConvPoolGeometry& g, const Workspace& ws, const float* xp,
-                  const PackedWeights& packed, float* out_image) {
+                  const PackedWeights& packed, IndexRange rows, float* out_image) {
   constexpr int PW = StripWidth<P>::value;
   for (int64_t cb = 0; cb < ws.channel_blocks; ++cb) {
     const float* w = packed.block(cb);
-    for (int64_t ph = 0; ph < g.out_height; ++ph)
+    for (int64_t ph = rows.begin; ph < rows.end; ++ph)
       for_each_strip<P, PW>(g, ph, [&](auto width, int64_t pw0) {
         forward_strip<P, decltype(width)::value>(g, ws, xp, w, packed.block_bias(cb), cb * kLanes, ph, pw0, out_image);
       });

@@ -16,13 +16,20 @@
 namespace lenet_ext {
 namespace cpu {
 
-// A forward call's data: images n_begin .. n_end of x into out. xp is a
-// per-thread buffer of xp_size() floats, zeroed once.
+// A range of indices, [begin, end): pooled output rows, images, features.
+struct IndexRange {
+  int64_t begin, end;
+};
+
+// A forward call's data: pooled rows `rows` of images n_begin .. n_end of x
+// into out (all rows: {0, out_height}; threads that share one image take a
+// range each). xp is a per-thread buffer of xp_size() floats, zeroed once.
 struct ForwardImages {
   const float* x;
   PackedWeights packed;
   float* out;
   float* xp;
+  IndexRange rows;
 };
 
 // A backward call's data. grad_x (or nullptr) gets the input gradient of the
