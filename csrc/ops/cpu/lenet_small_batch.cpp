@@ -22,12 +22,6 @@ float* sized(std::vector<float>& buffer, int64_t floats) {
   return buffer.data();
 }
 
-float* zeroed(std::vector<float>& buffer, int64_t floats) {
-  float* data = sized(buffer, floats);
-  std::fill_n(data, floats, 0.0f);
-  return data;
-}
-
 const float* data_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<float>() : nullptr;
 }
@@ -63,10 +57,32 @@ class PackedCache {
   cpu::PackedWeights view_{};
 };
 
+// A thread's xp buffers of both conv blocks, zeroed only when the sizes they
+// were zeroed for change: the kernels leave xp's zero border as they find it.
+class PaddedInputs {
+ public:
+  float* get(const ConvPoolGeometry& g1, const ConvPoolGeometry& g2, int64_t xp1_size, int64_t xp2_size) {
+    ConvPoolGeometry sizes[2] = {g1, g2};
+    sizes[0].batch = sizes[1].batch = 0;  // not part of xp's layout
+    const size_t floats = xp1_size + xp2_size;
+    if (!valid_ || buffer_.size() != floats || std::memcmp(sizes, zeroed_for_, sizeof(sizes)) != 0) {
+      buffer_.assign(floats, 0.0f);
+      std::memcpy(zeroed_for_, sizes, sizeof(sizes));
+      valid_ = true;
+    }
+    return buffer_.data();
+  }
+
+ private:
+  std::vector<float> buffer_;
+  ConvPoolGeometry zeroed_for_[2] = {};
+  bool valid_ = false;
+};
+
 // Per-thread state, grown to the largest call seen and reused.
 struct Buffers {
   PackedCache conv1, conv2;
-  std::vector<std::vector<float>> xp;  // per thread
+  std::vector<PaddedInputs> xp;  // one per thread of the call
   std::vector<float> block1, block2, fc1, fc2;
 };
 
@@ -119,11 +135,10 @@ at::Tensor forward_small_batch(const at::Tensor& x_arg, const LeNetParams& p) {
   thread_local Buffers buffers;
   Buffers& b = buffers;
   const cpu::PackedWeights packed1 = b.conv1.get(conv1_w, conv1_b), packed2 = b.conv2.get(conv2_w, conv2_b);
-  // The kernels leave xp's zero border as they find it; another call's sizes
-  // may have put data there. Each thread has its own, one per conv block.
   if (static_cast<int>(b.xp.size()) < threads) b.xp.resize(threads);
-  const int64_t xp1_size = kernels->xp_size(g1), xp2_size = kernels->xp_size(g2);
-  for (int t = 0; t < threads; ++t) zeroed(b.xp[t], xp1_size + xp2_size);
+  const int64_t xp1_size = kernels->xp_size(g1);
+  std::vector<float*> xp(threads);
+  for (int t = 0; t < threads; ++t) xp[t] = b.xp[t].get(g1, g2, xp1_size, kernels->xp_size(g2));
   float* block1_out = sized(b.block1, batch * g1.out_channels * g1.out_height * g1.out_width);
   float* block2_out = sized(b.block2, batch * f0);
   float* fc1_out = sized(b.fc1, batch * f1);
@@ -141,23 +156,22 @@ at::Tensor forward_small_batch(const at::Tensor& x_arg, const LeNetParams& p) {
 #ifdef _OPENMP
     t = omp_get_thread_num(), n = omp_get_num_threads();
 #endif
-    const auto xp = [&](int thread) { return b.xp[thread].data(); };
     // This thread's part of `size` rows, features or images.
     const auto share = [&](int64_t size) { return cpu::IndexRange{t * size / n, (t + 1) * size / n}; };
     if (batch >= n) {  // whole images: no thread reads what another writes
       const auto images = share(batch);
       const int64_t rows = images.end - images.begin;
       const cpu::IndexRange all_rows1{0, g1.out_height}, all_rows2{0, g2.out_height};
-      kernels->forward_images(g1, {x_data, packed1, block1_out, xp(t), all_rows1}, images.begin, images.end);
-      kernels->forward_images(g2, {block1_out, packed2, block2_out, xp(t) + xp1_size, all_rows2}, images.begin,
+      kernels->forward_images(g1, {x_data, packed1, block1_out, xp[t], all_rows1}, images.begin, images.end);
+      kernels->forward_images(g2, {block1_out, packed2, block2_out, xp[t] + xp1_size, all_rows2}, images.begin,
                               images.end);
       kernels->dense_rows(fc1, block2_out + images.begin * f0, rows, fc1_out + images.begin * f1);
       kernels->dense_rows(fc2, fc1_out + images.begin * f1, rows, fc2_out + images.begin * f2);
       kernels->dense_rows(fc3, fc2_out + images.begin * f2, rows, logits_data + images.begin * f3);
     } else {  // one image, shared
-      kernels->forward_images(g1, {x_data, packed1, block1_out, xp(t), share(g1.out_height)}, 0, 1);
+      kernels->forward_images(g1, {x_data, packed1, block1_out, xp[t], share(g1.out_height)}, 0, 1);
 #pragma omp barrier
-      kernels->forward_images(g2, {block1_out, packed2, block2_out, xp(t) + xp1_size, share(g2.out_height)}, 0, 1);
+      kernels->forward_images(g2, {block1_out, packed2, block2_out, xp[t] + xp1_size, share(g2.out_height)}, 0, 1);
 #pragma omp barrier
       const auto features = share(f1);
       const cpu::DenseLayer part{fc1.weight + features.begin * f0, fc1.bias ? fc1.bias + features.begin : nullptr,
