@@ -462,3 +462,19 @@ def test_small_batches_on_other_thread_counts(threads, batch):
         _check_against_reference(*twin_pair(), batch=batch)
     finally:
         torch.set_num_threads(before)
+
+
+def test_models_of_other_sizes_in_turn_at_batch_1():
+    """Buffers sized and zeroed for one model's layers must not leak into another's."""
+    models = []
+    for kwargs in (dict(), dict(image_size=32), dict(in_channels=3, num_classes=5), dict()):
+        net = LeNet(**kwargs).eval()
+        ref = reference_lenet(**kwargs)
+        ref.load_state_dict(net.state_dict())
+        side = kwargs.get("image_size", 28)
+        models.append((net, ref, (1, kwargs.get("in_channels", 1), side, side)))
+    for _ in range(2):
+        for net, ref, shape in models:
+            x = torch.rand(*shape)
+            with torch.inference_mode():
+                torch.testing.assert_close(net(x), ref(x), **TOLERANCES[torch.float32])
