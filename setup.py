@@ -19,6 +19,7 @@ import shutil
 import sys
 import sysconfig
 
+import setuptools
 from setuptools import setup
 
 try:
@@ -157,7 +158,17 @@ class BuildExtension(cpp_extension.BuildExtension):
         super().run()
 
 
+def license_metadata():
+    """BSD-3-Clause as an SPDX license expression where setuptools takes one
+    (77 and later: the older TOML-table form is deprecated there), and as the
+    License field for an older setuptools, which a --no-build-isolation build
+    uses as it finds it."""
+    major = int(setuptools.__version__.split(".")[0])
+    return {"license_expression": "BSD-3-Clause"} if major >= 77 else {"license": "BSD-3-Clause"}
+
+
 setup(
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
+    **license_metadata(),
 )

@@ -80,3 +80,15 @@ def test_cuda_kernel_switch_is_validated():
         assert lenet_ext._C.cuda_kernel() == "fused"
     finally:
         lenet_ext._C.set_cuda_kernel(before)
+
+
+def test_package_metadata_has_the_license_without_deprecation(tmp_path):
+    """setup.py gives the license in the form the installed setuptools takes (see license_metadata)."""
+    run = subprocess.run(
+        [sys.executable, "setup.py", "-q", "egg_info", "-e", str(tmp_path)],
+        cwd=ROOT, env={**os.environ, "USE_CUDA": "0"}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "deprecat" not in run.stderr.lower(), run.stderr[-2000:]
+    (pkg_info,) = tmp_path.glob("*.egg-info/PKG-INFO")
+    assert re.search(r"^License(-Expression)?: BSD-3-Clause$", pkg_info.read_text(), re.M)
