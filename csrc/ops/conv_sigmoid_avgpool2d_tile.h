@@ -48,6 +48,7 @@ struct ConvTileShape {
   int ext_h, ext_w;        // conv outputs under a pooling window
   int padded_h, padded_w;  // x with its zero padding
   int tile;                // images per thread block
+  int channel_stride;      // C_out rounded up to whole channel groups: the weights' row length
   int slices;              // backward: parts of the tile's (image, conv row) rows per parameter sum
   int weight_at, bias_at, x_at, dz_at, slices_at;  // the last two: backward only
   int floats;                                      // shared memory in all
@@ -79,8 +80,10 @@ inline ConvTileShape make_conv_tile_shape(const ConvPoolGeometry& g, int tile, i
     at += floats;
     return start;
   };
-  s.weight_at = take(s.out_channels * s.in_channels * s.kernel * s.kernel);
-  s.bias_at = take(s.out_channels);
+  s.channel_stride = (s.out_channels + kChannelsPerThread - 1) / kChannelsPerThread * kChannelsPerThread;
+  // First, so that a channel group's weights start on a 16-byte boundary.
+  s.weight_at = take(s.in_channels * s.kernel * s.kernel * s.channel_stride);
+  s.bias_at = take(s.channel_stride);
   s.x_at = take(tile * s.in_channels * s.padded_h * s.padded_w);
   const bool backward = backward_threads > 0;
   s.dz_at = backward ? take(tile * s.out_channels * s.ext_h * s.ext_w) : at;
@@ -120,11 +123,17 @@ namespace conv_tile_phases {
 
 // Phase 0 of both programs: weights, biases (0 without one) and the tile's
 // images inside their zero padding; images past the batch are all zeros.
+// The weights are staged tap-major, [C_in * K * K][channel_stride], zero past
+// C_out: a channel group's four weights of one tap are one 16-byte load.
 LENET_HOST_DEVICE void stage(const ConvTileShape& s, int64_t batch, const float* x, const float* weight,
                              const float* bias, float* smem, int64_t tile_index, int tid, int threads) {
-  const int weight_numel = s.out_channels * s.in_channels * s.kernel * s.kernel;
-  for (int i = tid; i < weight_numel; i += threads) smem[s.weight_at + i] = weight[i];
-  for (int i = tid; i < s.out_channels; i += threads) smem[s.bias_at + i] = bias ? bias[i] : 0.0f;
+  const int taps = s.in_channels * s.kernel * s.kernel;
+  for (int i = tid; i < taps * s.channel_stride; i += threads) {
+    const int tap = i / s.channel_stride, co = i % s.channel_stride;
+    smem[s.weight_at + i] = co < s.out_channels ? weight[co * taps + tap] : 0.0f;
+  }
+  for (int i = tid; i < s.channel_stride; i += threads)
+    smem[s.bias_at + i] = bias && i < s.out_channels ? bias[i] : 0.0f;
   const int plane = s.padded_h * s.padded_w;
   for (int i = tid; i < s.tile * s.in_channels * plane; i += threads) {
     const int image = i / (s.in_channels * plane), ci = i / plane % s.in_channels;
@@ -135,19 +144,24 @@ LENET_HOST_DEVICE void stage(const ConvTileShape& s, int64_t batch, const float*
   }
 }
 
+// The kChannelsPerThread floats at p, 16-byte aligned: one vector load on the GPU.
+LENET_HOST_DEVICE void load_group(const float* p, float (&out)[kChannelsPerThread]) {
+  static_assert(kChannelsPerThread == 4, "one float4 per channel group");
+#if defined(__CUDA_ARCH__)
+  const float4 v = *reinterpret_cast<const float4*>(p);
+  out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+#else
+  for (int c = 0; c < kChannelsPerThread; ++c) out[c] = p[c];
+#endif
+}
+
 // z of output channels first, first + 1, ... (kChannelsPerThread of them) at
-// conv position (oh, ow) of one image of the tile. Channels past C_out repeat
-// the last one, so every read stays inside the weights; callers drop them.
+// conv position (oh, ow) of one image of the tile. Channels past C_out have
+// zero weights and bias; callers drop them.
 LENET_HOST_DEVICE void conv_channels(const ConvTileShape& s, const float* smem, int image, int first, int oh, int ow,
                                      float (&z)[kChannelsPerThread]) {
-  const int taps = s.in_channels * s.kernel * s.kernel;
-  const float* filters[kChannelsPerThread];
-  LENET_UNROLL
-  for (int c = 0; c < kChannelsPerThread; ++c) {
-    const int co = first + c < s.out_channels ? first + c : s.out_channels - 1;
-    filters[c] = smem + s.weight_at + co * taps;
-    z[c] = smem[s.bias_at + co];
-  }
+  load_group(smem + s.bias_at + first, z);
+  const float* weights = smem + s.weight_at + first;
   const float* image_x = smem + s.x_at + image * s.in_channels * s.padded_h * s.padded_w;
   for (int ci = 0; ci < s.in_channels; ++ci) {
     for (int kh = 0; kh < s.kernel; ++kh) {
@@ -155,8 +169,10 @@ LENET_HOST_DEVICE void conv_channels(const ConvTileShape& s, const float* smem, 
       const int tap = (ci * s.kernel + kh) * s.kernel;
       for (int kw = 0; kw < s.kernel; ++kw) {
         const float value = row[kw];
+        float w[kChannelsPerThread];
+        load_group(weights + (tap + kw) * s.channel_stride, w);
         LENET_UNROLL
-        for (int c = 0; c < kChannelsPerThread; ++c) z[c] += value * filters[c][tap + kw];
+        for (int c = 0; c < kChannelsPerThread; ++c) z[c] += value * w[c];
       }
     }
   }
@@ -259,13 +275,14 @@ LENET_HOST_DEVICE float input_grad(const ConvTileShape& s, const float* smem, in
   float sum = 0.0f;
   for (int co = 0; co < s.out_channels; ++co) {
     const float* dz = smem + s.dz_at + (image * s.out_channels + co) * s.ext_h * s.ext_w;
-    const float* filter = smem + s.weight_at + (co * s.in_channels + ci) * s.kernel * s.kernel;
+    // Tap (kh, kw) of channel co's filter over ci is channel_stride floats after tap (kh, kw - 1).
+    const float* filter = smem + s.weight_at + ci * s.kernel * s.kernel * s.channel_stride + co;
     for (int kh = 0; kh < s.kernel; ++kh) {
       const int oh = ih + s.padding - kh;
       if (oh < 0 || oh >= s.ext_h) continue;
       for (int kw = 0; kw < s.kernel; ++kw) {
         const int ow = iw + s.padding - kw;
-        if (ow >= 0 && ow < s.ext_w) sum += dz[oh * s.ext_w + ow] * filter[kh * s.kernel + kw];
+        if (ow >= 0 && ow < s.ext_w) sum += dz[oh * s.ext_w + ow] * filter[(kh * s.kernel + kw) * s.channel_stride];
       }
     }
   }

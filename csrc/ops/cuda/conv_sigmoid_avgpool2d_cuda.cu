@@ -154,7 +154,7 @@ __global__ void param_grad_kernel(const acc_t* __restrict__ dz, const scalar_t* 
 // --- the tile programs ---------------------------------------------------------
 
 __global__ void __launch_bounds__(kThreads) forward_tile_kernel(const ConvTileForwardParams p) {
-  extern __shared__ float smem[];
+  extern __shared__ __align__(16) float smem[];  // 16: the weights are read in float4s
   for (int phase = 0; phase < kConvTileForwardPhases; ++phase) {
     conv_tile_forward_phase(phase, p, smem, blockIdx.x, threadIdx.x, blockDim.x);
     __syncthreads();
@@ -162,7 +162,7 @@ __global__ void __launch_bounds__(kThreads) forward_tile_kernel(const ConvTileFo
 }
 
 __global__ void __launch_bounds__(kThreads) backward_tile_kernel(const ConvTileBackwardParams p) {
-  extern __shared__ float smem[];
+  extern __shared__ __align__(16) float smem[];  // 16: the weights are read in float4s
   for (int phase = 0; phase < kConvTileBackwardPhases; ++phase) {
     conv_tile_backward_phase(phase, p, smem, blockIdx.x, threadIdx.x, blockDim.x);
     __syncthreads();
