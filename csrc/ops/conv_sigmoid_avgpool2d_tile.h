@@ -178,6 +178,70 @@ LENET_HOST_DEVICE void conv_channels(const ConvTileShape& s, const float* smem, 
   }
 }
 
+// z of every conv position of pooled output (ph, pw) for a channel group:
+// calls fn(dy, dx, z) for the pool x pool positions (ph * pool + dy, ...).
+// LeNet's shape (pool 2, kernel 5) holds the window's 6 x 6 inputs of an
+// input channel in registers, read once for the 4 positions that share them,
+// and its 4 x 4 sums; other shapes compute one position at a time.
+template <int P, int K, typename Fn>
+LENET_HOST_DEVICE void window_z_unrolled(const ConvTileShape& s, const float* smem, int image, int first, int ph,
+                                         int pw, const Fn& fn) {
+  constexpr int kSide = P + K - 1;
+  float z[P * P][kChannelsPerThread];
+  float bias[kChannelsPerThread];
+  load_group(smem + s.bias_at + first, bias);
+  LENET_UNROLL
+  for (int q = 0; q < P * P; ++q) {
+    LENET_UNROLL
+    for (int c = 0; c < kChannelsPerThread; ++c) z[q][c] = bias[c];
+  }
+  const float* weights = smem + s.weight_at + first;
+  const float* image_x = smem + s.x_at + image * s.in_channels * s.padded_h * s.padded_w;
+  for (int ci = 0; ci < s.in_channels; ++ci) {
+    const float* top = image_x + (ci * s.padded_h + ph * P) * s.padded_w + pw * P;
+    float patch[kSide][kSide];
+    LENET_UNROLL
+    for (int r = 0; r < kSide; ++r) {
+      LENET_UNROLL
+      for (int c = 0; c < kSide; ++c) patch[r][c] = top[r * s.padded_w + c];
+    }
+    LENET_UNROLL
+    for (int kh = 0; kh < K; ++kh) {
+      LENET_UNROLL
+      for (int kw = 0; kw < K; ++kw) {
+        float w[kChannelsPerThread];
+        load_group(weights + ((ci * K + kh) * K + kw) * s.channel_stride, w);
+        LENET_UNROLL
+        for (int dy = 0; dy < P; ++dy) {
+          LENET_UNROLL
+          for (int dx = 0; dx < P; ++dx) {
+            LENET_UNROLL
+            for (int c = 0; c < kChannelsPerThread; ++c) z[dy * P + dx][c] += patch[kh + dy][kw + dx] * w[c];
+          }
+        }
+      }
+    }
+  }
+  for (int dy = 0; dy < P; ++dy)
+    for (int dx = 0; dx < P; ++dx) fn(dy, dx, z[dy * P + dx]);
+}
+
+template <typename Fn>
+LENET_HOST_DEVICE void window_z(const ConvTileShape& s, const float* smem, int image, int first, int ph, int pw,
+                                const Fn& fn) {
+  if (s.pool == 2 && s.kernel == 5) {
+    window_z_unrolled<2, 5>(s, smem, image, first, ph, pw, fn);
+    return;
+  }
+  for (int dy = 0; dy < s.pool; ++dy) {
+    for (int dx = 0; dx < s.pool; ++dx) {
+      float z[kChannelsPerThread];
+      conv_channels(s, smem, image, first, ph * s.pool + dy, pw * s.pool + dx, z);
+      fn(dy, dx, z);
+    }
+  }
+}
+
 // A work item of the channel-group phases: one image of the tile, output
 // channels first, first + 1, ..., and one position of a height x width plane,
 // the column fastest, so that neighbouring threads touch neighbouring outputs.
@@ -204,14 +268,10 @@ LENET_HOST_DEVICE void pooled_outputs(const ConvTileForwardParams& p, const floa
     const int64_t n = tile_index * s.tile + image;
     if (n >= p.batch) continue;
     float sum[kChannelsPerThread] = {};
-    for (int dy = 0; dy < s.pool; ++dy) {
-      for (int dx = 0; dx < s.pool; ++dx) {
-        float z[kChannelsPerThread];
-        conv_channels(s, smem, image, first, ph * s.pool + dy, pw * s.pool + dx, z);
-        LENET_UNROLL
-        for (int c = 0; c < kChannelsPerThread; ++c) sum[c] += sigmoid(z[c]);
-      }
-    }
+    window_z(s, smem, image, first, ph, pw, [&](int, int, const float (&z)[kChannelsPerThread]) {
+      LENET_UNROLL
+      for (int c = 0; c < kChannelsPerThread; ++c) sum[c] += sigmoid(z[c]);
+    });
     LENET_UNROLL
     for (int c = 0; c < kChannelsPerThread; ++c)
       if (first + c < s.out_channels)
@@ -220,27 +280,33 @@ LENET_HOST_DEVICE void pooled_outputs(const ConvTileForwardParams& p, const floa
 }
 
 // Backward phase 1: dL/dz of the tile at every conv output under a pooling
-// window (zero for images past the batch), recomputing z.
+// window (zero for images past the batch), recomputing z; an item is one
+// pooled output's window.
 LENET_HOST_DEVICE void preactivation_grads(const ConvTileBackwardParams& p, float* smem, int64_t tile_index, int tid,
                                            int threads) {
   const ConvTileShape& s = p.s;
   const float window = float(s.pool * s.pool);
-  for (int i = tid; i < channel_group_items(s, s.ext_h, s.ext_w); i += threads) {
-    const auto [image, first, oh, ow] = channel_group_item(s, s.ext_h, s.ext_w, i);
+  for (int i = tid; i < channel_group_items(s, s.out_h, s.out_w); i += threads) {
+    const auto [image, first, ph, pw] = channel_group_item(s, s.out_h, s.out_w, i);
     const int64_t n = tile_index * s.tile + image;
-    float z[kChannelsPerThread] = {};
-    if (n < p.batch) conv_channels(s, smem, image, first, oh, ow, z);
-    LENET_UNROLL
-    for (int c = 0; c < kChannelsPerThread; ++c) {
-      if (first + c >= s.out_channels) continue;
-      float dz = 0.0f;
-      if (n < p.batch) {
-        const float a = sigmoid(z[c]);
-        const float g = p.grad_out[((n * s.out_channels + first + c) * s.out_h + oh / s.pool) * s.out_w + ow / s.pool];
-        dz = g / window * a * (1.0f - a);
-      }
-      smem[s.dz_at + ((image * s.out_channels + first + c) * s.ext_h + oh) * s.ext_w + ow] = dz;
+    const int channels = s.out_channels - first < kChannelsPerThread ? s.out_channels - first : kChannelsPerThread;
+    float* dz = smem + s.dz_at + ((image * s.out_channels + first) * s.ext_h + ph * s.pool) * s.ext_w + pw * s.pool;
+    const int plane = s.ext_h * s.ext_w;
+    if (n >= p.batch) {
+      for (int c = 0; c < channels; ++c)
+        for (int dy = 0; dy < s.pool; ++dy)
+          for (int dx = 0; dx < s.pool; ++dx) dz[c * plane + dy * s.ext_w + dx] = 0.0f;
+      continue;
     }
+    float g[kChannelsPerThread] = {};
+    for (int c = 0; c < channels; ++c)
+      g[c] = p.grad_out[((n * s.out_channels + first + c) * s.out_h + ph) * s.out_w + pw] / window;
+    window_z(s, smem, image, first, ph, pw, [&](int dy, int dx, const float (&z)[kChannelsPerThread]) {
+      for (int c = 0; c < channels; ++c) {
+        const float a = sigmoid(z[c]);
+        dz[c * plane + dy * s.ext_w + dx] = g[c] * a * (1.0f - a);
+      }
+    });
   }
 }
 
