@@ -6,7 +6,7 @@
 //
 //   schema and checks   conv_sigmoid_avgpool2d.cpp
 //   per-element math    conv_sigmoid_avgpool2d_math.h
-//   CUDA tile programs  conv_sigmoid_avgpool2d_tile.h
+//   CUDA tile programs  conv_sigmoid_avgpool2d_tile.h, conv_sigmoid_avgpool2d_tile_backward.h
 //   kernels             cpu/conv_sigmoid_avgpool2d_cpu.cpp, cuda/conv_sigmoid_avgpool2d_cuda.cu
 #pragma once
 

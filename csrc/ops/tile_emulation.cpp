@@ -2,7 +2,7 @@
 // as operators for the tests (tests/test_tile_programs.py):
 //   _lenet_forward_tile_emulated                     lenet_forward_tile.h
 //   _conv_sigmoid_avgpool2d_tile_emulated            conv_sigmoid_avgpool2d_tile.h
-//   _conv_sigmoid_avgpool2d_backward_tile_emulated   conv_sigmoid_avgpool2d_tile.h
+//   _conv_sigmoid_avgpool2d_backward_tile_emulated   conv_sigmoid_avgpool2d_tile_backward.h
 // They check the programs' index math, shared-memory layouts and partial last
 // tiles without a GPU; the phase functions are the CUDA kernels' own.
 //
@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "conv_sigmoid_avgpool2d.h"
+#include "conv_sigmoid_avgpool2d_tile_backward.h"
 #include "lenet.h"
 
 TORCH_LIBRARY_FRAGMENT(lenet_ext, m) {

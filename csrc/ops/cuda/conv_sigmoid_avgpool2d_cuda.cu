@@ -17,6 +17,7 @@
 
 #include "../conv_sigmoid_avgpool2d.h"
 #include "../conv_sigmoid_avgpool2d_math.h"
+#include "../conv_sigmoid_avgpool2d_tile_backward.h"
 #include "../cuda_kernel_choice.h"
 
 namespace lenet_ext {
