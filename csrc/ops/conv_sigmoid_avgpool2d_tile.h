@@ -123,12 +123,11 @@ constexpr int kConvTileBackwardPhases = 4;
 
 namespace conv_tile_phases {
 
-// Phase 0 of both programs: weights, biases (0 without one) and the tile's
-// images inside their zero padding; images past the batch are all zeros.
-// The weights are staged tap-major, [C_in * K * K][channel_stride], zero past
-// C_out: a channel group's four weights of one tap are one 16-byte load.
-LENET_HOST_DEVICE void stage(const ConvTileShape& s, int64_t batch, const float* x, const float* weight,
-                             const float* bias, float* smem, int64_t tile_index, int tid, int threads) {
+// The weights and biases (0 without one) of a conv block, tap-major,
+// [C_in * K * K][channel_stride], zero past C_out: a channel group's four
+// weights of one tap are one 16-byte load.
+LENET_HOST_DEVICE void stage_weights(const ConvTileShape& s, const float* weight, const float* bias, float* smem,
+                                     int tid, int threads) {
   const int taps = s.in_channels * s.kernel * s.kernel;
   for (int i = tid; i < taps * s.channel_stride; i += threads) {
     const int tap = i / s.channel_stride, co = i % s.channel_stride;
@@ -136,6 +135,11 @@ LENET_HOST_DEVICE void stage(const ConvTileShape& s, int64_t batch, const float*
   }
   for (int i = tid; i < s.channel_stride; i += threads)
     smem[s.bias_at + i] = bias && i < s.out_channels ? bias[i] : 0.0f;
+}
+
+// The tile's images inside their zero padding; images past the batch are all zeros.
+LENET_HOST_DEVICE void stage_images(const ConvTileShape& s, int64_t batch, const float* x, float* smem,
+                                    int64_t tile_index, int tid, int threads) {
   const int plane = s.padded_h * s.padded_w;
   for (int i = tid; i < s.tile * s.in_channels * plane; i += threads) {
     const int image = i / (s.in_channels * plane), ci = i / plane % s.in_channels;
@@ -144,6 +148,13 @@ LENET_HOST_DEVICE void stage(const ConvTileShape& s, int64_t batch, const float*
     const bool inside = n < batch && y >= 0 && y < s.height && xx >= 0 && xx < s.width;
     smem[s.x_at + i] = inside ? x[((n * s.in_channels + ci) * s.height + y) * s.width + xx] : 0.0f;
   }
+}
+
+// Phase 0 of both programs.
+LENET_HOST_DEVICE void stage(const ConvTileShape& s, int64_t batch, const float* x, const float* weight,
+                             const float* bias, float* smem, int64_t tile_index, int tid, int threads) {
+  stage_weights(s, weight, bias, smem, tid, threads);
+  stage_images(s, batch, x, smem, tile_index, tid, threads);
 }
 
 // The kChannelsPerThread floats at p, 16-byte aligned: one vector load on the GPU.
@@ -260,24 +271,33 @@ LENET_HOST_DEVICE ChannelGroupItem channel_group_item(const ConvTileShape& s, in
   return {i / (groups * plane), i / plane % groups * kChannelsPerThread, i % plane / width, i % width};
 }
 
+// The pooled outputs (ph, pw) of a channel group: the mean of sigmoid(z)
+// over the window.
+LENET_HOST_DEVICE void pooled_group(const ConvTileShape& s, const float* smem, int image, int first, int ph, int pw,
+                                    float (&out)[kChannelsPerThread]) {
+  float sum[kChannelsPerThread] = {};
+  window_z(s, smem, image, first, ph, pw, [&](int, int, const float (&z)[kChannelsPerThread]) {
+    LENET_UNROLL
+    for (int c = 0; c < kChannelsPerThread; ++c) sum[c] += sigmoid(z[c]);
+  });
+  const float window = float(s.pool * s.pool);
+  LENET_UNROLL
+  for (int c = 0; c < kChannelsPerThread; ++c) out[c] = sum[c] / window;
+}
+
 // Forward phase 1: the pooled outputs.
 LENET_HOST_DEVICE void pooled_outputs(const ConvTileForwardParams& p, const float* smem, int64_t tile_index, int tid,
                                       int threads) {
   const ConvTileShape& s = p.s;
-  const float window = float(s.pool * s.pool);
   for (int i = tid; i < channel_group_items(s, s.out_h, s.out_w); i += threads) {
     const auto [image, first, ph, pw] = channel_group_item(s, s.out_h, s.out_w, i);
     const int64_t n = tile_index * s.tile + image;
     if (n >= p.batch) continue;
-    float sum[kChannelsPerThread] = {};
-    window_z(s, smem, image, first, ph, pw, [&](int, int, const float (&z)[kChannelsPerThread]) {
-      LENET_UNROLL
-      for (int c = 0; c < kChannelsPerThread; ++c) sum[c] += sigmoid(z[c]);
-    });
+    float out[kChannelsPerThread];
+    pooled_group(s, smem, image, first, ph, pw, out);
     LENET_UNROLL
     for (int c = 0; c < kChannelsPerThread; ++c)
-      if (first + c < s.out_channels)
-        p.out[((n * s.out_channels + first + c) * s.out_h + ph) * s.out_w + pw] = sum[c] / window;
+      if (first + c < s.out_channels) p.out[((n * s.out_channels + first + c) * s.out_h + ph) * s.out_w + pw] = out[c];
   }
 }
 

@@ -14,21 +14,21 @@
 
 #include <cstdint>
 
-#include "conv_sigmoid_avgpool2d_math.h"
+#include "conv_sigmoid_avgpool2d_tile.h"
 
 namespace lenet_ext {
 
 // Sizes of one call and where each of the tile's buffers sits in shared
 // memory (offsets in floats). Computed once on the host by make_tile_shape.
+// The conv blocks are two views of the conv operator's tile layout
+// (conv_sigmoid_avgpool2d_tile.h) with their buffers at this program's
+// offsets: conv1 reads x, conv2 reads block 1's output with conv2's zero
+// padding around it, and both stage their weights tap-major.
 struct LeNetTileShape {
-  int in_channels, height, width;             // x
-  int c1, k1, pad1, pool1, h1, w1;            // conv block 1: its pooled output is c1 x h1 x w1
-  int c2, k2, pad2, pool2, h2, w2;            // conv block 2
+  ConvTileShape conv1, conv2;
   int f0, f1, f2, f3;                         // dense widths: f0 = c2 * h2 * w2 in, f3 = classes out
   int tile;                                   // images per thread block
-  int xp_h, xp_w, b1p_h, b1p_w;               // x and block 1's output with their zero padding
-  int w1_at, b1_at, w2_at, b2_at;             // conv weights and biases, staged once per block
-  int x_at, block1_at, block2_at, fc1_at, fc2_at;  // per-image buffers, `tile` of each
+  int block2_at, fc1_at, fc2_at;              // per-image buffers, `tile` of each (x, block 1: the views')
   int floats;                                 // shared memory in all
 };
 
@@ -46,100 +46,82 @@ struct LeNetTileParams {
 inline LeNetTileShape make_tile_shape(int in_channels, int height, int width, int c1, int k1, int pad1,
                                       int pool1, int c2, int k2, int pad2, int pool2, int f1, int f2,
                                       int f3, int tile) {
+  const auto block = [](int channels, int h, int w, int out, int k, int pad, int pool) {
+    const int conv_h = h + 2 * pad - k + 1, conv_w = w + 2 * pad - k + 1;
+    return ConvPoolGeometry{0, channels, h, w, out, k, pad, pool, conv_h, conv_w, conv_h / pool, conv_w / pool};
+  };
+  const ConvPoolGeometry g1 = block(in_channels, height, width, c1, k1, pad1, pool1);
+  const ConvPoolGeometry g2 = block(c1, int(g1.out_height), int(g1.out_width), c2, k2, pad2, pool2);
   LeNetTileShape s{};
-  s.in_channels = in_channels, s.height = height, s.width = width;
-  s.c1 = c1, s.k1 = k1, s.pad1 = pad1, s.pool1 = pool1;
-  s.h1 = (height + 2 * pad1 - k1 + 1) / pool1, s.w1 = (width + 2 * pad1 - k1 + 1) / pool1;
-  s.c2 = c2, s.k2 = k2, s.pad2 = pad2, s.pool2 = pool2;
-  s.h2 = (s.h1 + 2 * pad2 - k2 + 1) / pool2, s.w2 = (s.w1 + 2 * pad2 - k2 + 1) / pool2;
-  s.f0 = c2 * s.h2 * s.w2, s.f1 = f1, s.f2 = f2, s.f3 = f3;
+  s.conv1 = make_conv_tile_shape(g1, tile, 0);
+  s.conv2 = make_conv_tile_shape(g2, tile, 0);
+  s.f0 = c2 * s.conv2.out_h * s.conv2.out_w, s.f1 = f1, s.f2 = f2, s.f3 = f3;
   s.tile = tile;
-  s.xp_h = height + 2 * pad1, s.xp_w = width + 2 * pad1;
-  s.b1p_h = s.h1 + 2 * pad2, s.b1p_w = s.w1 + 2 * pad2;
   int at = 0;
   const auto take = [&](int floats) {
     const int start = at;
     at += floats;
     return start;
   };
-  s.w1_at = take(c1 * in_channels * k1 * k1), s.b1_at = take(c1);
-  s.w2_at = take(c2 * c1 * k2 * k2), s.b2_at = take(c2);
-  s.x_at = take(tile * in_channels * s.xp_h * s.xp_w);
-  s.block1_at = take(tile * c1 * s.b1p_h * s.b1p_w);
+  // The weights first: whole groups of 4 floats, so every weight row is 16-byte aligned.
+  for (ConvTileShape* conv : {&s.conv1, &s.conv2}) {
+    conv->weight_at = take(conv->in_channels * conv->kernel * conv->kernel * conv->channel_stride);
+    conv->bias_at = take(conv->channel_stride);
+  }
+  s.conv1.x_at = take(tile * in_channels * s.conv1.padded_h * s.conv1.padded_w);
+  s.conv2.x_at = take(tile * c1 * s.conv2.padded_h * s.conv2.padded_w);
   s.block2_at = take(tile * s.f0);
   s.fc1_at = take(tile * f1), s.fc2_at = take(tile * f2);
-  s.floats = at;
+  s.floats = s.conv1.floats = s.conv2.floats = at;
   return s;
 }
 
 // The same sizes with another number of images per block.
 inline LeNetTileShape retile(const LeNetTileShape& s, int tile) {
-  return make_tile_shape(s.in_channels, s.height, s.width, s.c1, s.k1, s.pad1, s.pool1, s.c2, s.k2, s.pad2, s.pool2,
-                         s.f1, s.f2, s.f3, tile);
+  const ConvTileShape &a = s.conv1, &b = s.conv2;
+  return make_tile_shape(a.in_channels, a.height, a.width, a.out_channels, a.kernel, a.padding, a.pool,
+                         b.out_channels, b.kernel, b.padding, b.pool, s.f1, s.f2, s.f3, tile);
 }
 
 constexpr int kLeNetTilePhases = 6;
 
 namespace tile_phases {
 
-// Phase 0: the conv weights and biases, and the tile's images with their
-// zero padding; block 1's padded buffer is zeroed (phase 1 fills its interior).
+// Phase 0: both conv blocks' weights and biases, and the tile's images with
+// their zero padding; block 1's padded buffer is zeroed (phase 1 fills its interior).
 LENET_HOST_DEVICE void stage(const LeNetTileParams& p, float* smem, int64_t tile_index, int tid, int threads) {
   const LeNetTileShape& s = p.s;
-  const int w1_size = s.c1 * s.in_channels * s.k1 * s.k1, w2_size = s.c2 * s.c1 * s.k2 * s.k2;
-  for (int i = tid; i < w1_size; i += threads) smem[s.w1_at + i] = p.conv1_w[i];
-  for (int i = tid; i < s.c1; i += threads) smem[s.b1_at + i] = p.conv1_b ? p.conv1_b[i] : 0.0f;
-  for (int i = tid; i < w2_size; i += threads) smem[s.w2_at + i] = p.conv2_w[i];
-  for (int i = tid; i < s.c2; i += threads) smem[s.b2_at + i] = p.conv2_b ? p.conv2_b[i] : 0.0f;
-  const int plane = s.xp_h * s.xp_w;
-  for (int i = tid; i < s.tile * s.in_channels * plane; i += threads) {
-    const int image = i / (s.in_channels * plane), ci = i / plane % s.in_channels;
-    const int y = i % plane / s.xp_w - s.pad1, x = i % s.xp_w - s.pad1;
-    const int64_t n = tile_index * s.tile + image;
-    const bool inside = n < p.batch && y >= 0 && y < s.height && x >= 0 && x < s.width;
-    smem[s.x_at + i] = inside ? p.x[((n * s.in_channels + ci) * s.height + y) * s.width + x] : 0.0f;
-  }
-  for (int i = tid; i < s.tile * s.c1 * s.b1p_h * s.b1p_w; i += threads) smem[s.block1_at + i] = 0.0f;
+  conv_tile_phases::stage_weights(s.conv1, p.conv1_w, p.conv1_b, smem, tid, threads);
+  conv_tile_phases::stage_weights(s.conv2, p.conv2_w, p.conv2_b, smem, tid, threads);
+  conv_tile_phases::stage_images(s.conv1, p.batch, p.x, smem, tile_index, tid, threads);
+  const ConvTileShape& b1 = s.conv2;  // block 1's output, as conv2 reads it
+  for (int i = tid; i < s.tile * b1.in_channels * b1.padded_h * b1.padded_w; i += threads) smem[b1.x_at + i] = 0.0f;
 }
 
-// One pooled output of a conv block: the mean over its pool x pool window of
-// sigmoid(conv), from an input already padded (in: channels x in_h x in_w).
-LENET_HOST_DEVICE float pooled(const float* in, int channels, int in_h, int in_w, const float* filter, float bias,
-                               int k, int pool, int ph, int pw) {
-  float sum = 0.0f;
-  for (int dy = 0; dy < pool; ++dy) {
-    for (int dx = 0; dx < pool; ++dx) {
-      float z = bias;
-      for (int ci = 0; ci < channels; ++ci)
-        for (int kh = 0; kh < k; ++kh)
-          for (int kw = 0; kw < k; ++kw)
-            z += in[(ci * in_h + ph * pool + dy + kh) * in_w + pw * pool + dx + kw] * filter[(ci * k + kh) * k + kw];
-      sum += sigmoid(z);
-    }
-  }
-  return sum / float(pool * pool);
-}
-
-// Phase 1: conv block 1 into the interior of its padded buffer.
+// Phase 1: conv block 1 into the interior of its padded buffer, a channel
+// group of one pooled output per item.
 LENET_HOST_DEVICE void conv_block1(const LeNetTileParams& p, float* smem, int tid, int threads) {
-  const LeNetTileShape& s = p.s;
-  const int per_image = s.c1 * s.h1 * s.w1;
-  for (int i = tid; i < s.tile * per_image; i += threads) {
-    const int image = i / per_image, c = i / (s.h1 * s.w1) % s.c1, ph = i / s.w1 % s.h1, pw = i % s.w1;
-    const float value = pooled(smem + s.x_at + image * s.in_channels * s.xp_h * s.xp_w, s.in_channels, s.xp_h,
-                               s.xp_w, smem + s.w1_at + c * s.in_channels * s.k1 * s.k1, smem[s.b1_at + c], s.k1,
-                               s.pool1, ph, pw);  // fmt: skip
-    smem[s.block1_at + ((image * s.c1 + c) * s.b1p_h + ph + s.pad2) * s.b1p_w + pw + s.pad2] = value;
+  const ConvTileShape &c1 = p.s.conv1, &b1 = p.s.conv2;
+  for (int i = tid; i < conv_tile_phases::channel_group_items(c1, c1.out_h, c1.out_w); i += threads) {
+    const auto [image, first, ph, pw] = conv_tile_phases::channel_group_item(c1, c1.out_h, c1.out_w, i);
+    float out[kChannelsPerThread];
+    conv_tile_phases::pooled_group(c1, smem, image, first, ph, pw, out);
+    for (int c = 0; c < kChannelsPerThread && first + c < c1.out_channels; ++c)
+      smem[b1.x_at + ((image * b1.in_channels + first + c) * b1.padded_h + ph + b1.padding) * b1.padded_w + pw +
+           b1.padding] = out[c];
   }
 }
 
 // Phase 2: conv block 2, flattened as nn.Flatten orders it (c, h, w).
 LENET_HOST_DEVICE void conv_block2(const LeNetTileParams& p, float* smem, int tid, int threads) {
   const LeNetTileShape& s = p.s;
-  for (int i = tid; i < s.tile * s.f0; i += threads) {
-    const int image = i / s.f0, c = i / (s.h2 * s.w2) % s.c2, ph = i / s.w2 % s.h2, pw = i % s.w2;
-    smem[s.block2_at + i] = pooled(smem + s.block1_at + image * s.c1 * s.b1p_h * s.b1p_w, s.c1, s.b1p_h, s.b1p_w,
-                                   smem + s.w2_at + c * s.c1 * s.k2 * s.k2, smem[s.b2_at + c], s.k2, s.pool2, ph, pw);
+  const ConvTileShape& c2 = s.conv2;
+  for (int i = tid; i < conv_tile_phases::channel_group_items(c2, c2.out_h, c2.out_w); i += threads) {
+    const auto [image, first, ph, pw] = conv_tile_phases::channel_group_item(c2, c2.out_h, c2.out_w, i);
+    float out[kChannelsPerThread];
+    conv_tile_phases::pooled_group(c2, smem, image, first, ph, pw, out);
+    for (int c = 0; c < kChannelsPerThread && first + c < c2.out_channels; ++c)
+      smem[s.block2_at + image * s.f0 + ((first + c) * c2.out_h + ph) * c2.out_w + pw] = out[c];
   }
 }
 

@@ -19,7 +19,7 @@ namespace {
 constexpr int kThreads = 256;
 
 __global__ void __launch_bounds__(kThreads) lenet_forward_kernel(const LeNetTileParams p) {
-  extern __shared__ float smem[];
+  extern __shared__ __align__(16) float smem[];  // 16: the conv weights are read in float4s
   for (int phase = 0; phase < kLeNetTilePhases; ++phase) {
     lenet_tile_phase(phase, p, smem, blockIdx.x, threadIdx.x, blockDim.x);
     __syncthreads();
