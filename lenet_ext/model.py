@@ -65,10 +65,6 @@ def _operator_config(conv1, pool1, conv2, pool2, flatten) -> Optional[tuple]:
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
-def _has_any_hooks(layers) -> bool:
-    return any(getattr(m, name) for m in layers for name in _HOOK_DICTS) or _global_hooks()
-
-
 def _args_from(x: Tensor, layers: tuple, config: tuple) -> tuple:
     conv1, _, _, conv2, _, _, _, fc1, _, fc2, _, fc3 = layers
     padding1, size1, padding2, size2 = config
@@ -85,23 +81,11 @@ def _args_from(x: Tensor, layers: tuple, config: tuple) -> tuple:
         )  # fmt: skip
 
 
-def lenet_args(x: Tensor, layers) -> Optional[tuple]:
-    """The LeNet operators' arguments, (x, *ops.LENET_PARAMS), from LeNet's 12
-    layers as they are now, or None unless the layers are the reference's
-    kinds, configured as the operators compute them, without hooks."""
-    layers = tuple(layers)
-    if tuple(map(type, layers)) != _LENET_TYPES or _has_any_hooks(layers):
-        return None
-    conv1, _, pool1, conv2, _, pool2, flatten = layers[:7]
-    config = _operator_config(conv1, pool1, conv2, pool2, flatten)
-    return None if config is None else _args_from(x, layers, config)
-
-
 class _LayoutCache:
-    """What lenet_args decides for one set of 12 layer objects, kept so that
-    a call re-reads only what can change: the layers' types, their hook
-    dictionaries (register_*_hook and a handle's remove() change them in
-    place), the attributes of _config_key, and the parameters."""
+    """lenet_args for one set of 12 layer objects. LeNet.forward keeps one per
+    model, so that a call re-reads only what can change: the layers' types,
+    their hook dictionaries (register_*_hook and a handle's remove() change
+    them in place), the attributes of _config_key, and the parameters."""
 
     def __init__(self, layers: tuple):
         self.layers = layers
@@ -117,6 +101,14 @@ class _LayoutCache:
         if key != self.key:
             self.key, self.config = key, _operator_config(conv1, pool1, conv2, pool2, flatten)
         return None if self.config is None else _args_from(x, layers, self.config)
+
+
+def lenet_args(x: Tensor, layers) -> Optional[tuple]:
+    """The LeNet operators' arguments, (x, *ops.LENET_PARAMS), from LeNet's 12
+    layers as they are now, or None unless the layers are the reference's
+    kinds, configured as the operators compute them, without hooks."""
+    layers = tuple(layers)
+    return _LayoutCache(layers).args(x, layers)
 
 
 def _records_gradients(args: tuple) -> bool:
