@@ -41,7 +41,8 @@ class OpenVino:
         return torch.from_numpy(self.request.infer([x.numpy()])[0].copy())
 
 
-def _installed(*names):
+def _missing(*names):
+    """The names among these whose package is not installed."""
     import importlib.util
 
     return [name for name in names if importlib.util.find_spec(name) is None]
@@ -49,18 +50,18 @@ def _installed(*names):
 
 def peer_providers(reference, threads):
     """(name -> callable on a CPU float32 batch, lines saying which peers are left out and why)."""
-    missing = _installed("onnx", "onnxscript")
+    missing = _missing("onnx", "onnxscript")
     if missing:
         return {}, [f"ONNX Runtime and OpenVINO left out: torch.onnx.export needs {', '.join(missing)} (pip install '.[peers]')"]
     path = os.path.join(tempfile.mkdtemp(prefix="lenet_ext_bench_"), "lenet.onnx")
     batch = torch.export.Dim("batch")
     torch.onnx.export(reference.eval(), (torch.rand(2, 1, 28, 28),), path, dynamic_shapes=({0: batch},), verbose=False)
     providers, notes = {}, []
-    if _installed("onnxruntime"):
+    if _missing("onnxruntime"):
         notes.append("ONNX Runtime left out: onnxruntime is not installed (pip install '.[peers]')")
     else:
         providers["onnxruntime"] = OnnxRuntime(path, threads)
-    if _installed("openvino"):
+    if _missing("openvino"):
         notes.append("OpenVINO left out: openvino is not installed (pip install '.[peers]')")
     else:
         # Its two performance hints, since either may win depending on the batch.

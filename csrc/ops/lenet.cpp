@@ -2,8 +2,7 @@
 // every device's implementation is built from (see lenet.h), and the
 // implementation for devices without one of their own, which runs the whole
 // batch at once. The CPU's, in tiles, is cpu/lenet_cpu.cpp; CUDA's inference
-// is cuda/lenet_cuda.cu. Also the preparation of the CUDA tile program's call
-// and the choice between it and the layer-by-layer kernels.
+// is cuda/lenet_cuda.cu. Also the preparation of the CUDA tile program's call.
 #include "lenet.h"
 
 #include <ATen/ATen.h>
