@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import lenet_ext
 from lenet_ext import LeNet
+from lenet_ext.model import lenet_args
 from lenet_ext.ops import conv_sigmoid_avgpool2d, reference_conv_sigmoid_avgpool2d
 
 from conftest import LENET_TOLERANCES, requires_cuda, twin_pair
@@ -49,9 +50,9 @@ def test_conv_operator_runs_one_tile_kernel_each_way(batch, cuda_kernel):
     w = (torch.randn(16, 6, 5, 5, device="cuda") / 5).requires_grad_()
     b = torch.randn(16, device="cuda").requires_grad_()
     names = cuda_kernel_names(lambda: torch.autograd.grad(conv_sigmoid_avgpool2d(x, w, b, 0, 2).sum(), (w, b)))
-    tiled = [n for n in names if "tile_kernel" in n]
+    tiled = [n for n in names if "tile_program_kernel" in n]
     if cuda_kernel == "fused":
-        assert any("forward_tile_kernel" in n for n in tiled) and any("backward_tile_kernel" in n for n in tiled)
+        assert any("ConvTileForwardProgram" in n for n in tiled) and any("ConvTileBackwardProgram" in n for n in tiled)
         assert not any("preactivation_grad_kernel" in n for n in names)
     else:
         assert not tiled and any("preactivation_grad_kernel" in n for n in names)
@@ -228,6 +229,40 @@ def test_fused_inference_matches_the_reference_kernels(batch):
             lenet_ext._C.set_cuda_kernel(before)
         want = ref(x)
     kernels = [e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    assert any("lenet_forward_kernel" in k for k in kernels) and not any("preactivation" in k for k in kernels)
+    assert any("LeNetTileProgram" in k for k in kernels) and not any("preactivation" in k for k in kernels)
     torch.testing.assert_close(fused, want, **LENET_TOLERANCES[torch.float32])
     torch.testing.assert_close(layers, want, **LENET_TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("batch", [1, 9, 4099])
+def test_fused_train_forward_matches_the_reference_kernels(batch):
+    """lenet_train_forward is one launch of the tile program and returns what the layers return."""
+    net, _ = twin_pair(device="cuda")
+    x = torch.rand(batch, 1, 28, 28, device="cuda")
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in lenet_args(x, net))
+    before = lenet_ext._C.cuda_kernel()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fused = torch.ops.lenet_ext.lenet_train_forward(*args)
+        torch.cuda.synchronize()
+    lenet_ext._C.set_cuda_kernel("reference")
+    try:
+        layers = torch.ops.lenet_ext.lenet_train_forward(*args)
+    finally:
+        lenet_ext._C.set_cuda_kernel(before)
+    kernels = [e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert [k for k in kernels if "LeNetTileProgram" in k] and len(kernels) == 1, kernels
+    for got, want in zip(fused, layers):
+        assert got.shape == want.shape and got.is_contiguous()
+        torch.testing.assert_close(got, want, **LENET_TOLERANCES[torch.float32])
+
+
+def test_fused_forward_takes_weights_that_are_not_16_byte_aligned():
+    """A dense weight at an odd offset into its storage is read a float at a time, not in float4s."""
+    net, ref = twin_pair(device="cuda")
+    with torch.no_grad():
+        storage = torch.empty(net[7].weight.numel() + 1, device="cuda")
+        net[7].weight.set_(storage[1:].view_as(net[7].weight).copy_(net[7].weight))
+        ref[7].weight.copy_(net[7].weight)
+    x = torch.rand(33, 1, 28, 28, device="cuda")
+    with torch.inference_mode():
+        torch.testing.assert_close(net(x), ref(x), **LENET_TOLERANCES[torch.float32])

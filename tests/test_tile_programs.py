@@ -18,6 +18,7 @@ from lenet_ext.ops import reference_lenet_forward
 from test_conv_sigmoid_avgpool2d import CASES, TOLERANCES, grads_of, make_inputs, reference as reference_conv
 
 EMULATED = torch.ops.lenet_ext._lenet_forward_tile_emulated.default
+TRAIN_EMULATED = torch.ops.lenet_ext._lenet_train_forward_tile_emulated.default
 CONV_EMULATED = torch.ops.lenet_ext._conv_sigmoid_avgpool2d_tile_emulated.default
 CONV_BACKWARD_EMULATED = torch.ops.lenet_ext._conv_sigmoid_avgpool2d_backward_tile_emulated.default
 # (images per block, threads per block): one thread, fewer threads than items,
@@ -50,9 +51,10 @@ def reference(args):
 
 
 @pytest.mark.parametrize("batch", [1, 7, 8, 9, 17])
-@pytest.mark.parametrize("tile, threads", [(1, 1), (3, 7), (8, 256), (4, 33)])
+@pytest.mark.parametrize("tile, threads", [(1, 1), (3, 7), (8, 256), (4, 33), (11, 64)])
 def test_lenet_tile_program_matches_the_reference(batch, tile, threads):
-    """Partial last tiles, tiles larger than the batch, fewer threads than items and more."""
+    """Partial last tiles, tiles larger than the batch, fewer threads than items and more,
+    and more images than a dense thread keeps in registers at once (11 > 8)."""
     args = lenet_args(torch.rand(batch, 1, 28, 28), LeNet())
     args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
     torch.testing.assert_close(EMULATED(*args, tile, threads), reference(args), atol=2e-5, rtol=2e-4)
@@ -73,9 +75,33 @@ def test_lenet_tile_program_takes_every_configuration(config):
     torch.testing.assert_close(EMULATED(*args, 2, 64), reference(args), atol=2e-5, rtol=2e-4)
 
 
+@pytest.mark.parametrize("batch, tile, threads", [(1, 1, 1), (9, 2, 33), (17, 8, 256), (13, 11, 64)])
+@pytest.mark.parametrize("config", [{}, dict(size=13, k1=3, pad1=1, pool1=3, c1=5, k2=2, pad2=1, pool2=1, c2=3,
+                                             f1=9, f2=7, f3=4, bias=False)], ids=["lenet", "odd_sizes"])
+def test_lenet_train_tile_program_returns_what_backward_reads(batch, tile, threads, config):
+    """The logits and every saved activation, as lenet_train_forward returns them, only for the real images."""
+    args = random_lenet_args(batch, **config)
+    want = torch.ops.lenet_ext.lenet_train_forward(*(a.double() if isinstance(a, torch.Tensor) else a for a in args))
+    got = TRAIN_EMULATED(*args, tile, threads)
+    assert len(got) == len(want) == 5
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == torch.float32 and g.is_contiguous()
+        torch.testing.assert_close(g, w.float(), atol=2e-5, rtol=2e-4)
+
+
+def test_lenet_tile_program_reads_dense_weights_that_are_not_16_byte_aligned():
+    """A weight at an odd offset into its storage takes the one-float path (a float4 load would fault on a GPU)."""
+    args = list(random_lenet_args(9))
+    storage = torch.empty(args[9].numel() + 1)
+    args[9] = storage[1:].view_as(args[9]).copy_(args[9])
+    assert args[9].data_ptr() % 16 != 0 and args[9].is_contiguous()
+    torch.testing.assert_close(EMULATED(*args, 8, 256), reference(args), atol=2e-5, rtol=2e-4)
+
+
 def test_lenet_tile_program_empty_batch_and_bad_input():
     args = random_lenet_args(0)
     assert EMULATED(*args, 8, 256).shape == (0, 10)
+    assert [t.shape for t in TRAIN_EMULATED(*args, 8, 256)] == [(0, 10), (0, 6, 14, 14), (0, 400), (0, 120), (0, 84)]
     args = list(random_lenet_args(2))
     args[9] = torch.randn(120, 399)
     with pytest.raises(ValueError, match=r"fc1_weight of shape \(out_features, 400\)"):

@@ -34,6 +34,7 @@
 namespace lenet_ext {
 
 constexpr int kChannelsPerThread = 4;
+static_assert(kChannelsPerThread == 4, "a channel group's weights of one tap are one float4");
 
 // Loops over kChannelsPerThread unrolled on the GPU, so that the per-channel
 // arrays live in registers, not in local memory.
@@ -42,6 +43,17 @@ constexpr int kChannelsPerThread = 4;
 #else
 #define LENET_UNROLL
 #endif
+
+// Four floats at p, 16-byte aligned: one vector load on the GPU (a channel
+// group's weights of one tap, four inputs of a dense row).
+LENET_HOST_DEVICE void load4(const float* p, float (&out)[4]) {
+#if defined(__CUDA_ARCH__)
+  const float4 v = *reinterpret_cast<const float4*>(p);
+  out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+#else
+  for (int c = 0; c < 4; ++c) out[c] = p[c];
+#endif
+}
 
 // Sizes of one call and where each buffer sits in shared memory (in floats).
 struct ConvTileShape {
@@ -118,9 +130,6 @@ struct ConvTileBackwardParams {
   float* partials;  // (tiles, weight numel + C_out), weight first; null when neither is asked for
 };
 
-constexpr int kConvTileForwardPhases = 2;
-constexpr int kConvTileBackwardPhases = 4;
-
 namespace conv_tile_phases {
 
 // The weights and biases (0 without one) of a conv block, tap-major,
@@ -157,23 +166,12 @@ LENET_HOST_DEVICE void stage(const ConvTileShape& s, int64_t batch, const float*
   stage_images(s, batch, x, smem, tile_index, tid, threads);
 }
 
-// The kChannelsPerThread floats at p, 16-byte aligned: one vector load on the GPU.
-LENET_HOST_DEVICE void load_group(const float* p, float (&out)[kChannelsPerThread]) {
-  static_assert(kChannelsPerThread == 4, "one float4 per channel group");
-#if defined(__CUDA_ARCH__)
-  const float4 v = *reinterpret_cast<const float4*>(p);
-  out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
-#else
-  for (int c = 0; c < kChannelsPerThread; ++c) out[c] = p[c];
-#endif
-}
-
 // z of output channels first, first + 1, ... (kChannelsPerThread of them) at
 // conv position (oh, ow) of one image of the tile. Channels past C_out have
 // zero weights and bias; callers drop them.
 LENET_HOST_DEVICE void conv_channels(const ConvTileShape& s, const float* smem, int image, int first, int oh, int ow,
                                      float (&z)[kChannelsPerThread]) {
-  load_group(smem + s.bias_at + first, z);
+  load4(smem + s.bias_at + first, z);
   const float* weights = smem + s.weight_at + first;
   const float* image_x = smem + s.x_at + image * s.in_channels * s.padded_h * s.padded_w;
   for (int ci = 0; ci < s.in_channels; ++ci) {
@@ -183,7 +181,7 @@ LENET_HOST_DEVICE void conv_channels(const ConvTileShape& s, const float* smem, 
       for (int kw = 0; kw < s.kernel; ++kw) {
         const float value = row[kw];
         float w[kChannelsPerThread];
-        load_group(weights + (tap + kw) * s.channel_stride, w);
+        load4(weights + (tap + kw) * s.channel_stride, w);
         LENET_UNROLL
         for (int c = 0; c < kChannelsPerThread; ++c) z[c] += value * w[c];
       }
@@ -202,7 +200,7 @@ LENET_HOST_DEVICE void window_z_unrolled(const ConvTileShape& s, const float* sm
   constexpr int kSide = P + K - 1;
   float z[P * P][kChannelsPerThread];
   float bias[kChannelsPerThread];
-  load_group(smem + s.bias_at + first, bias);
+  load4(smem + s.bias_at + first, bias);
   LENET_UNROLL
   for (int q = 0; q < P * P; ++q) {
     LENET_UNROLL
@@ -223,7 +221,7 @@ LENET_HOST_DEVICE void window_z_unrolled(const ConvTileShape& s, const float* sm
       LENET_UNROLL
       for (int kw = 0; kw < K; ++kw) {
         float w[kChannelsPerThread];
-        load_group(weights + ((ci * K + kh) * K + kw) * s.channel_stride, w);
+        load4(weights + ((ci * K + kh) * K + kw) * s.channel_stride, w);
         LENET_UNROLL
         for (int dy = 0; dy < P; ++dy) {
           LENET_UNROLL
@@ -303,14 +301,21 @@ LENET_HOST_DEVICE void pooled_outputs(const ConvTileForwardParams& p, const floa
 
 }  // namespace conv_tile_phases
 
-// One phase of the forward program for thread tid of `threads`.
-LENET_HOST_DEVICE void conv_tile_forward_phase(int phase, const ConvTileForwardParams& p, float* smem,
-                                               int64_t tile_index, int tid, int threads) {
-  using namespace conv_tile_phases;
-  if (phase == 0)
-    stage(p.s, p.batch, p.x, p.weight, p.bias, smem, tile_index, tid, threads);
-  else
-    pooled_outputs(p, smem, tile_index, tid, threads);
-}
+// The forward program, as the CUDA kernel (cuda/tile_program.cuh) and the
+// CPU emulation (tile_emulation.cpp) run it.
+struct ConvTileForwardProgram {
+  using Params = ConvTileForwardParams;
+  static constexpr int kPhases = 2;
+
+  // One phase for thread tid of `threads`.
+  static LENET_HOST_DEVICE void run_phase(int phase, const Params& p, float* smem, int64_t tile_index, int tid,
+                                          int threads) {
+    using namespace conv_tile_phases;
+    if (phase == 0)
+      stage(p.s, p.batch, p.x, p.weight, p.bias, smem, tile_index, tid, threads);
+    else
+      pooled_outputs(p, smem, tile_index, tid, threads);
+  }
+};
 
 }  // namespace lenet_ext

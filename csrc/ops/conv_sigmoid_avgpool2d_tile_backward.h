@@ -135,18 +135,25 @@ LENET_HOST_DEVICE void add_slices(const ConvTileBackwardParams& p, const float* 
 
 }  // namespace conv_tile_phases
 
-// One phase of the backward program for thread tid of `threads`.
-LENET_HOST_DEVICE void conv_tile_backward_phase(int phase, const ConvTileBackwardParams& p, float* smem,
-                                                int64_t tile_index, int tid, int threads) {
-  using namespace conv_tile_phases;
-  if (phase == 0)
-    stage(p.s, p.batch, p.x, p.weight, p.bias, smem, tile_index, tid, threads);
-  else if (phase == 1)
-    preactivation_grads(p, smem, tile_index, tid, threads);
-  else if (phase == 2)
-    gradients(p, smem, tile_index, tid, threads);
-  else
-    add_slices(p, smem, tile_index, tid, threads);
-}
+// The backward program, as the CUDA kernel (cuda/tile_program.cuh) and the
+// CPU emulation (tile_emulation.cpp) run it.
+struct ConvTileBackwardProgram {
+  using Params = ConvTileBackwardParams;
+  static constexpr int kPhases = 4;
+
+  // One phase for thread tid of `threads`.
+  static LENET_HOST_DEVICE void run_phase(int phase, const Params& p, float* smem, int64_t tile_index, int tid,
+                                          int threads) {
+    using namespace conv_tile_phases;
+    if (phase == 0)
+      stage(p.s, p.batch, p.x, p.weight, p.bias, smem, tile_index, tid, threads);
+    else if (phase == 1)
+      preactivation_grads(p, smem, tile_index, tid, threads);
+    else if (phase == 2)
+      gradients(p, smem, tile_index, tid, threads);
+    else
+      add_slices(p, smem, tile_index, tid, threads);
+  }
+};
 
 }  // namespace lenet_ext

@@ -1,8 +1,9 @@
 // LeNet's three operators: their schemas, their argument checks, the steps
 // every device's implementation is built from (see lenet.h), and the
 // implementation for devices without one of their own, which runs the whole
-// batch at once. The CPU's, in tiles, is cpu/lenet_cpu.cpp; CUDA's inference
-// is cuda/lenet_cuda.cu. Also the preparation of the CUDA tile program's call.
+// batch at once. The CPU's, in tiles, is cpu/lenet_cpu.cpp; CUDA's
+// forwards are cuda/lenet_cuda.cu. Also the preparation of the CUDA tile
+// program's call.
 #include "lenet.h"
 
 #include <ATen/ATen.h>
@@ -208,28 +209,59 @@ bool tile_program_fits(const at::Tensor& x, const LeNetParams& p) {
          p.fc1_weight.numel() < (int64_t(1) << 31);
 }
 
-LeNetTileCall prepare_tile_call(const at::Tensor& x, const LeNetParams& p, int tile) {
-  // An empty batch through the layers runs every argument check.
-  const LeNetActivations shapes = forward_whole_batch(x.narrow(0, 0, 0), p, "lenet_forward");
+LeNetSizes check_lenet_args(const at::Tensor& x, const LeNetParams& p, const char* op) {
+  const ConvPoolGeometry g1 = check_forward_args(x, p.conv1_weight, p.conv1_bias, p.conv1_padding, p.pool1);
+  const int64_t block1_sizes[] = {g1.batch, g1.out_channels, g1.out_height, g1.out_width};
+  const InputMeta block1{block1_sizes, x.scalar_type(), x.device()};
+  const ConvPoolGeometry g2 = check_forward_args(block1, p.conv2_weight, p.conv2_bias, p.conv2_padding, p.pool2);
+  const int64_t dense_in[][2] = {{g1.batch, g2.out_channels * g2.out_height * g2.out_width},
+                                 {g1.batch, p.fc1_weight.size(0)},
+                                 {g1.batch, p.fc2_weight.size(0)}};
+  check_linear({dense_in[0], block1.dtype, block1.device}, p.fc1_weight, p.fc1_bias, op, "fc1");
+  check_linear({dense_in[1], block1.dtype, block1.device}, p.fc2_weight, p.fc2_bias, op, "fc2");
+  check_linear({dense_in[2], block1.dtype, block1.device}, p.fc3_weight, p.fc3_bias, op, "fc3");
+  return {g1, g2};
+}
+
+LeNetTileCall prepare_tile_call(const at::Tensor& x, const LeNetParams& p, int tile, bool train) {
+  const LeNetSizes sizes = check_lenet_args(x, p, train ? "lenet_train_forward" : "lenet_forward");
+  const ConvPoolGeometry &g1 = sizes.block1, &g2 = sizes.block2;
   LeNetTileCall call;
   const auto contiguous = [](const std::optional<at::Tensor>& t) { return t ? t->contiguous() : at::Tensor(); };
   call.tensors = {x.contiguous(), p.conv1_weight.contiguous(), contiguous(p.conv1_bias),
                   p.conv2_weight.contiguous(), contiguous(p.conv2_bias), p.fc1_weight.contiguous(),
                   contiguous(p.fc1_bias), p.fc2_weight.contiguous(), contiguous(p.fc2_bias),
                   p.fc3_weight.contiguous(), contiguous(p.fc3_bias)};
-  call.logits = at::empty({x.size(0), p.fc3_weight.size(0)}, x.options());
+  const int64_t batch = g1.batch, f0 = g2.out_channels * g2.out_height * g2.out_width;
+  const int64_t f1 = p.fc1_weight.size(0), f2 = p.fc2_weight.size(0), f3 = p.fc3_weight.size(0);
+  LeNetActivations& out = call.out;
+  out.logits = at::empty({batch, f3}, x.options());
+  if (train) {
+    out.block1 = at::empty({batch, g1.out_channels, g1.out_height, g1.out_width}, x.options());
+    out.block2 = at::empty({batch, f0}, x.options());
+    out.fc1 = at::empty({batch, f1}, x.options());
+    out.fc2 = at::empty({batch, f2}, x.options());
+  }
   const auto data = [&](int i) { return call.tensors[i].defined() ? call.tensors[i].const_data_ptr<float>() : nullptr; };
+  const auto output = [](at::Tensor& t) { return t.defined() ? t.mutable_data_ptr<float>() : nullptr; };
+  const auto dense = [&](int weight, int bias) {
+    const at::Tensor& w = call.tensors[weight];
+    const bool aligned = reinterpret_cast<uintptr_t>(w.const_data_ptr<float>()) % 16 == 0;
+    return TileDenseLayer{data(weight), data(bias), static_cast<int>(w.size(1)), static_cast<int>(w.size(0)),
+                      w.size(1) % 4 == 0 && aligned};
+  };
   LeNetTileParams& tp = call.params;
   tp.s = make_tile_shape(x.size(1), x.size(2), x.size(3), p.conv1_weight.size(0), p.conv1_weight.size(2),
                          p.conv1_padding, p.pool1, p.conv2_weight.size(0), p.conv2_weight.size(2), p.conv2_padding,
-                         p.pool2, p.fc1_weight.size(0), p.fc2_weight.size(0), p.fc3_weight.size(0), tile);
-  TORCH_CHECK(tp.s.f0 == shapes.block2.size(1), "lenet_forward: tile program and layers disagree on block 2");
-  tp.batch = x.size(0);
+                         p.pool2, f1, f2, f3, tile);
+  TORCH_CHECK(tp.s.f0 == f0, "lenet_forward: tile program and layers disagree on block 2");
+  tp.batch = batch;
   tp.x = data(kX);
   tp.conv1_w = data(kConv1W), tp.conv1_b = data(kConv1B), tp.conv2_w = data(kConv2W), tp.conv2_b = data(kConv2B);
-  tp.fc1_w = data(kFc1W), tp.fc1_b = data(kFc1B), tp.fc2_w = data(kFc2W), tp.fc2_b = data(kFc2B);
-  tp.fc3_w = data(kFc3W), tp.fc3_b = data(kFc3B);
-  tp.logits = call.logits.mutable_data_ptr<float>();
+  tp.fc1 = dense(kFc1W, kFc1B), tp.fc2 = dense(kFc2W, kFc2B), tp.fc3 = dense(kFc3W, kFc3B);
+  tp.logits = output(out.logits);
+  tp.block1 = output(out.block1), tp.block2 = output(out.block2);
+  tp.fc1_out = output(out.fc1), tp.fc2_out = output(out.fc2);
   return call;
 }
 

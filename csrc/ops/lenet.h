@@ -5,7 +5,7 @@
 //
 //   schemas, checks and the whole-batch implementation   lenet.cpp
 //   CPU: tiles of the batch, a chunk of tiles per thread  cpu/lenet_cpu.cpp
-//   CUDA inference: one launch of a tile program          cuda/lenet_cuda.cu,
+//   CUDA forwards: one launch of a tile program           cuda/lenet_cuda.cu,
 //                                                         lenet_forward_tile.h
 //
 // The first two are built from the steps declared here: the conv blocks run
@@ -101,19 +101,28 @@ void dense_layers(const LeNetParams& p, const char* op, LeNetActivations& r);
 // devices without their own, and the checks of every other).
 LeNetActivations forward_whole_batch(const at::Tensor& x, const LeNetParams& p, const char* op);
 
-// --- inference as one tile program (lenet_forward_tile.h) ---------------------
+// The checks of the layer-by-layer path, on the sizes each layer's input
+// will have, without running a layer; returns the conv blocks' sizes.
+struct LeNetSizes {
+  ConvPoolGeometry block1, block2;
+};
+LeNetSizes check_lenet_args(const at::Tensor& x, const LeNetParams& p, const char* op);
 
-// A checked lenet_forward call for the tile program: its tensors made
-// contiguous and kept alive, the logits allocated, and the program's
-// parameters pointing at them. tile_program_fits says whether the program
-// takes this call (float32; otherwise the caller runs the layers).
+// --- the forward as one tile program (lenet_forward_tile.h) -------------------
+
+// A checked call of lenet_forward (train false) or lenet_train_forward (train
+// true) for the tile program: its tensors made contiguous and kept alive, the
+// outputs allocated (the logits; for training also the activations
+// lenet_backward reads), and the program's parameters pointing at them.
+// tile_program_fits says whether the program takes this call (float32;
+// otherwise the caller runs the layers).
 struct LeNetTileCall {
   std::array<at::Tensor, 11> tensors;  // x and the ten parameters, contiguous
-  at::Tensor logits;
+  LeNetActivations out;
   LeNetTileParams params;
 };
 bool tile_program_fits(const at::Tensor& x, const LeNetParams& p);
-LeNetTileCall prepare_tile_call(const at::Tensor& x, const LeNetParams& p, int tile);
+LeNetTileCall prepare_tile_call(const at::Tensor& x, const LeNetParams& p, int tile, bool train);
 
 // --- backward steps ---------------------------------------------------------
 

@@ -1,8 +1,12 @@
-// LeNet's whole inference for a tile of images, written as the program of one
+// LeNet's whole forward for a tile of images, written as the program of one
 // CUDA thread block: phases separated by barriers, each phase a loop of work
 // items that the block's threads share out (item = thread, thread + threads,
-// ...). Every activation of the tile stays in the block's shared memory; only
-// x is read from global memory and only the logits are written to it.
+// ...). Every activation of the tile stays in the block's shared memory; x
+// is read from global memory, and only the logits are written to it, plus,
+// for lenet_train_forward, the activations its backward reads.
+//
+//   stage | conv block 1 | conv block 2 | fc1 slices | fc1 | fc2 slices | fc2
+//   | fc3 slices | logits
 //
 // The phases are __host__ __device__ and take the thread's coordinates as
 // arguments, so the same code runs in two places:
@@ -18,18 +22,36 @@
 
 namespace lenet_ext {
 
+// The dense phases split each output feature's dot products into
+// kDenseSlices slices: slice s takes every kDenseSlices-th group of four
+// inputs, so the slices of a feature read consecutive 16-byte pieces of its
+// weight row and a warp reads whole 128-byte lines of four rows. A thread
+// keeps the sums of kDenseImages images in registers.
+constexpr int kDenseSlices = 8;
+constexpr int kDenseImages = 8;
+
 // Sizes of one call and where each of the tile's buffers sits in shared
 // memory (offsets in floats). Computed once on the host by make_tile_shape.
 // The conv blocks are two views of the conv operator's tile layout
 // (conv_sigmoid_avgpool2d_tile.h) with their buffers at this program's
 // offsets: conv1 reads x, conv2 reads block 1's output with conv2's zero
-// padding around it, and both stage their weights tap-major.
+// padding around it, and both stage their weights tap-major. The dense
+// layers' slices reuse the space of x and block 1, which are dead by then.
 struct LeNetTileShape {
   ConvTileShape conv1, conv2;
-  int f0, f1, f2, f3;                         // dense widths: f0 = c2 * h2 * w2 in, f3 = classes out
-  int tile;                                   // images per thread block
-  int block2_at, fc1_at, fc2_at;              // per-image buffers, `tile` of each (x, block 1: the views')
-  int floats;                                 // shared memory in all
+  int f0, f1, f2, f3;                 // dense widths: f0 = c2 * h2 * w2 in, f3 = classes out
+  int tile;                           // images per thread block
+  int slices_at;                      // the dense layers' slices, over x and block 1
+  int block2_at, fc1_at, fc2_at;      // per-image buffers, `tile` of each, 16-byte aligned
+  int floats;                         // shared memory in all
+};
+
+// A dense layer's parameters; in_float4s when its rows are read four floats
+// at a time (in_features a multiple of 4 and the weights 16-byte aligned).
+struct TileDenseLayer {
+  const float *weight, *bias;  // bias may be null
+  int in_features, out_features;
+  bool in_float4s;
 };
 
 struct LeNetTileParams {
@@ -37,8 +59,11 @@ struct LeNetTileParams {
   int64_t batch;
   const float* x;
   const float *conv1_w, *conv1_b, *conv2_w, *conv2_b;  // a bias may be null
-  const float *fc1_w, *fc1_b, *fc2_w, *fc2_b, *fc3_w, *fc3_b;
+  TileDenseLayer fc1, fc2, fc3;
   float* logits;
+  // lenet_train_forward's saved activations, (N, ...) as it returns them;
+  // null for lenet_forward.
+  float *block1, *block2, *fc1_out, *fc2_out;
 };
 
 // Host side: the layout for these sizes. Block sizes follow the conv
@@ -58,18 +83,21 @@ inline LeNetTileShape make_tile_shape(int in_channels, int height, int width, in
   s.f0 = c2 * s.conv2.out_h * s.conv2.out_w, s.f1 = f1, s.f2 = f2, s.f3 = f3;
   s.tile = tile;
   int at = 0;
-  const auto take = [&](int floats) {
+  const auto take = [&](int floats) {  // whole groups of 4 floats: every buffer 16-byte aligned
     const int start = at;
-    at += floats;
+    at += (floats + 3) / 4 * 4;
     return start;
   };
-  // The weights first: whole groups of 4 floats, so every weight row is 16-byte aligned.
   for (ConvTileShape* conv : {&s.conv1, &s.conv2}) {
     conv->weight_at = take(conv->in_channels * conv->kernel * conv->kernel * conv->channel_stride);
     conv->bias_at = take(conv->channel_stride);
   }
-  s.conv1.x_at = take(tile * in_channels * s.conv1.padded_h * s.conv1.padded_w);
-  s.conv2.x_at = take(tile * c1 * s.conv2.padded_h * s.conv2.padded_w);
+  const int x_floats = tile * in_channels * s.conv1.padded_h * s.conv1.padded_w;
+  const int block1_floats = tile * c1 * s.conv2.padded_h * s.conv2.padded_w;
+  const int widest = f1 > f2 ? (f1 > f3 ? f1 : f3) : (f2 > f3 ? f2 : f3);
+  const int slice_floats = tile * widest * kDenseSlices;
+  s.slices_at = s.conv1.x_at = take(x_floats + block1_floats > slice_floats ? x_floats + block1_floats : slice_floats);
+  s.conv2.x_at = s.conv1.x_at + x_floats;
   s.block2_at = take(tile * s.f0);
   s.fc1_at = take(tile * f1), s.fc2_at = take(tile * f2);
   s.floats = s.conv1.floats = s.conv2.floats = at;
@@ -82,8 +110,6 @@ inline LeNetTileShape retile(const LeNetTileShape& s, int tile) {
   return make_tile_shape(a.in_channels, a.height, a.width, a.out_channels, a.kernel, a.padding, a.pool,
                          b.out_channels, b.kernel, b.padding, b.pool, s.f1, s.f2, s.f3, tile);
 }
-
-constexpr int kLeNetTilePhases = 6;
 
 namespace tile_phases {
 
@@ -100,64 +126,135 @@ LENET_HOST_DEVICE void stage(const LeNetTileParams& p, float* smem, int64_t tile
 
 // Phase 1: conv block 1 into the interior of its padded buffer, a channel
 // group of one pooled output per item.
-LENET_HOST_DEVICE void conv_block1(const LeNetTileParams& p, float* smem, int tid, int threads) {
+LENET_HOST_DEVICE void conv_block1(const LeNetTileParams& p, float* smem, int64_t tile_index, int tid, int threads) {
   const ConvTileShape &c1 = p.s.conv1, &b1 = p.s.conv2;
   for (int i = tid; i < conv_tile_phases::channel_group_items(c1, c1.out_h, c1.out_w); i += threads) {
     const auto [image, first, ph, pw] = conv_tile_phases::channel_group_item(c1, c1.out_h, c1.out_w, i);
     float out[kChannelsPerThread];
     conv_tile_phases::pooled_group(c1, smem, image, first, ph, pw, out);
-    for (int c = 0; c < kChannelsPerThread && first + c < c1.out_channels; ++c)
+    const int64_t n = tile_index * p.s.tile + image;
+    for (int c = 0; c < kChannelsPerThread && first + c < c1.out_channels; ++c) {
       smem[b1.x_at + ((image * b1.in_channels + first + c) * b1.padded_h + ph + b1.padding) * b1.padded_w + pw +
            b1.padding] = out[c];
+      if (p.block1 && n < p.batch)
+        p.block1[((n * c1.out_channels + first + c) * c1.out_h + ph) * c1.out_w + pw] = out[c];
+    }
   }
 }
 
 // Phase 2: conv block 2, flattened as nn.Flatten orders it (c, h, w).
-LENET_HOST_DEVICE void conv_block2(const LeNetTileParams& p, float* smem, int tid, int threads) {
+LENET_HOST_DEVICE void conv_block2(const LeNetTileParams& p, float* smem, int64_t tile_index, int tid, int threads) {
   const LeNetTileShape& s = p.s;
   const ConvTileShape& c2 = s.conv2;
   for (int i = tid; i < conv_tile_phases::channel_group_items(c2, c2.out_h, c2.out_w); i += threads) {
     const auto [image, first, ph, pw] = conv_tile_phases::channel_group_item(c2, c2.out_h, c2.out_w, i);
     float out[kChannelsPerThread];
     conv_tile_phases::pooled_group(c2, smem, image, first, ph, pw, out);
-    for (int c = 0; c < kChannelsPerThread && first + c < c2.out_channels; ++c)
-      smem[s.block2_at + image * s.f0 + ((first + c) * c2.out_h + ph) * c2.out_w + pw] = out[c];
+    const int64_t n = tile_index * s.tile + image;
+    for (int c = 0; c < kChannelsPerThread && first + c < c2.out_channels; ++c) {
+      const int feature = ((first + c) * c2.out_h + ph) * c2.out_w + pw;
+      smem[s.block2_at + image * s.f0 + feature] = out[c];
+      if (p.block2 && n < p.batch) p.block2[n * s.f0 + feature] = out[c];
+    }
   }
 }
 
-// A dense layer over the tile: out[image][j] = in[image] . W[j] + b[j], then
-// the sigmoid unless this is the last layer.
-LENET_HOST_DEVICE void dense(const float* in, int in_features, const float* weight, const float* bias, int out_features,
-                             int tile, bool apply_sigmoid, float* out, int tid, int threads) {
-  for (int i = tid; i < tile * out_features; i += threads) {
-    const int image = i / out_features, j = i % out_features;
-    const float* row = weight + static_cast<int64_t>(j) * in_features;
-    float z = bias ? bias[j] : 0.0f;
-    for (int k = 0; k < in_features; ++k) z += in[image * in_features + k] * row[k];
-    out[i] = apply_sigmoid ? sigmoid(z) : z;
+// Dense phase, part one, for groups of W inputs (4: float4 loads; 1: any
+// row): slice `slice` of feature j's dot products with the inputs of images
+// first, first + 1, ... (kDenseImages of them, those below `tile`).
+template <int W>
+LENET_HOST_DEVICE void dense_slice(const TileDenseLayer& layer, const float* in, int tile, int j, int slice, int first,
+                                   float (&sum)[kDenseImages]) {
+  const float* row = layer.weight + static_cast<int64_t>(j) * layer.in_features;
+  for (int group = slice; group < layer.in_features / W; group += kDenseSlices) {
+    float w[4];
+    if (W == 4)
+      load4(row + 4 * group, w);
+    else
+      w[0] = row[group];
+    LENET_UNROLL
+    for (int m = 0; m < kDenseImages; ++m) {
+      if (first + m >= tile) continue;
+      const float* v = in + (first + m) * layer.in_features + W * group;
+      float value[4];
+      if (W == 4)
+        load4(v, value);
+      else
+        value[0] = v[0];
+      LENET_UNROLL
+      for (int k = 0; k < W; ++k) sum[m] += value[k] * w[k];
+    }
+  }
+}
+
+// Dense phase, part one: every (feature, slice) item's sums over the tile's
+// images into slices[image][feature * kDenseSlices + slice].
+LENET_HOST_DEVICE void dense_slices(const TileDenseLayer& layer, const float* in, int tile, float* slices, int tid,
+                                    int threads) {
+  const int items = layer.out_features * kDenseSlices;
+  for (int i = tid; i < items; i += threads) {
+    const int j = i / kDenseSlices, slice = i % kDenseSlices;
+    for (int first = 0; first < tile; first += kDenseImages) {
+      float sum[kDenseImages] = {};
+      if (layer.in_float4s)
+        dense_slice<4>(layer, in, tile, j, slice, first, sum);
+      else
+        dense_slice<1>(layer, in, tile, j, slice, first, sum);
+      LENET_UNROLL
+      for (int m = 0; m < kDenseImages; ++m)
+        if (first + m < tile) slices[(first + m) * items + i] = sum[m];
+    }
+  }
+}
+
+// Dense phase, part two: out[image][j] = bias[j] + the slices of (image, j)
+// in slice order, through the sigmoid unless this is the last layer: into
+// smem_out for every image of the tile, and into global_out (null for none)
+// for the tile's real images, whose first is row `first` there.
+LENET_HOST_DEVICE void dense_finish(const TileDenseLayer& layer, const float* slices, int tile, int images,
+                                    bool apply_sigmoid, float* smem_out, float* global_out, int64_t first, int tid,
+                                    int threads) {
+  const int features = layer.out_features;
+  for (int i = tid; i < tile * features; i += threads) {
+    const int image = i / features, j = i % features;
+    const float* parts = slices + (image * features + j) * kDenseSlices;
+    float z = layer.bias ? layer.bias[j] : 0.0f;
+    for (int slice = 0; slice < kDenseSlices; ++slice) z += parts[slice];
+    const float out = apply_sigmoid ? sigmoid(z) : z;
+    if (smem_out) smem_out[i] = out;
+    if (global_out && image < images) global_out[(first + image) * features + j] = out;
   }
 }
 
 }  // namespace tile_phases
 
-// Runs one phase of the tile program for thread tid of `threads`.
-LENET_HOST_DEVICE void lenet_tile_phase(int phase, const LeNetTileParams& p, float* smem, int64_t tile_index, int tid,
-                                        int threads) {
-  using namespace tile_phases;
-  const LeNetTileShape& s = p.s;
-  switch (phase) {
-    case 0: stage(p, smem, tile_index, tid, threads); break;
-    case 1: conv_block1(p, smem, tid, threads); break;
-    case 2: conv_block2(p, smem, tid, threads); break;
-    case 3: dense(smem + s.block2_at, s.f0, p.fc1_w, p.fc1_b, s.f1, s.tile, true, smem + s.fc1_at, tid, threads); break;
-    case 4: dense(smem + s.fc1_at, s.f1, p.fc2_w, p.fc2_b, s.f2, s.tile, true, smem + s.fc2_at, tid, threads); break;
-    default: {
-      // The logits of the tile's real images (the last tile may be partial).
-      const int64_t first = tile_index * s.tile;
-      const int images = p.batch - first < s.tile ? static_cast<int>(p.batch - first) : s.tile;
-      dense(smem + s.fc2_at, s.f2, p.fc3_w, p.fc3_b, s.f3, images, false, p.logits + first * s.f3, tid, threads);
+// The program, as the CUDA kernel (cuda/tile_program.cuh) and the CPU
+// emulation (tile_emulation.cpp) run it.
+struct LeNetTileProgram {
+  using Params = LeNetTileParams;
+  static constexpr int kPhases = 9;
+
+  // One phase for thread tid of `threads`.
+  static LENET_HOST_DEVICE void run_phase(int phase, const Params& p, float* smem, int64_t tile_index, int tid,
+                                          int threads) {
+    using namespace tile_phases;
+    const LeNetTileShape& s = p.s;
+    // The tile's real images (the last tile may be partial): only they go to global memory.
+    const int64_t first = tile_index * s.tile;
+    const int images = p.batch - first < s.tile ? static_cast<int>(p.batch - first) : s.tile;
+    float* slices = smem + s.slices_at;
+    switch (phase) {
+      case 0: stage(p, smem, tile_index, tid, threads); break;
+      case 1: conv_block1(p, smem, tile_index, tid, threads); break;
+      case 2: conv_block2(p, smem, tile_index, tid, threads); break;
+      case 3: dense_slices(p.fc1, smem + s.block2_at, s.tile, slices, tid, threads); break;
+      case 4: dense_finish(p.fc1, slices, s.tile, images, true, smem + s.fc1_at, p.fc1_out, first, tid, threads); break;
+      case 5: dense_slices(p.fc2, smem + s.fc1_at, s.tile, slices, tid, threads); break;
+      case 6: dense_finish(p.fc2, slices, s.tile, images, true, smem + s.fc2_at, p.fc2_out, first, tid, threads); break;
+      case 7: dense_slices(p.fc3, smem + s.fc2_at, s.tile, slices, tid, threads); break;
+      default: dense_finish(p.fc3, slices, s.tile, images, false, nullptr, p.logits, first, tid, threads);
     }
   }
-}
+};
 
 }  // namespace lenet_ext

@@ -1,6 +1,7 @@
 // The CUDA tile programs run on the CPU, thread by thread and phase by phase,
 // as operators for the tests (tests/test_tile_programs.py):
 //   _lenet_forward_tile_emulated                     lenet_forward_tile.h
+//   _lenet_train_forward_tile_emulated               lenet_forward_tile.h
 //   _conv_sigmoid_avgpool2d_tile_emulated            conv_sigmoid_avgpool2d_tile.h
 //   _conv_sigmoid_avgpool2d_backward_tile_emulated   conv_sigmoid_avgpool2d_tile_backward.h
 // They check the programs' index math, shared-memory layouts and partial last
@@ -25,6 +26,8 @@
 
 TORCH_LIBRARY_FRAGMENT(lenet_ext, m) {
   m.def("_lenet_forward_tile_emulated(Tensor x, " LENET_PARAMS_SCHEMA ", int tile, int threads) -> Tensor");
+  m.def("_lenet_train_forward_tile_emulated(Tensor x, " LENET_PARAMS_SCHEMA
+        ", int tile, int threads) -> (Tensor logits, Tensor block1, Tensor block2, Tensor fc1, Tensor fc2)");
   m.def(
       "_conv_sigmoid_avgpool2d_tile_emulated(Tensor x, Tensor weight, Tensor? bias, int padding, int pool, "
       "int tile, int threads) -> Tensor");
@@ -37,21 +40,22 @@ namespace lenet_ext {
 
 namespace {
 
-// Runs `phases` phases of a program over `tiles` blocks of `threads` threads
-// with `floats` of shared memory; run_phase(phase, smem, tile, tid) is one
-// thread's share of one phase.
-template <typename RunPhase>
-void emulate_tile_program(const char* op, int phases, int floats, int64_t tiles, int64_t threads,
-                          const RunPhase& run_phase) {
+// Runs a Program (see cuda/tile_program.cuh) over `tiles` blocks of
+// `threads` threads, as the CUDA kernel would.
+template <typename Program>
+void emulate_tile_program(const char* op, const typename Program::Params& params, int64_t tiles, int64_t threads) {
   TORCH_CHECK_VALUE(threads >= 1, op, ": expected threads >= 1, got ", threads);
-  std::vector<float> smem(floats), reversed(floats);
+  std::vector<float> smem(params.s.floats), reversed(params.s.floats);
+  const auto run = [&](int phase, float* memory, int64_t tile, int tid) {
+    Program::run_phase(phase, params, memory, tile, tid, static_cast<int>(threads));
+  };
   for (int64_t t = 0; t < tiles; ++t) {
     // Whatever a previous block left behind; the program must not read it.
     std::fill(smem.begin(), smem.end(), std::nanf(""));
-    for (int phase = 0; phase < phases; ++phase) {
+    for (int phase = 0; phase < Program::kPhases; ++phase) {
       reversed = smem;
-      for (int tid = static_cast<int>(threads) - 1; tid >= 0; --tid) run_phase(phase, reversed.data(), t, tid);
-      for (int tid = 0; tid < threads; ++tid) run_phase(phase, smem.data(), t, tid);
+      for (int tid = static_cast<int>(threads) - 1; tid >= 0; --tid) run(phase, reversed.data(), t, tid);
+      for (int tid = 0; tid < threads; ++tid) run(phase, smem.data(), t, tid);
       TORCH_CHECK(std::memcmp(smem.data(), reversed.data(), smem.size() * sizeof(float)) == 0, op, ": phase ", phase,
                   " depends on the order of its threads");
     }
@@ -63,17 +67,23 @@ int checked_tile(const char* op, int64_t tile) {
   return static_cast<int>(tile);
 }
 
-at::Tensor lenet_forward_tile_emulated(const at::Tensor& x, LENET_PARAMS_ARGS, int64_t tile, int64_t threads) {
-  constexpr const char* op = "_lenet_forward_tile_emulated";
-  const LeNetParams p = LENET_PARAMS;
+LeNetActivations lenet_tile_emulated(const char* op, const at::Tensor& x, const LeNetParams& p, int64_t tile,
+                                     int64_t threads, bool train) {
   TORCH_CHECK_TYPE(tile_program_fits(x, p), op, ": the tile program takes float32 only");
-  const LeNetTileCall call = prepare_tile_call(x, p, checked_tile(op, tile));
-  const LeNetTileParams& params = call.params;
-  emulate_tile_program(op, kLeNetTilePhases, params.s.floats, (x.size(0) + tile - 1) / tile, threads,
-                       [&](int phase, float* smem, int64_t t, int tid) {
-                         lenet_tile_phase(phase, params, smem, t, tid, static_cast<int>(threads));
-                       });
-  return call.logits;
+  const LeNetTileCall call = prepare_tile_call(x, p, checked_tile(op, tile), train);
+  emulate_tile_program<LeNetTileProgram>(op, call.params, (x.size(0) + tile - 1) / tile, threads);
+  return call.out;
+}
+
+at::Tensor lenet_forward_tile_emulated(const at::Tensor& x, LENET_PARAMS_ARGS, int64_t tile, int64_t threads) {
+  return lenet_tile_emulated("_lenet_forward_tile_emulated", x, LENET_PARAMS, tile, threads, false).logits;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lenet_train_forward_tile_emulated(
+    const at::Tensor& x, LENET_PARAMS_ARGS, int64_t tile, int64_t threads) {
+  const LeNetActivations r =
+      lenet_tile_emulated("_lenet_train_forward_tile_emulated", x, LENET_PARAMS, tile, threads, true);
+  return {r.logits, r.block1, r.block2, r.fc1, r.fc2};
 }
 
 at::Tensor conv_tile_emulated(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -82,10 +92,7 @@ at::Tensor conv_tile_emulated(const at::Tensor& x, const at::Tensor& weight, con
   const ForwardCall call = prepare_forward(x, weight, bias, padding, pool);
   TORCH_CHECK_TYPE(conv_tile_program_fits(call.g, x), op, ": the tile program takes float32 only");
   const ConvTileForwardParams params = conv_tile_forward_params(call, checked_tile(op, tile));
-  emulate_tile_program(op, kConvTileForwardPhases, params.s.floats, (call.g.batch + tile - 1) / tile, threads,
-                       [&](int phase, float* smem, int64_t t, int tid) {
-                         conv_tile_forward_phase(phase, params, smem, t, tid, static_cast<int>(threads));
-                       });
+  emulate_tile_program<ConvTileForwardProgram>(op, params, (call.g.batch + tile - 1) / tile, threads);
   return call.out;
 }
 
@@ -97,10 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_tile_emulated(
   TORCH_CHECK_TYPE(conv_tile_program_fits(call.g, x), op, ": the tile program takes float32 only");
   TORCH_CHECK_VALUE(threads >= 1, op, ": expected threads >= 1, got ", threads);
   const ConvTileBackward tiled = prepare_tile_backward(call, checked_tile(op, tile), static_cast<int>(threads));
-  emulate_tile_program(op, kConvTileBackwardPhases, tiled.params.s.floats, tiled.tiles, threads,
-                       [&](int phase, float* smem, int64_t t, int tid) {
-                         conv_tile_backward_phase(phase, tiled.params, smem, t, tid, static_cast<int>(threads));
-                       });
+  emulate_tile_program<ConvTileBackwardProgram>(op, tiled.params, tiled.tiles, threads);
   return call.finish(tiled.partials);
 }
 
@@ -108,6 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_tile_emulated(
 
 TORCH_LIBRARY_IMPL(lenet_ext, CPU, m) {
   m.impl("_lenet_forward_tile_emulated", &lenet_forward_tile_emulated);
+  m.impl("_lenet_train_forward_tile_emulated", &lenet_train_forward_tile_emulated);
   m.impl("_conv_sigmoid_avgpool2d_tile_emulated", &conv_tile_emulated);
   m.impl("_conv_sigmoid_avgpool2d_backward_tile_emulated", &conv_backward_tile_emulated);
 }

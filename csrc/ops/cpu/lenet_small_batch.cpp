@@ -99,17 +99,9 @@ at::Tensor forward_small_batch(const at::Tensor& x_arg, const LeNetParams& p) {
       x_arg.size(0) > kSmallBatch) {
     return at::Tensor();
   }
-  // The checks of the layer-by-layer path, on the sizes each layer's input will have.
-  const ConvPoolGeometry g1 = check_forward_args(x_arg, p.conv1_weight, p.conv1_bias, p.conv1_padding, p.pool1);
-  const int64_t batch = g1.batch;
-  const int64_t block1_sizes[] = {batch, g1.out_channels, g1.out_height, g1.out_width};
-  const InputMeta block1{block1_sizes, x_arg.scalar_type(), x_arg.device()};
-  const ConvPoolGeometry g2 = check_forward_args(block1, p.conv2_weight, p.conv2_bias, p.conv2_padding, p.pool2);
-  const int64_t f0 = g2.out_channels * g2.out_height * g2.out_width;
-  const int64_t dense_in[][2] = {{batch, f0}, {batch, p.fc1_weight.size(0)}, {batch, p.fc2_weight.size(0)}};
-  check_linear({dense_in[0], block1.dtype, block1.device}, p.fc1_weight, p.fc1_bias, op, "fc1");
-  check_linear({dense_in[1], block1.dtype, block1.device}, p.fc2_weight, p.fc2_bias, op, "fc2");
-  check_linear({dense_in[2], block1.dtype, block1.device}, p.fc3_weight, p.fc3_bias, op, "fc3");
+  const LeNetSizes sizes = check_lenet_args(x_arg, p, op);
+  const ConvPoolGeometry &g1 = sizes.block1, &g2 = sizes.block2;
+  const int64_t batch = g1.batch, f0 = g2.out_channels * g2.out_height * g2.out_width;
   if (!kernels->supported(g1) || !kernels->supported(g2)) return at::Tensor();
 
   const at::Tensor x = x_arg.contiguous();

@@ -1,8 +1,8 @@
 // CUDA kernels of the fused conv -> sigmoid -> avgpool operator.
 //
-// float32 runs the tile programs of ../conv_sigmoid_avgpool2d_tile.h: one
-// launch for the forward, one (plus the sum of per-tile partials) for the
-// backward, every intermediate in shared memory. float64, sizes whose tile
+// float32 runs the tile programs of ../conv_sigmoid_avgpool2d_tile.h through
+// tile_program.cuh's kernel: one launch for the forward, one (plus the sum of
+// per-tile partials) for the backward, every intermediate in shared memory. float64, sizes whose tile
 // does not fit a block's shared memory, and LENET_EXT_CUDA_KERNEL=reference
 // run the reference kernels below: one thread per output, built from the
 // per-element math in ../conv_sigmoid_avgpool2d_math.h that the CPU shares.
@@ -19,6 +19,7 @@
 #include "../conv_sigmoid_avgpool2d_math.h"
 #include "../conv_sigmoid_avgpool2d_tile_backward.h"
 #include "../cuda_kernel_choice.h"
+#include "tile_program.cuh"
 
 namespace lenet_ext {
 
@@ -154,47 +155,14 @@ __global__ void param_grad_kernel(const acc_t* __restrict__ dz, const scalar_t* 
 
 // --- the tile programs ---------------------------------------------------------
 
-__global__ void __launch_bounds__(kThreads) forward_tile_kernel(const ConvTileForwardParams p) {
-  extern __shared__ __align__(16) float smem[];  // 16: the weights are read in float4s
-  for (int phase = 0; phase < kConvTileForwardPhases; ++phase) {
-    conv_tile_forward_phase(phase, p, smem, blockIdx.x, threadIdx.x, blockDim.x);
-    __syncthreads();
-  }
-}
-
-__global__ void __launch_bounds__(kThreads) backward_tile_kernel(const ConvTileBackwardParams p) {
-  extern __shared__ __align__(16) float smem[];  // 16: the weights are read in float4s
-  for (int phase = 0; phase < kConvTileBackwardPhases; ++phase) {
-    conv_tile_backward_phase(phase, p, smem, blockIdx.x, threadIdx.x, blockDim.x);
-    __syncthreads();
-  }
-}
-
-// Images per block for a tile program: the most (up to 8) whose buffers fit
-// one block's shared memory while the batch still gives every multiprocessor
-// two blocks; 0 when not even one image fits (the reference kernels run).
-int choose_tile(const ConvPoolGeometry& g, const at::Tensor& x, bool backward) {
+// Images per block for the forward or the backward program; 0 runs the
+// reference kernels (LENET_EXT_CUDA_KERNEL=reference, float64, a tile of one
+// image too large for shared memory).
+int choose_conv_tile(const ConvPoolGeometry& g, const at::Tensor& x, bool backward) {
   if (cuda_reference_selected() || !conv_tile_program_fits(g, x)) return 0;
-  const c10::DeviceIndex device = x.device().index();
-  int max_bytes = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const int64_t enough_blocks = 2 * int64_t(multiprocessor_count(device));
-  for (int tile = 8; tile >= 1; tile /= 2) {
-    const int64_t bytes = make_conv_tile_shape(g, tile, backward ? kThreads : 0).floats * int64_t(sizeof(float));
-    const bool fills_gpu = tile == 1 || (g.batch + tile - 1) / tile >= enough_blocks;
-    if (bytes <= max_bytes && fills_gpu) return tile;
-  }
-  return 0;
-}
-
-// Launches a tile program's kernel over `tiles` blocks with `floats` of
-// shared memory; past 48 KB a kernel must ask for it.
-template <typename Params>
-void launch_tile_program(void (*kernel)(Params), const Params& p, int64_t tiles) {
-  const int bytes = p.s.floats * static_cast<int>(sizeof(float));
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  kernel<<<static_cast<unsigned>(tiles), kThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return choose_tile(g.batch, x.device().index(), [&](int tile) {
+    return make_conv_tile_shape(g, tile, backward ? kTileProgramThreads : 0).floats;
+  });
 }
 
 // --- the operator ------------------------------------------------------------
@@ -210,8 +178,8 @@ at::Tensor forward_cuda(const at::Tensor& x_arg, const at::Tensor& weight_arg,
   const int64_t total = out.numel();
   if (total == 0) return out;
 
-  if (const int tile = choose_tile(g, x, /*backward=*/false)) {
-    launch_tile_program(forward_tile_kernel, conv_tile_forward_params(call, tile), (g.batch + tile - 1) / tile);
+  if (const int tile = choose_conv_tile(g, x, /*backward=*/false)) {
+    launch_tile_program<ConvTileForwardProgram>(conv_tile_forward_params(call, tile), (g.batch + tile - 1) / tile);
     return out;
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -237,9 +205,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
                    &grad_x = call.grad_x;
   const bool need_x = call.need_x, need_w = call.need_weight, need_b = call.need_bias;
   if (!need_x && !need_w && !need_b) return call.finish(call.param_partials(1));
-  if (const int tile = g.batch > 0 ? choose_tile(g, x, /*backward=*/true) : 0) {
-    const ConvTileBackward tiled = prepare_tile_backward(call, tile, kThreads);
-    launch_tile_program(backward_tile_kernel, tiled.params, tiled.tiles);
+  if (const int tile = g.batch > 0 ? choose_conv_tile(g, x, /*backward=*/true) : 0) {
+    const ConvTileBackward tiled = prepare_tile_backward(call, tile, kTileProgramThreads);
+    launch_tile_program<ConvTileBackwardProgram>(tiled.params, tiled.tiles);
     return call.finish(tiled.partials);
   }
   // At least 1: check_forward_args refuses C_out = 0.

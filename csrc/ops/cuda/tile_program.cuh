@@ -1,0 +1,60 @@
+// The one CUDA kernel of every tile program (../lenet_forward_tile.h,
+// ../conv_sigmoid_avgpool2d_tile.h, ../conv_sigmoid_avgpool2d_tile_backward.h):
+// a thread block per tile of images, the program's phases in turn with a
+// barrier after each. A Program names its Params (whose s.floats is the
+// block's shared memory), its kPhases, and run_phase(phase, params, smem,
+// tile_index, tid, threads); tile_emulation.cpp runs the same programs on
+// the CPU.
+#pragma once
+
+#include <c10/core/Device.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <limits>
+
+namespace lenet_ext {
+
+constexpr int kTileProgramThreads = 256;
+
+template <typename Program>
+__global__ void __launch_bounds__(kTileProgramThreads) tile_program_kernel(const typename Program::Params p) {
+  extern __shared__ __align__(16) float smem[];  // 16: the programs read float4s
+  for (int phase = 0; phase < Program::kPhases; ++phase) {
+    Program::run_phase(phase, p, smem, blockIdx.x, threadIdx.x, blockDim.x);
+    __syncthreads();
+  }
+}
+
+// Images per block: the most (8, 4, 2 or 1) whose buffers, floats_for(tile)
+// floats, fit one block's shared memory while the batch still gives every
+// multiprocessor two blocks; 0 when not even one image fits.
+template <typename FloatsFor>
+int choose_tile(int64_t batch, c10::DeviceIndex device, const FloatsFor& floats_for) {
+  int max_bytes = 0, multiprocessors = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
+  for (int tile = 8; tile >= 1; tile /= 2) {
+    const bool fits = int64_t(floats_for(tile)) * int64_t(sizeof(float)) <= max_bytes;
+    const bool fills_gpu = tile == 1 || (batch + tile - 1) / tile >= 2 * int64_t(multiprocessors);
+    if (fits && fills_gpu) return tile;
+  }
+  return 0;
+}
+
+// Launches a program over `tiles` blocks on the current stream; past 48 KB
+// of shared memory a kernel must ask for it.
+template <typename Program>
+void launch_tile_program(const typename Program::Params& p, int64_t tiles) {
+  TORCH_CHECK(tiles <= std::numeric_limits<int32_t>::max(), "lenet_ext: ", tiles, " tiles exceed a CUDA grid");
+  const int bytes = p.s.floats * static_cast<int>(sizeof(float));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(tile_program_kernel<Program>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      bytes));
+  tile_program_kernel<Program>
+      <<<static_cast<unsigned>(tiles), kTileProgramThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace lenet_ext
