@@ -54,7 +54,7 @@ void forward_simd(const cpu::SimdKernels& kernels, const ConvPoolGeometry& g, co
   at::parallel_for(0, g.batch, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> xp(kernels.xp_size(g), 0.0f);
     const cpu::ForwardImages call{x.const_data_ptr<float>(), packed.view, out.mutable_data_ptr<float>(), xp.data(),
-                                  {0, g.out_height}};
+                                  {0, g.out_height * g.out_width}};
     kernels.forward_images(g, call, begin, end);
   });
 }

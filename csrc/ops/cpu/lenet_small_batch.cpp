@@ -148,22 +148,23 @@ at::Tensor forward_small_batch(const at::Tensor& x_arg, const LeNetParams& p) {
 #ifdef _OPENMP
     t = omp_get_thread_num(), n = omp_get_num_threads();
 #endif
-    // This thread's part of `size` rows, features or images.
+    // This thread's part of `size` pooled outputs, features or images.
     const auto share = [&](int64_t size) { return cpu::IndexRange{t * size / n, (t + 1) * size / n}; };
     if (batch >= n) {  // whole images: no thread reads what another writes
       const auto images = share(batch);
       const int64_t rows = images.end - images.begin;
-      const cpu::IndexRange all_rows1{0, g1.out_height}, all_rows2{0, g2.out_height};
-      kernels->forward_images(g1, {x_data, packed1, block1_out, xp[t], all_rows1}, images.begin, images.end);
-      kernels->forward_images(g2, {block1_out, packed2, block2_out, xp[t] + xp1_size, all_rows2}, images.begin,
+      const cpu::IndexRange all1{0, g1.out_height * g1.out_width}, all2{0, g2.out_height * g2.out_width};
+      kernels->forward_images(g1, {x_data, packed1, block1_out, xp[t], all1}, images.begin, images.end);
+      kernels->forward_images(g2, {block1_out, packed2, block2_out, xp[t] + xp1_size, all2}, images.begin,
                               images.end);
       kernels->dense_rows(fc1, block2_out + images.begin * f0, rows, fc1_out + images.begin * f1);
       kernels->dense_rows(fc2, fc1_out + images.begin * f1, rows, fc2_out + images.begin * f2);
       kernels->dense_rows(fc3, fc2_out + images.begin * f2, rows, logits_data + images.begin * f3);
     } else {  // one image, shared
-      kernels->forward_images(g1, {x_data, packed1, block1_out, xp[t], share(g1.out_height)}, 0, 1);
+      kernels->forward_images(g1, {x_data, packed1, block1_out, xp[t], share(g1.out_height * g1.out_width)}, 0, 1);
 #pragma omp barrier
-      kernels->forward_images(g2, {block1_out, packed2, block2_out, xp[t] + xp1_size, share(g2.out_height)}, 0, 1);
+      kernels->forward_images(g2, {block1_out, packed2, block2_out, xp[t] + xp1_size,
+                                   share(g2.out_height * g2.out_width)}, 0, 1);
 #pragma omp barrier
       const auto features = share(f1);
       const cpu::DenseLayer part{fc1.weight + features.begin * f0, fc1.bias ? fc1.bias + features.begin : nullptr,

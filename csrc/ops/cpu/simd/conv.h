@@ -110,12 +110,18 @@ inline void conv_strip(const ConvPoolGeometry& g, const Workspace& ws, const flo
   }
 }
 
-// Runs Strip over the pooled row ph in strips of PW, then one output at a time.
+// Runs Strip over the pooled columns `columns` of a row in strips of PW (a
+// power of 2), then the rest in strips of PW / 2, PW / 4, ..., 1: narrow
+// strips have too few accumulators to hide the FMA latency, so as few as
+// possible.
 template <int P, int PW, typename Strip>
-inline void for_each_strip(const ConvPoolGeometry& g, int64_t ph, Strip&& strip) {
-  int64_t pw = 0;
-  for (; pw + PW <= g.out_width; pw += PW) strip(std::integral_constant<int, PW>{}, pw);
-  for (; pw < g.out_width; ++pw) strip(std::integral_constant<int, 1>{}, pw);
+inline void for_each_strip(IndexRange columns, Strip&& strip) {
+  static_assert((PW & (PW - 1)) == 0, "strip widths are powers of 2");
+  int64_t pw = columns.begin;
+  for (; pw + PW <= columns.end; pw += PW) strip(std::integral_constant<int, PW>{}, pw);
+  if constexpr (PW > 1) {
+    if (pw < columns.end) for_each_strip<P, PW / 2>(IndexRange{pw, columns.end}, strip);
+  }
 }
 
 // Strip widths that keep P * P * PW accumulators within the register file.

@@ -61,12 +61,12 @@ inline void forward_images(const ConvPoolGeometry& g, const ForwardImages& call,
     if (use_column_lanes(g)) {
       split_columns(g, ws, xp);
       for_each_channel_block(g.out_channels, [&](auto channels, int64_t co0) {
-        column_forward_block<decltype(channels)::value>(g, ws, xp, call.packed, co0, call.rows, out_image);
+        column_forward_block<decltype(channels)::value>(g, ws, xp, call.packed, co0, call.outputs, out_image);
       });
       continue;
     }
     with_pool_size(g, [&](auto pool) {
-      forward_pool<decltype(pool)::value>(g, ws, xp, call.packed, call.rows, out_image);
+      forward_pool<decltype(pool)::value>(g, ws, xp, call.packed, call.outputs, out_image);
     });
   }
 }
