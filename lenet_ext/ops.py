@@ -256,46 +256,9 @@ def _lenet_backward_fake(grad_logits, x, block1, block2, fc1, fc2, *params_and_m
     )
 
 
-def _lenet_setup_context(ctx, inputs, output):
-    # Saved: x and the inputs of the later layers with weights (the two conv
-    # blocks' outputs, the two hidden sigmoids), as nn.Sequential saves them,
-    # but not the sigmoid outputs inside the conv blocks: lenet_backward
-    # recomputes those tile by tile (see conv_sigmoid_avgpool2d's backward).
-    _, block1, block2, fc1, fc2 = output
-    ctx.mark_non_differentiable(block1, block2, fc1, fc2)
-    # Backward reads only grad_logits; the engine need not make zero
-    # gradients for the activations.
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(block1, block2, fc1, fc2, *(inputs[i] for i in _LENET_TENSOR_ARGS))
-    ctx.args = [None if i in _LENET_TENSOR_ARGS else value for i, value in enumerate(inputs)]
-
-
-def _lenet_backward(ctx, grad_logits, *_activation_grads):
-    if grad_logits is None:
-        return (None,) * len(ctx.args)
-    block1, block2, fc1, fc2, *tensors = ctx.saved_tensors
-    args = list(ctx.args)
-    for i, tensor in zip(_LENET_TENSOR_ARGS, tensors):
-        args[i] = tensor
-    mask = [bool(ctx.needs_input_grad[i]) for i in _LENET_TENSOR_ARGS]
-    if torch.is_grad_enabled():  # create_graph=True: see _differentiable_grads
-        def forward(*tensor_args):
-            full = list(args)
-            for i, tensor in zip(_LENET_TENSOR_ARGS, tensor_args):
-                full[i] = tensor
-            return reference_lenet_forward(*full)
-
-        grads = iter(_differentiable_grads(forward, tensors, mask, grad_logits))
-    else:
-        x, *params = args
-        grads = iter(torch.ops.lenet_ext.lenet_backward.default(grad_logits, x, block1, block2, fc1, fc2, *params, mask))
-    # One entry per argument; the ints get None.
-    return tuple(next(grads) if i in _LENET_TENSOR_ARGS else None for i in range(len(args)))
-
-
-torch.library.register_autograd(
-    "lenet_ext::lenet_train_forward", _lenet_backward, setup_context=_lenet_setup_context
-)
+# lenet_train_forward's autograd kernel, whose backward is lenet_backward, is
+# C++ (csrc/ops/autograd/lenet_autograd.cpp): register_autograd's Python
+# wrapper costs more per call than the kernels at small batches.
 
 
 # --- Autocast -------------------------------------------------------------------

@@ -14,7 +14,8 @@
 
 #include "conv_sigmoid_avgpool2d.h"
 
-// register_fake and register_autograd for these are in lenet_ext/ops.py.
+// register_fake for these is in lenet_ext/ops.py; lenet_train_forward's autograd
+// kernel in autograd/lenet_autograd.cpp.
 TORCH_LIBRARY_FRAGMENT(lenet_ext, m) {
   m.set_python_module("lenet_ext.ops");
   // The whole forward (two conv blocks, then Linear-Sigmoid-Linear-Sigmoid-
