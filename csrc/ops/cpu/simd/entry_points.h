@@ -103,7 +103,17 @@ inline void backward_images(const ConvPoolGeometry& g, const BackwardImages& cal
       dz_pool<decltype(pool)::value>(g, ws, xp, call.packed, grad_image, dz_lanes, call.grad_bias_lanes);
     });
     if (call.grad_weight_lanes) weight_grad_image(g, ws, dz_lanes, xp, call.grad_weight_lanes);
-    if (call.grad_x && (slot == kLanes - 1 || n == n_end - 1)) {
+    if (call.grad_x && (slot == kLanes - 1 || n == n_end - 1) && slot + 1 < kLanes / 2) {
+      // Too few images to fill lanes over images: each alone, lanes over its columns.
+      for (int64_t i = 0; i <= slot; ++i) {
+        float* planes = dz + ws.dz_batch_offset(g);
+        dz_planes_from_lanes(g, ws, dz + i * ws.dz_lanes_image_size(g), planes);
+        for_each_channel_block(g.in_channels, [&](auto channels, int64_t ci0) {
+          input_grad_channels<decltype(channels)::value>(g, ws, planes, call.weight, ci0,
+                                                         call.grad_x + (n - slot + i) * image_numel);
+        });
+      }
+    } else if (call.grad_x && (slot == kLanes - 1 || n == n_end - 1)) {
       float* dz_batch = dz + ws.dz_batch_offset(g);
       float* grad_batch = dz + ws.grad_batch_offset(g);
       dz_batch_from_lanes(g, ws, dz, slot + 1, dz_batch);

@@ -55,6 +55,20 @@ inline void dz_batch_from_lanes(const ConvPoolGeometry& g, const Workspace& ws, 
   }
 }
 
+// One image's dz channel vectors as the column-lane path's dz planes,
+// [C_out][dz_height][dz_width], with their zero border.
+inline void dz_planes_from_lanes(const ConvPoolGeometry& g, const Workspace& ws, const float* dz_lanes,
+                                 float* planes) {
+  const int64_t ext_h = g.out_height * g.pool, ext_w = g.out_width * g.pool;
+  std::memset(planes, 0, g.out_channels * ws.dz_height * ws.dz_width * sizeof(float));
+  for (int64_t co = 0; co < g.out_channels; ++co) {
+    const float* lanes = dz_lanes + co / kLanes * ext_h * ext_w * kLanes + co % kLanes;
+    float* plane = planes + (co * ws.dz_height + ws.dz_border) * ws.dz_width + ws.dz_border;
+    for (int64_t oh = 0; oh < ext_h; ++oh)
+      for (int64_t ow = 0; ow < ext_w; ++ow) plane[oh * ws.dz_width + ow] = lanes[(oh * ext_w + ow) * kLanes];
+  }
+}
+
 // The way back for the input gradient: from [C_in][H * W rounded up][16
 // images] into the planes of the group's `count` images in grad_x.
 inline void grad_x_from_batch(const ConvPoolGeometry& g, const Workspace& ws, const float* grad_batch,

@@ -37,7 +37,9 @@ struct Workspace {
   // image's dz as vectors of 16 channels ([16 images][channel blocks][ext_h]
   // [ext_w][16]), then the same dz with lanes over the images ([channel
   // blocks * 16][ext_h][ext_w][16]) and the input gradient likewise ([C_in]
-  // [H * W rounded up to 16][16]); see input_grad_batch_block.
+  // [H * W rounded up to 16][16]); see input_grad_batch_block. A group too
+  // small to fill those lanes puts one image's dz planes, as the column-lane
+  // path keeps them, where the image-lane dz would be.
   int64_t dz_lanes_image_size(const ConvPoolGeometry& g) const {
     return channel_blocks * g.out_height * g.pool * g.out_width * g.pool * kLanes;
   }
@@ -45,8 +47,10 @@ struct Workspace {
   int64_t grad_batch_offset(const ConvPoolGeometry& g) const { return 2 * kLanes * dz_lanes_image_size(g); }
   int64_t grad_batch_plane(const ConvPoolGeometry& g) const { return round16(g.height * g.width); }
   int64_t dz_size(const ConvPoolGeometry& g, bool column_lanes) const {
-    if (column_lanes) return g.out_channels * dz_height * dz_width;
-    return grad_batch_offset(g) + g.in_channels * grad_batch_plane(g) * kLanes;
+    const int64_t planes = g.out_channels * dz_height * dz_width;
+    if (column_lanes) return planes;
+    const int64_t lanes = grad_batch_offset(g) + g.in_channels * grad_batch_plane(g) * kLanes;
+    return lanes > dz_batch_offset(g) + planes ? lanes : dz_batch_offset(g) + planes;
   }
 };
 
