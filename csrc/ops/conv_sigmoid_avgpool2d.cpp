@@ -142,9 +142,10 @@ BackwardCall prepare_backward(const at::Tensor& grad_out, const at::Tensor& x,
   return call;
 }
 
-at::Tensor BackwardCall::param_partials(int64_t chunks) const {
-  return at::zeros({chunks, weight.numel() + g.out_channels},
-                   x.options().dtype(at::toOpMathType(x.scalar_type())));
+at::Tensor BackwardCall::param_partials(int64_t chunks, bool zeroed) const {
+  const auto options = x.options().dtype(at::toOpMathType(x.scalar_type()));
+  const std::array<int64_t, 2> sizes{chunks, weight.numel() + g.out_channels};
+  return zeroed ? at::zeros(sizes, options) : at::empty(sizes, options);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> BackwardCall::finish(const at::Tensor& partials) const {
@@ -191,7 +192,8 @@ ConvTileBackward prepare_tile_backward(const BackwardCall& call, int tile, int t
   ConvTileBackward r;
   r.tiles = (call.g.batch + tile - 1) / tile;
   const bool need_params = call.need_weight || call.need_bias;
-  r.partials = call.param_partials(need_params ? std::max<int64_t>(r.tiles, 1) : 1);
+  // Each tile writes its whole row; an empty batch has one row of zeros.
+  r.partials = call.param_partials(need_params ? std::max<int64_t>(r.tiles, 1) : 1, /*zeroed=*/r.tiles == 0);
   ConvTileBackwardParams& p = r.params;
   p.s = make_conv_tile_shape(call.g, tile, threads);
   p.batch = call.g.batch;

@@ -64,9 +64,10 @@ struct BackwardCall {
   at::Tensor grad_out, x, weight, bias, grad_x;
   bool need_x, need_weight, need_bias;
 
-  // Zeroed per-chunk sums of the weight and bias gradients, weight first:
-  // (chunks, weight.numel() + C_out) in the accumulation dtype.
-  at::Tensor param_partials(int64_t chunks) const;
+  // Per-chunk sums of the weight and bias gradients, weight first:
+  // (chunks, weight.numel() + C_out) in the accumulation dtype; zeroed unless
+  // the caller writes every element.
+  at::Tensor param_partials(int64_t chunks, bool zeroed = true) const;
 
   // Sums the chunks of `partials` and returns (grad_x, grad_weight, grad_bias);
   // an entry not asked for is undefined.

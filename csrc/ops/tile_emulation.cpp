@@ -104,6 +104,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_tile_emulated(
   TORCH_CHECK_TYPE(conv_tile_program_fits(call.g, x), op, ": the tile program takes float32 only");
   TORCH_CHECK_VALUE(threads >= 1, op, ": expected threads >= 1, got ", threads);
   const ConvTileBackward tiled = prepare_tile_backward(call, checked_tile(op, tile), static_cast<int>(threads));
+  // The program must write every partial sum it is given: NaN shows one it does not.
+  if (tiled.tiles > 0) tiled.partials.fill_(std::nanf(""));
   emulate_tile_program<ConvTileBackwardProgram>(op, tiled.params, tiled.tiles, threads);
   return call.finish(tiled.partials);
 }
