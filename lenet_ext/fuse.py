@@ -13,6 +13,9 @@ __all__ = ["FusedSequential", "fuse"]
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
 _FUSED_DEVICES = ("cpu", "cuda")
+# torch.func's transforms (grad, vmap, jacrev, ...) cannot run the operators'
+# autograd kernels; under them the models run their plain layers.
+_functorch_transforms_active = torch._C._are_functorch_transforms_active
 
 
 # Sizes that mean 1 however they are written (modules store pairs; users may set ints).
@@ -159,7 +162,8 @@ class FusedSequential(nn.Sequential):
         return _plan(tuple(self._modules.values()))[1]
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.onnx.is_in_onnx_export():  # ONNX has no lenet_ext operators: export the plain layers
+        # ONNX has no lenet_ext operators: export the plain layers; see also _functorch_transforms_active.
+        if _functorch_transforms_active() or torch.onnx.is_in_onnx_export():
             return super().forward(x)
         for step in self._current_plan():
             x = step(x)

@@ -7,7 +7,15 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .fuse import _FUSED_DTYPES, FusedSequential, _conv_padding, _global_hooks, _square, fusable_config
+from .fuse import (
+    _FUSED_DTYPES,
+    FusedSequential,
+    _conv_padding,
+    _functorch_transforms_active,
+    _global_hooks,
+    _square,
+    fusable_config,
+)
 
 __all__ = ["LeNet", "reference_lenet", "lenet_args"]
 
@@ -150,8 +158,14 @@ class LeNet(FusedSequential):
         # node: at small batches the dispatches, not the arithmetic, are most
         # of the time, and at large ones a tile of images stays in cache
         # through all the layers.
-        if x.dtype in _FUSED_DTYPES and (x.is_cpu or x.is_cuda) and not _exporting_to_onnx():  # fuse._FUSED_DEVICES
-            # ONNX has no lenet_ext operators: export runs the plain layers.
+        if (
+            x.dtype in _FUSED_DTYPES
+            and (x.is_cpu or x.is_cuda)  # fuse._FUSED_DEVICES
+            and not _functorch_transforms_active()
+            and not _exporting_to_onnx()
+        ):
+            # ONNX has no lenet_ext operators: export runs the plain layers, and
+            # so do torch.func's transforms (FusedSequential.forward).
             args = self._operator_args(x)
             if args is not None and x.dim() == 4:
                 try:

@@ -478,3 +478,33 @@ def test_models_of_other_sizes_in_turn_at_batch_1():
             x = torch.rand(*shape)
             with torch.inference_mode():
                 torch.testing.assert_close(net(x), ref(x), **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("make", [LeNet, lambda: __import__("lenet_ext").fuse(reference_lenet())], ids=["LeNet", "fuse"])
+def test_torch_func_per_sample_gradients(make):
+    """torch.func's transforms cannot run the operators' autograd kernels: under them the plain layers run,
+    so vmap(grad(...)) over functional_call gives what it gives for the reference."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    net = make().double()
+    ref = reference_lenet().double()
+    ref.load_state_dict(net.state_dict())
+    x = torch.rand(5, 1, 28, 28, dtype=torch.float64)
+    y = torch.randint(0, 10, (5,))
+
+    def per_sample(model):
+        params = {k: v.detach() for k, v in model.named_parameters()}
+
+        def loss(p, xi, yi):
+            return nn.functional.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+        return vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+
+    got, want = per_sample(net), per_sample(ref)
+    assert got.keys() == want.keys()
+    for k in got:
+        torch.testing.assert_close(got[k], want[k])
+    # Outside the transforms, the same model is fused again.
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ref(x), **TOLERANCES[torch.float64])
