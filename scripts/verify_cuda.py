@@ -4,7 +4,8 @@
 
 Builds the extension in place for the visible GPU's architecture, runs the
 whole test suite, runs compute-sanitizer (memcheck, racecheck, synccheck,
-initcheck) over scripts/cuda_sanitizer_workload.py, and runs
+initcheck) over scripts/cuda_sanitizer_workload.py, counts the kernels of
+an inference call and a training step (scripts/count_launches.py), and runs
 benchmarks/bench.py on CUDA (and, with the time left, once more on the
 reference kernels, LENET_EXT_CUDA_KERNEL=reference, to show what the tile
 programs gain). Every stage writes its log into OUT_DIR, the
@@ -89,7 +90,9 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     deadline = time.monotonic() + args.budget
     left = lambda: deadline - time.monotonic()  # noqa: E731
-    stages = {name: Stage(name) for name in ("build", "tests", *SANITIZER_TOOLS, "bench", "bench-reference")}
+    stages = {
+        name: Stage(name) for name in ("build", "tests", *SANITIZER_TOOLS, "launches", "bench", "bench-reference")
+    }
 
     facts = gpu_facts()
     with open(os.path.join(out, "environment.json"), "w") as f:
@@ -147,6 +150,14 @@ def main(argv=None):
         stage.status = "passed" if code == 0 and errors == 0 else ("TIMED OUT" if code is None else "FAILED")
         stage.detail = f"{errors} errors" if errors is not None else tail(log, 3).strip().replace("\n", " | ")[:120]
 
+    # Kernels per inference call and per training step, lenet_ext's and eager's.
+    stage = stages["launches"]
+    launches = os.path.join(out, "launches.json")
+    code, stage.seconds = run([sys.executable, os.path.join("scripts", "count_launches.py"), "--output", launches],
+                              os.path.join(out, "launches.log"), min(60, left() - 60))  # fmt: skip
+    stage.status = "passed" if code == 0 else ("TIMED OUT" if code is None else "FAILED")
+    stage.detail = "launches.log: per step, at batch 256" + ("" if has_gpu else " (operator calls on the CPU)")
+
     # The benchmark, with what time is left: first without the torch.compile
     # providers (quick, so that lenet_ext against eager always comes back),
     # then the whole table, whose compiles take most of its time.
@@ -187,6 +198,8 @@ def finish(stages, out, failure_tail):
     table = "\n".join(lines)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(table + "\n")
+    if os.path.exists(os.path.join(out, "launches.log")):
+        print(tail(os.path.join(out, "launches.log"), 8))
     for log in ("bench.log", "bench-no-compile.log"):
         if os.path.exists(os.path.join(out, log)):
             print(tail(os.path.join(out, log), 60))

@@ -1,0 +1,85 @@
+"""Counts the GPU work of one LeNet inference call and one training step, lenet_ext's and eager's.
+
+    python scripts/count_launches.py [--device cuda] [--batch-size 256] [--output FILE.json]
+
+The steps are bench.py's (inference: a forward under inference_mode;
+training: forward, cross-entropy, autograd.grad, an SGD update). On CUDA each
+is profiled a few times after a warm-up, and the kernels, memsets and copies
+the profiler records are counted per step, by name: the evidence for
+"inference is one launch" and for how many a training step takes. On the CPU
+(a check of the script) the calling thread's top-level operator calls are
+counted instead.
+"""
+
+import argparse
+import collections
+import json
+import os
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from bench import inference_step, training_step  # noqa: E402
+
+from lenet_ext import LeNet, reference_lenet  # noqa: E402
+
+STEPS = 5
+
+
+def count(step, device):
+    """Per step: {name: count} of the GPU events (CUDA) or the top-level operator calls (CPU)."""
+    for _ in range(2):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for _ in range(STEPS):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    # The calling thread's: intra-op worker threads record their own calls as top level.
+    caller = next(e.thread for e in events if e.device_type == torch.autograd.DeviceType.CPU)
+    names = collections.Counter()
+    for event in events:
+        on_gpu = event.device_type == torch.autograd.DeviceType.CUDA
+        top_level_op = event.cpu_parent is None and event.thread == caller and "::" in event.name
+        if (on_gpu if device.type == "cuda" else top_level_op):
+            names[event.name] += 1
+    return {name: n / STEPS for name, n in names.most_common()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--output", help="write the counts, by name, to this JSON file")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    x = torch.rand(args.batch_size, 1, 28, 28, device=device)
+    target = torch.randint(0, 10, (args.batch_size,), device=device)
+    reference = reference_lenet().to(device)
+    providers = {"torch": reference, "lenet_ext": LeNet().to(device)}
+    providers["lenet_ext"].load_state_dict(reference.state_dict())
+    what = "GPU kernels, memsets and copies" if device.type == "cuda" else "operator calls"
+    results = {}
+    print(f"{what} per step, batch {args.batch_size}, {device}\n")
+    print("| mode | provider | per step | the most frequent |\n|---|---|---:|---|")
+    for mode, make in (("inference", inference_step), ("training", training_step)):
+        for name, model in providers.items():
+            step = make(model, x) if mode == "inference" else make(model, x, target)
+            counts = count(step, device)
+            results.setdefault(mode, {})[name] = counts
+            top = ", ".join(f"{n:g}x {k[:60]}" for k, n in list(counts.items())[:3])
+            print(f"| {mode} | {name} | {sum(counts.values()):g} | {top} |")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"device": str(device), "batch_size": args.batch_size, "per_step": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
