@@ -103,28 +103,30 @@ inline void backward_images(const ConvPoolGeometry& g, const BackwardImages& cal
       dz_pool<decltype(pool)::value>(g, ws, xp, call.packed, grad_image, dz_lanes, call.grad_bias_lanes);
     });
     if (call.grad_weight_lanes) weight_grad_image(g, ws, dz_lanes, xp, call.grad_weight_lanes);
-    if (call.grad_x && (slot == kLanes - 1 || n == n_end - 1) && slot + 1 < kLanes / 2) {
-      // Too few images to fill lanes over images: each alone, lanes over its columns.
-      for (int64_t i = 0; i <= slot; ++i) {
-        float* planes = dz + ws.dz_batch_offset(g);
-        dz_planes_from_lanes(g, ws, dz + i * ws.dz_lanes_image_size(g), planes);
+    if (!call.grad_x || (slot < kLanes - 1 && n < n_end - 1)) continue;  // the group is not complete yet
+    const int64_t group = slot + 1;
+    float* dz_batch = dz + ws.dz_batch_offset(g);
+    if (group < kLanes / 2) {
+      // Too few images to fill lanes over images: each alone, lanes over its
+      // columns, its dz planes where the image-lane dz would be.
+      for (int64_t i = 0; i < group; ++i) {
+        dz_planes_from_lanes(g, ws, dz + i * ws.dz_lanes_image_size(g), dz_batch);
         for_each_channel_block(g.in_channels, [&](auto channels, int64_t ci0) {
-          input_grad_channels<decltype(channels)::value>(g, ws, planes, call.weight, ci0,
+          input_grad_channels<decltype(channels)::value>(g, ws, dz_batch, call.weight, ci0,
                                                          call.grad_x + (n - slot + i) * image_numel);
         });
       }
-    } else if (call.grad_x && (slot == kLanes - 1 || n == n_end - 1)) {
-      float* dz_batch = dz + ws.dz_batch_offset(g);
-      float* grad_batch = dz + ws.grad_batch_offset(g);
-      dz_batch_from_lanes(g, ws, dz, slot + 1, dz_batch);
-      for_each_channel_block(g.in_channels, [&](auto channels, int64_t ci0) {
-        with_kernel_size(g, [&](auto kernel) {
-          input_grad_batch_block<decltype(channels)::value, decltype(kernel)::value>(g, ws, dz_batch, call.weight,
-                                                                                     ci0, grad_batch);
-        });
-      });
-      grad_x_from_batch(g, ws, grad_batch, slot + 1, call.grad_x + (n - slot) * image_numel);
+      continue;
     }
+    float* grad_batch = dz + ws.grad_batch_offset(g);
+    dz_batch_from_lanes(g, ws, dz, group, dz_batch);
+    for_each_channel_block(g.in_channels, [&](auto channels, int64_t ci0) {
+      with_kernel_size(g, [&](auto kernel) {
+        input_grad_batch_block<decltype(channels)::value, decltype(kernel)::value>(g, ws, dz_batch, call.weight, ci0,
+                                                                                   grad_batch);
+      });
+    });
+    grad_x_from_batch(g, ws, grad_batch, group, call.grad_x + (n - slot) * image_numel);
   }
 }
 
