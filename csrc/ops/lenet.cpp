@@ -224,17 +224,27 @@ LeNetSizes check_lenet_args(const at::Tensor& x, const LeNetParams& p, const cha
   return {g1, g2};
 }
 
-LeNetTileCall prepare_tile_call(const at::Tensor& x, const LeNetParams& p, int tile, bool train) {
+LeNetTileCall prepare_tile_call(const at::Tensor& x, const LeNetParams& p, bool train,
+                                c10::function_ref<int(const LeNetTileShape&)> tile_for) {
   const LeNetSizes sizes = check_lenet_args(x, p, train ? "lenet_train_forward" : "lenet_forward");
   const ConvPoolGeometry &g1 = sizes.block1, &g2 = sizes.block2;
+  const int64_t batch = g1.batch, f0 = g2.out_channels * g2.out_height * g2.out_width;
+  const int64_t f1 = p.fc1_weight.size(0), f2 = p.fc2_weight.size(0), f3 = p.fc3_weight.size(0);
+  const LeNetTileShape one_image =
+      make_tile_shape(x.size(1), x.size(2), x.size(3), p.conv1_weight.size(0), p.conv1_weight.size(2),
+                      p.conv1_padding, p.pool1, p.conv2_weight.size(0), p.conv2_weight.size(2), p.conv2_padding,
+                      p.pool2, f1, f2, f3, 1);
+  TORCH_CHECK(one_image.f0 == f0, "lenet_forward: tile program and layers disagree on block 2");
   LeNetTileCall call;
+  const int tile = tile_for(one_image);
+  call.params.s.tile = 0;
+  if (tile == 0) return call;
+  call.params.s = retile(one_image, tile);
   const auto contiguous = [](const std::optional<at::Tensor>& t) { return t ? t->contiguous() : at::Tensor(); };
   call.tensors = {x.contiguous(), p.conv1_weight.contiguous(), contiguous(p.conv1_bias),
                   p.conv2_weight.contiguous(), contiguous(p.conv2_bias), p.fc1_weight.contiguous(),
                   contiguous(p.fc1_bias), p.fc2_weight.contiguous(), contiguous(p.fc2_bias),
                   p.fc3_weight.contiguous(), contiguous(p.fc3_bias)};
-  const int64_t batch = g1.batch, f0 = g2.out_channels * g2.out_height * g2.out_width;
-  const int64_t f1 = p.fc1_weight.size(0), f2 = p.fc2_weight.size(0), f3 = p.fc3_weight.size(0);
   LeNetActivations& out = call.out;
   out.logits = at::empty({batch, f3}, x.options());
   if (train) {
@@ -252,10 +262,6 @@ LeNetTileCall prepare_tile_call(const at::Tensor& x, const LeNetParams& p, int t
                       w.size(1) % 4 == 0 && aligned};
   };
   LeNetTileParams& tp = call.params;
-  tp.s = make_tile_shape(x.size(1), x.size(2), x.size(3), p.conv1_weight.size(0), p.conv1_weight.size(2),
-                         p.conv1_padding, p.pool1, p.conv2_weight.size(0), p.conv2_weight.size(2), p.conv2_padding,
-                         p.pool2, f1, f2, f3, tile);
-  TORCH_CHECK(tp.s.f0 == f0, "lenet_forward: tile program and layers disagree on block 2");
   tp.batch = batch;
   tp.x = data(kX);
   tp.conv1_w = data(kConv1W), tp.conv1_b = data(kConv1B), tp.conv2_w = data(kConv2W), tp.conv2_b = data(kConv2B);

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/FunctionRef.h>
 
 #include "conv_sigmoid_avgpool2d.h"
 #include "lenet_forward_tile.h"
@@ -114,15 +115,18 @@ LeNetSizes check_lenet_args(const at::Tensor& x, const LeNetParams& p, const cha
 // true) for the tile program: its tensors made contiguous and kept alive, the
 // outputs allocated (the logits; for training also the activations
 // lenet_backward reads), and the program's parameters pointing at them.
-// tile_program_fits says whether the program takes this call (float32;
-// otherwise the caller runs the layers).
+// tile_for picks the images per block from the buffers of one image; when it
+// answers 0 nothing is allocated and params.s.tile is 0. tile_program_fits
+// says whether the program takes this call at all (float32; otherwise the
+// caller runs the layers).
 struct LeNetTileCall {
   std::array<at::Tensor, 11> tensors;  // x and the ten parameters, contiguous
   LeNetActivations out;
   LeNetTileParams params;
 };
 bool tile_program_fits(const at::Tensor& x, const LeNetParams& p);
-LeNetTileCall prepare_tile_call(const at::Tensor& x, const LeNetParams& p, int tile, bool train);
+LeNetTileCall prepare_tile_call(const at::Tensor& x, const LeNetParams& p, bool train,
+                                c10::function_ref<int(const LeNetTileShape&)> tile_for);
 
 // --- backward steps ---------------------------------------------------------
 

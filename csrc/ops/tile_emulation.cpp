@@ -70,7 +70,8 @@ int checked_tile(const char* op, int64_t tile) {
 LeNetActivations lenet_tile_emulated(const char* op, const at::Tensor& x, const LeNetParams& p, int64_t tile,
                                      int64_t threads, bool train) {
   TORCH_CHECK_TYPE(tile_program_fits(x, p), op, ": the tile program takes float32 only");
-  const LeNetTileCall call = prepare_tile_call(x, p, checked_tile(op, tile), train);
+  const int images = checked_tile(op, tile);
+  const LeNetTileCall call = prepare_tile_call(x, p, train, [&](const LeNetTileShape&) { return images; });
   emulate_tile_program<LeNetTileProgram>(op, call.params, (x.size(0) + tile - 1) / tile, threads);
   return call.out;
 }

@@ -2,10 +2,11 @@
 //
 // float32 runs the tile programs of ../conv_sigmoid_avgpool2d_tile.h through
 // tile_program.cuh's kernel: one launch for the forward, one (plus the sum of
-// per-tile partials) for the backward, every intermediate in shared memory. float64, sizes whose tile
-// does not fit a block's shared memory, and LENET_EXT_CUDA_KERNEL=reference
-// run the reference kernels below: one thread per output, built from the
-// per-element math in ../conv_sigmoid_avgpool2d_math.h that the CPU shares.
+// per-tile partials) for the backward, every intermediate in shared memory.
+// float64, sizes whose tile does not fit a block's shared memory, and
+// LENET_EXT_CUDA_KERNEL=reference run the reference kernels below: one thread
+// per output, built from the per-element math in
+// ../conv_sigmoid_avgpool2d_math.h that the CPU shares.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -32,12 +33,6 @@ constexpr int kThreads = 256;
 int64_t blocks_for(int64_t total) {
   constexpr int64_t kMaxBlocks = int64_t(1) << 20;
   return std::min<int64_t>((total + kThreads - 1) / kThreads, kMaxBlocks);
-}
-
-int multiprocessor_count(c10::DeviceIndex device) {
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
 }
 
 __device__ __forceinline__ int64_t global_thread_index() {

@@ -24,14 +24,12 @@ LeNetActivations forward_cuda(const at::Tensor& x, const LeNetParams& p, bool tr
   const char* op = train ? "lenet_train_forward" : "lenet_forward";
   if (cuda_reference_selected() || !tile_program_fits(x, p)) return forward_whole_batch(x, p, op);
   const c10::cuda::CUDAGuard device_guard(x.device());
-  LeNetTileCall call = prepare_tile_call(x, p, 1, train);
-  const LeNetTileShape one_image = call.params.s;
-  const int tile = choose_tile(x.size(0), x.device().index(),
-                               [&](int images) { return retile(one_image, images).floats; });
+  const LeNetTileCall call = prepare_tile_call(x, p, train, [&](const LeNetTileShape& one_image) {
+    return choose_tile(x.size(0), x.device().index(), [&](int images) { return retile(one_image, images).floats; });
+  });
+  const int tile = call.params.s.tile;
   if (tile == 0) return forward_whole_batch(x, p, op);
-  if (x.size(0) == 0) return call.out;
-  call.params.s = retile(one_image, tile);
-  launch_tile_program<LeNetTileProgram>(call.params, (x.size(0) + tile - 1) / tile);
+  if (x.size(0) > 0) launch_tile_program<LeNetTileProgram>(call.params, (x.size(0) + tile - 1) / tile);
   return call.out;
 }
 

@@ -28,17 +28,23 @@ __global__ void __launch_bounds__(kTileProgramThreads) tile_program_kernel(const
   }
 }
 
+inline int multiprocessor_count(c10::DeviceIndex device) {
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
 // Images per block: the most (8, 4, 2 or 1) whose buffers, floats_for(tile)
 // floats, fit one block's shared memory while the batch still gives every
 // multiprocessor two blocks; 0 when not even one image fits.
 template <typename FloatsFor>
 int choose_tile(int64_t batch, c10::DeviceIndex device, const FloatsFor& floats_for) {
-  int max_bytes = 0, multiprocessors = 0;
+  int max_bytes = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
+  const int64_t multiprocessors = multiprocessor_count(device);
   for (int tile = 8; tile >= 1; tile /= 2) {
     const bool fits = int64_t(floats_for(tile)) * int64_t(sizeof(float)) <= max_bytes;
-    const bool fills_gpu = tile == 1 || (batch + tile - 1) / tile >= 2 * int64_t(multiprocessors);
+    const bool fills_gpu = tile == 1 || (batch + tile - 1) / tile >= 2 * multiprocessors;
     if (fits && fills_gpu) return tile;
   }
   return 0;
