@@ -64,15 +64,10 @@ inline void dense_block_rows(const DenseLayer& l, const float* in, float* out) {
 }
 
 inline void sigmoid_row(float* row, int64_t size) {
-  // The vector sigmoid throughout, the tail through a vector of its own.
+  // The vector sigmoid throughout, the tail through a partial vector.
   int64_t i = 0;
   for (; i + kLanes <= size; i += kLanes) store(row + i, sigmoid_vec(load(row + i)));
-  if (i < size) {
-    float tail[kLanes] = {};
-    std::memcpy(tail, row + i, (size - i) * sizeof(float));
-    store(tail, sigmoid_vec(load(tail)));
-    std::memcpy(row + i, tail, (size - i) * sizeof(float));
-  }
+  if (i < size) store_first(row + i, sigmoid_vec(load_first(row + i, size - i)), size - i);
 }
 
 // The layer over `rows` rows of in (in_features each) into out

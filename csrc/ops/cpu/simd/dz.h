@@ -22,10 +22,8 @@ inline void column_dz_block(const ConvPoolGeometry& g, const Workspace& ws, cons
     vec d[CB][2][2];
     for (int c = 0; c < CB; ++c) {
       const float b = packed.bias[co0 + c];
-      vec go{};  // lanes past the last column stay zero, and so does their dz
-      const float* src = grad_image + ((co0 + c) * g.out_height + ph) * g.out_width + j0;
-      for (int64_t l = 0; l < cols; ++l) go[l] = src[l];
-      go *= 0.25f;
+      // Lanes past the last column are zero, and so is their dz.
+      const vec go = load_first(grad_image + ((co0 + c) * g.out_height + ph) * g.out_width + j0, cols) * 0.25f;
       for (int dy = 0; dy < 2; ++dy) {
         for (int dx = 0; dx < 2; ++dx) {
           const vec s = sigmoid_vec(acc[c][dy][dx] + b);

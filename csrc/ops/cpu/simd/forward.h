@@ -25,7 +25,7 @@ inline void column_forward_block(const ConvPoolGeometry& g, const Workspace& ws,
       sum *= 0.25f;
       float* dst = out_image + ((co0 + c) * g.out_height + ph) * g.out_width + j0;
       if (cols == kLanes) store(dst, sum);
-      else for (int64_t l = 0; l < cols; ++l) dst[l] = sum[l];
+      else store_first(dst, sum, cols);
     }
   });
 }

@@ -48,7 +48,7 @@ inline void input_grad_block(const ConvPoolGeometry& g, const Workspace& ws, con
       for (int c = 0; c < CB; ++c) {
         float* dst = grad_image + ((ci0 + c) * g.height + ih0 + r) * g.width + iw0;
         if (cols == kLanes) store(dst, acc[r][c]);
-        else for (int64_t l = 0; l < cols; ++l) dst[l] = acc[r][c][l];
+        else store_first(dst, acc[r][c], cols);
       }
     }
   }

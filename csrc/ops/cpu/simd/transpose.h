@@ -83,7 +83,7 @@ inline void grad_x_from_batch(const ConvPoolGeometry& g, const Workspace& ws, co
       for (int64_t n = 0; n < count; ++n) {
         float* dst = grad_x + (n * g.in_channels + ci) * plane + p0;
         if (cols == kLanes) store(dst, rows[n]);
-        else for (int64_t l = 0; l < cols; ++l) dst[l] = rows[n][l];
+        else store_first(dst, rows[n], cols);
       }
     }
   }

@@ -35,6 +35,33 @@ typedef float vec_unaligned __attribute__((vector_size(kLanes * sizeof(float)), 
 
 inline vec load(const float* p) { return *reinterpret_cast<const vec_unaligned*>(p); }
 inline void store(float* p, vec v) { *reinterpret_cast<vec_unaligned*>(p) = v; }
+// The first `count` (< kLanes) lanes of a vector, for a row's last partial
+// tile. AVX-512 has masked moves; a lane loop compiles to a memcpy of the
+// vector spilled to the stack, whose reload stalls on the spill.
+inline void store_first(float* p, vec v, int64_t count) {
+#if defined(LENET_SIMD_AVX512)
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << count) - 1), (__m512)v);
+#else
+  for (int64_t l = 0; l < count; ++l) p[l] = v[l];
+#endif
+}
+// The other lanes are zero.
+inline vec load_first(const float* p, int64_t count) {
+#if defined(LENET_SIMD_AVX512)
+  return (vec)_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1), p);
+#else
+  vec v{};
+  for (int64_t l = 0; l < count; ++l) v[l] = p[l];
+  return v;
+#endif
+}
+// n floats; for the short rows of a padded copy, where a memcpy call costs
+// more than the copy.
+inline void copy_floats(float* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) store(dst + i, load(src + i));
+  if (i < n) store_first(dst + i, load_first(src + i, n - i), n - i);
+}
 // For constants, which fold; a scalar operand of a vector operation is the
 // way to broadcast a variable (a single vbroadcastss).
 inline vec splat(float s) { return vec{} + s; }

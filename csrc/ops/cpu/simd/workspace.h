@@ -58,8 +58,8 @@ struct Workspace {
 inline void load_padded_image(const ConvPoolGeometry& g, const Workspace& ws, const float* x_image, float* xp) {
   for (int64_t ci = 0; ci < g.in_channels; ++ci)
     for (int64_t ih = 0; ih < g.height; ++ih)
-      std::memcpy(xp + (ci * ws.xp_height + ih + g.padding) * ws.xp_width + g.padding,
-                  x_image + (ci * g.height + ih) * g.width, g.width * sizeof(float));
+      copy_floats(xp + (ci * ws.xp_height + ih + g.padding) * ws.xp_width + g.padding,
+                  x_image + (ci * g.height + ih) * g.width, g.width);
 }
 
 // Whether lanes over pooled columns fill more lanes than lanes over channels.
