@@ -34,6 +34,8 @@ CASES = {
     # LeNet's kernel size has its own compiled loops; odd shapes for both vector layouts.
     "kernel5_columns_floors": (2, 2, 3, 15, 13, 5, 1, 2),  # conv 13x11 -> pool 6x5, pooled-column lanes
     "kernel5_20_channels": (2, 3, 20, 11, 9, 5, 2, 2),  # two channel blocks, the second partial
+    # Rows of x past 32 columns with an odd padding: x's even columns land in xp's odd half.
+    "kernel5_columns_wide_odd_padding": (2, 1, 3, 9, 45, 5, 3, 2),
     # Channel lanes compute the input gradient for groups of 16 images: two
     # whole groups and a partial one, two blocks of input channels.
     "image_groups": (37, 8, 20, 9, 9, 5, 1, 2),

@@ -56,15 +56,16 @@ inline void forward_images(const ConvPoolGeometry& g, const ForwardImages& call,
   const Workspace ws(g);
   float* xp = call.xp;
   for (int64_t n = n_begin; n < n_end; ++n) {
-    load_padded_image(g, ws, call.x + n * g.in_channels * g.height * g.width, xp);
+    const float* x_image = call.x + n * g.in_channels * g.height * g.width;
     float* out_image = call.out + n * g.out_channels * g.out_height * g.out_width;
     if (use_column_lanes(g)) {
-      split_columns(g, ws, xp);
+      load_split_image(g, ws, x_image, xp);
       for_each_channel_block(g.out_channels, [&](auto channels, int64_t co0) {
         column_forward_block<decltype(channels)::value>(g, ws, xp, call.packed, co0, call.outputs, out_image);
       });
       continue;
     }
+    load_padded_image(g, ws, x_image, xp);
     with_pool_size(g, [&](auto pool) {
       forward_pool<decltype(pool)::value>(g, ws, xp, call.packed, call.outputs, out_image);
     });
@@ -78,10 +79,10 @@ inline void backward_images(const ConvPoolGeometry& g, const BackwardImages& cal
   float* xp = call.xp;
   float* dz = call.dz;
   for (int64_t n = n_begin; n < n_end; ++n) {
-    load_padded_image(g, ws, call.x + n * image_numel, xp);
+    const float* x_image = call.x + n * image_numel;
     const float* grad_image = call.grad_out + n * g.out_channels * g.out_height * g.out_width;
     if (use_column_lanes(g)) {
-      split_columns(g, ws, xp);
+      load_split_image(g, ws, x_image, xp);
       for_each_channel_block(g.out_channels, [&](auto channels, int64_t co0) {
         column_dz_block<decltype(channels)::value>(g, ws, xp, call.packed, co0, grad_image,
                                                    call.grad_x ? dz : nullptr, call.grad_weight_lanes,
@@ -95,6 +96,7 @@ inline void backward_images(const ConvPoolGeometry& g, const BackwardImages& cal
       }
       continue;
     }
+    load_padded_image(g, ws, x_image, xp);
     // The image's slot in its group of 16, whose input gradients are
     // computed together once the group is complete.
     const int64_t slot = (n - n_begin) % kLanes;

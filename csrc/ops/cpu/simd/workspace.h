@@ -54,7 +54,8 @@ struct Workspace {
   }
 };
 
-// Copies image n into xp's interior; the zero border was set once.
+// Copies image n into xp's interior, all the channel-lane kernels read; the
+// zero border was set once.
 inline void load_padded_image(const ConvPoolGeometry& g, const Workspace& ws, const float* x_image, float* xp) {
   for (int64_t ci = 0; ci < g.in_channels; ++ci)
     for (int64_t ih = 0; ih < g.height; ++ih)
@@ -67,16 +68,29 @@ inline bool use_column_lanes(const ConvPoolGeometry& g) {
   return g.pool == 2 && g.out_width * round16(g.out_channels) > g.out_channels * round16(g.out_width);
 }
 
-// Splits xp into its even and odd columns; their slack columns stay zero.
-inline void split_columns(const ConvPoolGeometry& g, const Workspace& ws, float* xp) {
-  float* halves = xp + ws.halves_offset(g);
+// Copies image n into xp's even and odd columns, all the column-lane kernels
+// read: column iw of x is column iw + padding of xp, whose parity picks the
+// half. Each 32 columns of a row are two loads and two shuffles; the halves'
+// zero border and slack were set once.
+inline void load_split_image(const ConvPoolGeometry& g, const Workspace& ws, const float* x_image, float* xp) {
+  static_assert(kLanes == 16, "the shuffles below take 16 lanes");
+  const ivec even_lanes = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+  const ivec odd_lanes = even_lanes + 1;
+  const int64_t plane = ws.xp_height * ws.half_width;  // from the even half to the odd one
   for (int64_t ci = 0; ci < g.in_channels; ++ci) {
-    for (int64_t r = 0; r < ws.xp_height; ++r) {
-      const float* src = xp + (ci * ws.xp_height + r) * ws.xp_width;
-      float* even = halves + ((ci * 2) * ws.xp_height + r) * ws.half_width;
-      float* odd = halves + ((ci * 2 + 1) * ws.xp_height + r) * ws.half_width;
-      for (int64_t m = 0; 2 * m < ws.xp_width; ++m) even[m] = src[2 * m];
-      for (int64_t m = 0; 2 * m + 1 < ws.xp_width; ++m) odd[m] = src[2 * m + 1];
+    for (int64_t ih = 0; ih < g.height; ++ih) {
+      const float* src = x_image + (ci * g.height + ih) * g.width;
+      float* row = xp + ws.halves_offset(g) + ((ci * 2) * ws.xp_height + ih + g.padding) * ws.half_width;
+      // x's column 2k goes to xp column 2k + padding, 2k + 1 to 2k + 1 + padding.
+      float* from_even = row + (g.padding & 1) * plane + (g.padding >> 1);
+      float* from_odd = row + (1 - (g.padding & 1)) * plane + ((g.padding + 1) >> 1);
+      for (int64_t i = 0; i < g.width; i += 2 * kLanes) {
+        const int64_t n = g.width - i < 2 * kLanes ? g.width - i : 2 * kLanes;
+        const vec a = load_first(src + i, n < kLanes ? n : kLanes);
+        const vec b = n > kLanes ? load_first(src + i + kLanes, n - kLanes) : vec{};
+        store_first(from_even + i / 2, __builtin_shuffle(a, b, even_lanes), (n + 1) / 2);
+        store_first(from_odd + i / 2, __builtin_shuffle(a, b, odd_lanes), n / 2);
+      }
     }
   }
 }
