@@ -390,6 +390,16 @@ def _swap_conv1_weight(model):
     model[0].weight = nn.Parameter(torch.randn(6, 1, 5, 5))
 
 
+class _Doubled(nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+def _parametrize_conv2_weight(model):
+    # register_parametrization changes the layer's class and moves its weight out of _parameters.
+    nn.utils.parametrize.register_parametrization(model[3], "weight", _Doubled())
+
+
 CHANGES_AFTER_A_CALL = {
     # In place, and through .data: no version counter moves.
     "weight_data_in_place": lambda net, ref: [m[3].weight.data.mul_(0.5) for m in (net, ref)],
@@ -398,6 +408,7 @@ CHANGES_AFTER_A_CALL = {
     "load_state_dict": lambda net, ref: [m.load_state_dict(LeNet().state_dict()) for m in (ref,)]
     and net.load_state_dict(ref.state_dict()),
     "parameter_swapped": _same_to_both(_swap_conv1_weight),
+    "parametrized": _same_to_both(_parametrize_conv2_weight),
     "bias_removed": lambda net, ref: [setattr(m[3], "bias", None) for m in (net, ref)],
     "layer_replaced": _same_to_both(lambda m: m.__setitem__(9, nn.Linear(120, 84))),
     # Same shapes, other values: only the layer path computes these.
