@@ -76,13 +76,13 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
 def _args_from(x: Tensor, layers: tuple, config: tuple) -> tuple:
     conv1, _, _, conv2, _, _, _, fc1, _, fc2, _, fc3 = layers
     padding1, size1, padding2, size2 = config
-    try:  # the registered parameters, without nn.Module.__getattr__'s cost
-        c1, c2, f1, f2, f3 = (m._parameters for m in (conv1, conv2, fc1, fc2, fc3))
+    try:  # the registered parameters, without nn.Module.__getattr__'s cost (nor a generator's)
+        c1, c2, f1, f2, f3 = conv1._parameters, conv2._parameters, fc1._parameters, fc2._parameters, fc3._parameters
         return (
             x, c1["weight"], c1["bias"], padding1, size1, c2["weight"], c2["bias"], padding2, size2,
             f1["weight"], f1["bias"], f2["weight"], f2["bias"], f3["weight"], f3["bias"],
         )  # fmt: skip
-    except KeyError:  # a parameter replaced by a plain attribute
+    except KeyError:  # a parameter replaced by a plain attribute, or parametrized
         return (
             x, conv1.weight, conv1.bias, padding1, size1, conv2.weight, conv2.bias, padding2, size2,
             fc1.weight, fc1.bias, fc2.weight, fc2.bias, fc3.weight, fc3.bias,
@@ -108,7 +108,8 @@ class _LayoutCache:
         key = _config_key(conv1, pool1, conv2, pool2, flatten)
         if key != self.key:
             self.key, self.config = key, _operator_config(conv1, pool1, conv2, pool2, flatten)
-        return None if self.config is None else _args_from(x, layers, self.config)
+        config = self.config
+        return None if config is None else _args_from(x, layers, config)
 
 
 def lenet_args(x: Tensor, layers) -> Optional[tuple]:
@@ -123,12 +124,10 @@ def _records_gradients(args: tuple) -> bool:
     return any(isinstance(a, Tensor) and a.requires_grad for a in args)
 
 
-def _exporting_to_onnx() -> bool:
+def _exporting_to_onnx(compiling: bool) -> bool:
     # The cheap tests first: torch.onnx.is_in_onnx_export imports two modules
     # at every call, and both exporters trace (TorchScript) or compile.
-    return (torch._C._get_tracing_state() is not None or torch.compiler.is_compiling()) and (
-        torch.onnx.is_in_onnx_export()
-    )
+    return (compiling or torch._C._get_tracing_state() is not None) and torch.onnx.is_in_onnx_export()
 
 
 def reference_lenet(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> nn.Sequential:
@@ -158,15 +157,16 @@ class LeNet(FusedSequential):
         # node: at small batches the dispatches, not the arithmetic, are most
         # of the time, and at large ones a tile of images stays in cache
         # through all the layers.
+        compiling = torch.compiler.is_compiling()
         if (
             x.dtype in _FUSED_DTYPES
             and (x.is_cpu or x.is_cuda)  # fuse._FUSED_DEVICES
             and not _functorch_transforms_active()
-            and not _exporting_to_onnx()
+            and not _exporting_to_onnx(compiling)
         ):
             # ONNX has no lenet_ext operators: export runs the plain layers, and
             # so do torch.func's transforms (FusedSequential.forward).
-            args = self._operator_args(x)
+            args = self._operator_args(x, compiling)
             if args is not None and x.dim() == 4:
                 try:
                     if torch.is_grad_enabled() and _records_gradients(args):
@@ -179,10 +179,10 @@ class LeNet(FusedSequential):
                 self._check_input(x, None)
         return super().forward(x)
 
-    def _operator_args(self, x: Tensor) -> Optional[tuple]:
+    def _operator_args(self, x: Tensor, compiling: bool) -> Optional[tuple]:
         """lenet_args for the layers as they are now, from a _LayoutCache of them."""
         layers = tuple(self._modules.values())
-        if torch.compiler.is_compiling():  # compiled code guards on what lenet_args reads
+        if compiling:  # compiled code guards on what lenet_args reads
             return lenet_args(x, layers)
         cache = self.__dict__.get("_layout_cache")
         if cache is None or cache.layers != layers:
