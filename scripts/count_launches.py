@@ -13,6 +13,7 @@ counted instead.
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import sys
@@ -72,7 +73,8 @@ def main(argv=None):
     for mode, make in (("inference", inference_step), ("training", training_step)):
         for name, model in providers.items():
             step = make(model, x) if mode == "inference" else make(model, x, target)
-            counts = count(step, device)
+            with torch.inference_mode() if mode == "inference" else contextlib.nullcontext():
+                counts = count(step, device)
             results.setdefault(mode, {})[name] = counts
             top = ", ".join(f"{n:g}x {k[:60]}" for k, n in list(counts.items())[:3])
             print(f"| {mode} | {name} | {sum(counts.values()):g} | {top} |")
