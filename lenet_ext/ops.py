@@ -24,7 +24,7 @@ def conv_sigmoid_avgpool2d(
     zeros on every side; the pool is non-overlapping and floors like PyTorch's.
     float32 and float64, on CPU and CUDA. The pre-pool activation is never
     stored: each pooled output is computed from x in one pass, and backward
-    recomputes what it needs (see _setup_context).
+    recomputes what it needs (see csrc/ops/autograd/conv_sigmoid_avgpool2d_autograd.cpp).
     """
     for name, value in (("padding", padding), ("pool", pool)):
         if not isinstance(value, int) or isinstance(value, bool):
@@ -104,60 +104,15 @@ def _conv_sigmoid_avgpool2d_backward_fake(grad_out, x, weight, bias, padding, po
     )
 
 
-def _setup_context(ctx, inputs, output):
-    # Saved: x and the parameters, nothing of the activation. nn.Sequential
-    # keeps x plus the sigmoid output (the input of the pool), which is
-    # C_out * H_conv * W_conv per image -- six times x for LeNet's first layer.
-    # Backward recomputes z = conv(x) + bias instead: a second forward-sized
-    # convolution in exchange for never storing the pre-pool activation.
-    # (register_autograd fills in the schema's defaults: inputs has all five.)
-    x, weight, bias, padding, pool = inputs
-    ctx.save_for_backward(x, weight, bias)
-    ctx.padding = padding
-    ctx.pool = pool
-
-
 def reference_conv_sigmoid_avgpool2d(x, weight, bias=None, padding=0, pool=2):
     """What conv_sigmoid_avgpool2d computes, as differentiable PyTorch ops."""
     return F.avg_pool2d(torch.sigmoid(F.conv2d(x, weight, bias, padding=padding)), pool, pool)
 
 
-def _differentiable_grads(forward, inputs, needs, grad_output):
-    """Gradients of forward(*inputs) that are themselves differentiable.
-
-    The fused backward kernels are not (they have no autograd formula of
-    their own), so a backward that records a graph (create_graph=True:
-    gradient penalties, Hessian-vector products) runs the composite instead.
-    """
-    wanted = [t for t, need in zip(inputs, needs) if need]
-    with torch.enable_grad():
-        output = forward(*inputs)
-    grads = iter(torch.autograd.grad(output, wanted, grad_output, create_graph=True, allow_unused=True))
-    return [next(grads) if need else None for need in needs]
-
-
-def _backward(ctx, grad_out):
-    x, weight, bias = ctx.saved_tensors
-    # needs_input_grad covers only the arguments the caller passed (trailing
-    # defaults such as bias=None are left out); the rest need no gradient.
-    mask = [bool(need) for need in (*ctx.needs_input_grad, False, False, False)[:3]]
-    if torch.is_grad_enabled():  # the engine records this backward: create_graph=True
-        grads = _differentiable_grads(
-            lambda x, w, b: reference_conv_sigmoid_avgpool2d(x, w, b, ctx.padding, ctx.pool),
-            (x, weight, bias), mask, grad_out,
-        )  # fmt: skip
-    else:
-        grads = torch.ops.lenet_ext.conv_sigmoid_avgpool2d_backward.default(
-            grad_out, x, weight, bias, ctx.padding, ctx.pool, mask
-        )
-    # padding and pool get no gradient; autograd drops the trailing Nones of
-    # arguments the caller left out.
-    return (*grads, None, None)
-
-
-torch.library.register_autograd(
-    "lenet_ext::conv_sigmoid_avgpool2d", _backward, setup_context=_setup_context
-)
+# The operator's autograd kernel, whose backward is conv_sigmoid_avgpool2d_backward,
+# and lenet_train_forward's, whose backward is lenet_backward, are C++
+# (csrc/ops/autograd/): register_autograd's Python wrapper costs more per call
+# than the kernels at small batches.
 
 
 # --- LeNet as one operator (csrc/ops/lenet.cpp) -------------------------------
@@ -255,10 +210,6 @@ def _lenet_backward_fake(grad_logits, x, block1, block2, fc1, fc2, *params_and_m
         for t, need in zip(tensors, output_mask)
     )
 
-
-# lenet_train_forward's autograd kernel, whose backward is lenet_backward, is
-# C++ (csrc/ops/autograd/lenet_autograd.cpp): register_autograd's Python
-# wrapper costs more per call than the kernels at small batches.
 
 
 # --- Autocast -------------------------------------------------------------------

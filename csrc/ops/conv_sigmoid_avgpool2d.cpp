@@ -7,7 +7,8 @@
 
 #include <algorithm>
 
-// register_fake and register_autograd for these are in lenet_ext/ops.py.
+// register_fake for these is in lenet_ext/ops.py, the autograd kernel in
+// autograd/conv_sigmoid_avgpool2d_autograd.cpp.
 TORCH_LIBRARY_FRAGMENT(lenet_ext, m) {
   m.set_python_module("lenet_ext.ops");
   m.def(

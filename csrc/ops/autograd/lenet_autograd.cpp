@@ -3,8 +3,7 @@
 // torch.library.register_autograd, whose Python wrapper re-reads the
 // operator's sixteen-argument schema at every call: tens of microseconds,
 // more than the kernels take at small batches on the CPU, and most of a
-// training step's host time on a GPU. (The conv operator, with five
-// arguments, keeps its Python registration in lenet_ext/ops.py.)
+// training step's host time on a GPU.
 //
 // Saved: x, the parameters and the activations lenet_train_forward returns
 // (the two conv blocks' outputs, the two hidden sigmoids), not the sigmoid
