@@ -5,8 +5,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_globals
 
-from . import ops
+from . import _C, ops
 from .fuse import (
     _FUSED_DTYPES,
     FusedSequential,
@@ -20,6 +21,7 @@ from .fuse import (
 __all__ = ["LeNet", "reference_lenet", "lenet_args"]
 
 _LENET_FORWARD = torch.ops.lenet_ext.lenet_forward.default
+_unchanged = _C.unchanged
 
 # First-conv padding for each supported input size; both give a 16x5x5 = 400-wide dense block.
 _FIRST_PADDING = {28: 2, 32: 0}
@@ -48,16 +50,16 @@ _LENET_TYPES = (
 )  # fmt: skip
 
 
-def _config_key(conv1, pool1, conv2, pool2, flatten) -> tuple:
-    """Every attribute that _operator_config reads: while these compare equal,
-    so does what it decides."""
-    return (
-        conv1.stride, conv1.dilation, conv1.groups, conv1.padding_mode, conv1.kernel_size, conv1.padding,
-        pool1.kernel_size, pool1.stride, pool1.padding, pool1.ceil_mode, pool1.divisor_override,
-        conv2.stride, conv2.dilation, conv2.groups, conv2.padding_mode, conv2.kernel_size, conv2.padding,
-        pool2.kernel_size, pool2.stride, pool2.padding, pool2.ceil_mode, pool2.divisor_override,
-        flatten.start_dim, flatten.end_dim,
-    )  # fmt: skip
+# Every attribute that _operator_config reads, by layer index: while these
+# compare equal, so does what it decides.
+_CONV_CONFIG = ("stride", "dilation", "groups", "padding_mode", "kernel_size", "padding")
+_POOL_CONFIG = ("kernel_size", "stride", "padding", "ceil_mode", "divisor_override")
+_CONFIG_ATTRIBUTES = ((0, _CONV_CONFIG), (2, _POOL_CONFIG), (3, _CONV_CONFIG), (5, _POOL_CONFIG), (6, ("start_dim", "end_dim")))
+_PARAMETER_LAYERS = (0, 3, 7, 9, 11)
+
+
+def _config_key(layers: tuple) -> tuple:
+    return tuple(getattr(layers[i], name) for i, names in _CONFIG_ATTRIBUTES for name in names)
 
 
 def _operator_config(conv1, pool1, conv2, pool2, flatten) -> Optional[tuple]:
@@ -71,6 +73,8 @@ def _operator_config(conv1, pool1, conv2, pool2, flatten) -> Optional[tuple]:
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+# fuse._global_hooks's dicts.
+_GLOBAL_HOOK_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
 
 
 def _args_from(x: Tensor, layers: tuple, config: tuple) -> tuple:
@@ -89,27 +93,59 @@ def _args_from(x: Tensor, layers: tuple, config: tuple) -> tuple:
         )  # fmt: skip
 
 
+def _layout_snapshot(layers: tuple, hook_dicts: tuple) -> Optional[tuple]:
+    """_C.unchanged's arguments for what _LayoutCache.args decided from: the
+    layers' types; the attributes of _config_key and the parameters, by
+    identity, in the dicts they live in (instance dicts, _parameters); the
+    hook dicts, empty. None when one of them lives elsewhere (a property, a
+    parameter replaced by a plain attribute): then every call reads them."""
+    entries = []
+    for i, names in _CONFIG_ATTRIBUTES:
+        entries += [(layers[i].__dict__, name) for name in names]
+    entries += [(layers[i]._parameters, name) for i in _PARAMETER_LAYERS for name in ("weight", "bias")]
+    entries += [(vars(_module_globals), name) for name in _GLOBAL_HOOK_DICTS]
+    if any(key not in where for where, key in entries):
+        return None
+    types = tuple(item for pair in zip(layers, _LENET_TYPES) for item in pair)
+    triples = tuple(item for where, key in entries for item in (where, key, where[key]))
+    empty = hook_dicts + tuple(getattr(_module_globals, name) for name in _GLOBAL_HOOK_DICTS)
+    return types, triples, empty
+
+
 class _LayoutCache:
     """lenet_args for one set of 12 layer objects. LeNet.forward keeps one per
-    model, so that a call re-reads only what can change: the layers' types,
-    their hook dictionaries (register_*_hook and a handle's remove() change
-    them in place), the attributes of _config_key, and the parameters."""
+    model. What the arguments were decided from (the layers' types, their hook
+    dictionaries, which register_*_hook and a handle's remove() change in
+    place, the attributes of _config_key and the parameters) is checked at
+    every call, in C (_C.unchanged) where they sit in plain dicts; anything
+    replaced sends the call through the full reading again."""
 
     def __init__(self, layers: tuple):
         self.layers = layers
         self.hook_dicts = tuple(getattr(m, name) for m in layers for name in _HOOK_DICTS)
         self.key = None
         self.config = None
+        self.snapshot = None  # _C.unchanged's arguments for `parameters`
+        self.parameters = ()  # the arguments after x
 
     def args(self, x: Tensor, layers: tuple) -> Optional[tuple]:
+        snapshot = self.snapshot
+        if snapshot is not None and _unchanged(*snapshot):
+            return (x, *self.parameters)
+        args = self.read(x, layers)
+        self.snapshot = None if args is None else _layout_snapshot(layers, self.hook_dicts)
+        self.parameters = () if args is None else args[1:]
+        return args
+
+    def read(self, x: Tensor, layers: tuple) -> Optional[tuple]:
+        """The arguments from the layers as they are now, or None."""
         if tuple(map(type, layers)) != _LENET_TYPES or any(self.hook_dicts) or _global_hooks():
             return None
-        conv1, _, pool1, conv2, _, pool2, flatten = layers[:7]
-        key = _config_key(conv1, pool1, conv2, pool2, flatten)
+        key = _config_key(layers)
         if key != self.key:
+            conv1, _, pool1, conv2, _, pool2, flatten = layers[:7]
             self.key, self.config = key, _operator_config(conv1, pool1, conv2, pool2, flatten)
-        config = self.config
-        return None if config is None else _args_from(x, layers, config)
+        return None if self.config is None else _args_from(x, layers, self.config)
 
 
 def lenet_args(x: Tensor, layers) -> Optional[tuple]:
@@ -117,7 +153,7 @@ def lenet_args(x: Tensor, layers) -> Optional[tuple]:
     layers as they are now, or None unless the layers are the reference's
     kinds, configured as the operators compute them, without hooks."""
     layers = tuple(layers)
-    return _LayoutCache(layers).args(x, layers)
+    return _LayoutCache(layers).read(x, layers)
 
 
 def _records_gradients(args: tuple) -> bool:

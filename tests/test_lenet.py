@@ -400,6 +400,13 @@ def _parametrize_conv2_weight(model):
     nn.utils.parametrize.register_parametrization(model[3], "weight", _Doubled())
 
 
+def _fc1_weight_as_plain_tensor(net, ref):
+    weight = torch.randn(120, 400) / 20
+    for model in (net, ref):
+        del model[7].weight  # out of _parameters; a plain attribute from here on
+        model[7].weight = weight
+
+
 CHANGES_AFTER_A_CALL = {
     # In place, and through .data: no version counter moves.
     "weight_data_in_place": lambda net, ref: [m[3].weight.data.mul_(0.5) for m in (net, ref)],
@@ -409,6 +416,8 @@ CHANGES_AFTER_A_CALL = {
     and net.load_state_dict(ref.state_dict()),
     "parameter_swapped": _same_to_both(_swap_conv1_weight),
     "parametrized": _same_to_both(_parametrize_conv2_weight),
+    "weight_as_plain_tensor": _fc1_weight_as_plain_tensor,
+    "padding_equal_but_new": lambda net, ref: [setattr(m[0], "padding", (2, 2)) for m in (net, ref)],
     "bias_removed": lambda net, ref: [setattr(m[3], "bias", None) for m in (net, ref)],
     "layer_replaced": _same_to_both(lambda m: m.__setitem__(9, nn.Linear(120, 84))),
     # Same shapes, other values: only the layer path computes these.
@@ -427,6 +436,21 @@ def test_changes_after_a_call_are_honoured_at_batch_1(change):
         change(net, ref)
     _check_against_reference(net, ref)
     _check_against_reference(net, ref, batch=3)
+
+
+def test_global_hook_added_after_a_call_is_honoured():
+    net, ref = twin_pair()
+    _check_against_reference(net, ref)
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: o * 2 if isinstance(m, nn.Linear) else None
+    )
+    try:
+        _check_against_reference(net, ref)
+    finally:
+        handle.remove()
+    with torch.inference_mode(), AtenOpRecorder() as recorder:
+        net(torch.rand(1, 1, 28, 28))
+    assert "lenet_ext.lenet_forward" in recorder.ops
 
 
 def test_hook_removed_after_a_call_returns_to_the_operator():
@@ -519,3 +543,20 @@ def test_torch_func_per_sample_gradients(make):
     # Outside the transforms, the same model is fused again.
     with torch.no_grad():
         torch.testing.assert_close(net(x), ref(x), **TOLERANCES[torch.float64])
+
+
+def test_unchanged_compares_by_identity_and_names_bad_arguments():
+    from lenet_ext import _C
+
+    where = {"a": (1, 1)}
+    assert _C.unchanged((where, dict), (where, "a", where["a"]), ({},))
+    assert not _C.unchanged((where, list), (), ())
+    assert not _C.unchanged((), (where, "a", tuple([1, 1])), ())  # equal but another object
+    assert not _C.unchanged((), (where, "b", None), ())  # a missing key is not None
+    assert not _C.unchanged((), (), ({"hook": None},))
+    with pytest.raises(TypeError, match="three tuples"):
+        _C.unchanged([], (), ())
+    with pytest.raises(ValueError, match="pairs"):
+        _C.unchanged((where,), (), ())
+    with pytest.raises(TypeError, match="dict"):
+        _C.unchanged((), ([], "a", 1), ())
