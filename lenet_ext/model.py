@@ -93,6 +93,9 @@ def _args_from(x: Tensor, layers: tuple, config: tuple) -> tuple:
         )  # fmt: skip
 
 
+_ABSENT = object()
+
+
 def _layout_snapshot(layers: tuple, hook_dicts: tuple) -> Optional[tuple]:
     """_C.unchanged's arguments for what _LayoutCache.args decided from: the
     layers' types; the attributes of _config_key and the parameters, by
@@ -104,10 +107,11 @@ def _layout_snapshot(layers: tuple, hook_dicts: tuple) -> Optional[tuple]:
         entries += [(layers[i].__dict__, name) for name in names]
     entries += [(layers[i]._parameters, name) for i in _PARAMETER_LAYERS for name in ("weight", "bias")]
     entries += [(vars(_module_globals), name) for name in _GLOBAL_HOOK_DICTS]
-    if any(key not in where for where, key in entries):
+    values = [where.get(key, _ABSENT) for where, key in entries]
+    if any(value is _ABSENT for value in values):
         return None
     types = tuple(item for pair in zip(layers, _LENET_TYPES) for item in pair)
-    triples = tuple(item for where, key in entries for item in (where, key, where[key]))
+    triples = tuple(item for (where, key), value in zip(entries, values) for item in (where, key, value))
     empty = hook_dicts + tuple(getattr(_module_globals, name) for name in _GLOBAL_HOOK_DICTS)
     return types, triples, empty
 
@@ -123,18 +127,21 @@ class _LayoutCache:
     def __init__(self, layers: tuple):
         self.layers = layers
         self.hook_dicts = tuple(getattr(m, name) for m in layers for name in _HOOK_DICTS)
-        self.key = None
-        self.config = None
-        self.snapshot = None  # _C.unchanged's arguments for `parameters`
-        self.parameters = ()  # the arguments after x
+        # Pairs, each in one attribute, so that a thread never sees half of one:
+        # (_config_key, what _operator_config decided from it), and
+        # (_C.unchanged's arguments, the operator arguments after x).
+        self.decided = (None, None)
+        self.fast = None
 
     def args(self, x: Tensor, layers: tuple) -> Optional[tuple]:
-        snapshot = self.snapshot
-        if snapshot is not None and _unchanged(*snapshot):
-            return (x, *self.parameters)
+        fast = self.fast
+        if fast is not None and _unchanged(*fast[0]):
+            return (x, *fast[1])
+        # The snapshot before the reading: a change between the two makes the
+        # next check fail, never pass.
+        snapshot = _layout_snapshot(layers, self.hook_dicts)
         args = self.read(x, layers)
-        self.snapshot = None if args is None else _layout_snapshot(layers, self.hook_dicts)
-        self.parameters = () if args is None else args[1:]
+        self.fast = None if snapshot is None or args is None else (snapshot, args[1:])
         return args
 
     def read(self, x: Tensor, layers: tuple) -> Optional[tuple]:
@@ -142,10 +149,12 @@ class _LayoutCache:
         if tuple(map(type, layers)) != _LENET_TYPES or any(self.hook_dicts) or _global_hooks():
             return None
         key = _config_key(layers)
-        if key != self.key:
+        decided_key, config = self.decided
+        if key != decided_key:
             conv1, _, pool1, conv2, _, pool2, flatten = layers[:7]
-            self.key, self.config = key, _operator_config(conv1, pool1, conv2, pool2, flatten)
-        return None if self.config is None else _args_from(x, layers, self.config)
+            config = _operator_config(conv1, pool1, conv2, pool2, flatten)
+            self.decided = (key, config)
+        return None if config is None else _args_from(x, layers, config)
 
 
 def lenet_args(x: Tensor, layers) -> Optional[tuple]:
