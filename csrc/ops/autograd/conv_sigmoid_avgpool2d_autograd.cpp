@@ -7,15 +7,15 @@
 // Saved: x and the parameters, nothing of the activation. nn.Sequential keeps
 // x plus the sigmoid output (the input of the pool), which is C_out * H_conv *
 // W_conv per image: six times x for LeNet's first layer. Backward recomputes
-// z = conv(x) + bias instead. A backward that records a graph
-// (create_graph=True) differentiates the same block written with ATen's
-// differentiable operators, since the backward operator has no derivative of
-// its own.
+// z = conv(x) + bias instead. A backward that records a graph differentiates
+// the block written with ATen's operators (differentiable_grads.h).
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <array>
+
+#include "differentiable_grads.h"
 
 namespace lenet_ext {
 
@@ -50,16 +50,9 @@ class ConvSigmoidAvgPool2d : public torch::autograd::Function<ConvSigmoidAvgPool
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                       bias.defined() && ctx->needs_input_grad(2)};
     std::array<at::Tensor, 3> grads;
-    if (at::GradMode::is_enabled()) {  // create_graph=True: gradients that are themselves differentiable
-      const std::array<at::Tensor, 3> inputs = {x, weight, bias};
-      std::vector<at::Tensor> wanted;
-      for (int i = 0; i < 3; ++i)
-        if (mask[i]) wanted.push_back(inputs[i]);
+    if (at::GradMode::is_enabled()) {  // create_graph=True
       const at::Tensor out = at::avg_pool2d(at::sigmoid(at::conv2d(x, weight, bias, 1, padding)), pool, pool);
-      const variable_list got = torch::autograd::grad({out}, wanted, {grad_out}, /*retain_graph=*/true,
-                                                      /*create_graph=*/true, /*allow_unused=*/true);
-      for (int i = 0, k = 0; i < 3; ++i)
-        if (mask[i]) grads[i] = got[k++];
+      grads = differentiable_grads(out, std::array<at::Tensor, 3>{x, weight, bias}, mask, grad_out);
     } else {
       static const auto op =
           c10::Dispatcher::singleton()

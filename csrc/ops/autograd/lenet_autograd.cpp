@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include "../lenet.h"
+#include "differentiable_grads.h"
 
 namespace lenet_ext {
 
@@ -78,15 +79,8 @@ class LeNetTrainForward : public torch::autograd::Function<LeNetTrainForward> {
       if (tensors[i].defined()) mask[i] = ctx->needs_input_grad(edge++);
 
     LeNetGradArray grads;
-    if (at::GradMode::is_enabled()) {  // create_graph=True: gradients that are themselves differentiable
-      std::vector<at::Tensor> wanted;
-      for (int i = 0; i < kGrads; ++i)
-        if (mask[i]) wanted.push_back(tensors[i]);
-      const at::Tensor logits = reference_forward(tensors, {s[0], s[1], s[2], s[3]});
-      const variable_list got = torch::autograd::grad({logits}, wanted, {grad_logits}, /*retain_graph=*/true,
-                                                      /*create_graph=*/true, /*allow_unused=*/true);
-      for (int i = 0, k = 0; i < kGrads; ++i)
-        if (mask[i]) grads[i] = got[k++];
+    if (at::GradMode::is_enabled()) {  // create_graph=True
+      grads = differentiable_grads(reference_forward(tensors, {s[0], s[1], s[2], s[3]}), tensors, mask, grad_logits);
     } else {
       static const auto op =
           c10::Dispatcher::singleton()
