@@ -38,6 +38,10 @@ def _has_hooks(module: nn.Module) -> bool:
     )
 
 
+# The dicts of hooks registered for every module, which _global_hooks reads.
+_GLOBAL_HOOK_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
+
+
 def _global_hooks() -> bool:
     """Hooks registered for every module (torch.nn.modules.module.register_module_forward_hook, ...)."""
     return bool(

@@ -10,6 +10,7 @@ from torch.nn.modules import module as _module_globals
 from . import _C, ops
 from .fuse import (
     _FUSED_DTYPES,
+    _GLOBAL_HOOK_DICTS,
     FusedSequential,
     _conv_padding,
     _functorch_transforms_active,
@@ -73,8 +74,6 @@ def _operator_config(conv1, pool1, conv2, pool2, flatten) -> Optional[tuple]:
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-# fuse._global_hooks's dicts.
-_GLOBAL_HOOK_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
 
 
 def _args_from(x: Tensor, layers: tuple, config: tuple) -> tuple:

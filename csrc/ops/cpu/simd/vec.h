@@ -35,7 +35,7 @@ typedef float vec_unaligned __attribute__((vector_size(kLanes * sizeof(float)), 
 
 inline vec load(const float* p) { return *reinterpret_cast<const vec_unaligned*>(p); }
 inline void store(float* p, vec v) { *reinterpret_cast<vec_unaligned*>(p) = v; }
-// The first `count` (< kLanes) lanes of a vector, for a row's last partial
+// The first `count` (<= kLanes) lanes of a vector, for a row's last partial
 // tile. AVX-512 has masked moves; a lane loop compiles to a memcpy of the
 // vector spilled to the stack, whose reload stalls on the spill.
 inline void store_first(float* p, vec v, int64_t count) {
