@@ -266,3 +266,33 @@ def test_fused_forward_takes_weights_that_are_not_16_byte_aligned():
     x = torch.rand(33, 1, 28, 28, device="cuda")
     with torch.inference_mode():
         torch.testing.assert_close(net(x), ref(x), **LENET_TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("batch", [1, 9, 4099])
+def test_fused_backward_matches_the_reference_kernels(batch):
+    """lenet_backward: the dense-and-conv2 program, conv1's program, one launch of partial
+    sums and the dense weight products; against the layer-by-layer kernels, bitwise repeatable."""
+    net, _ = twin_pair(device="cuda")
+    x = torch.rand(batch, 1, 28, 28, device="cuda")
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in lenet_args(x, net))
+    logits, *saved = torch.ops.lenet_ext.lenet_train_forward(*args)
+    grad_logits = torch.randn_like(logits)
+    mask = [True] * 11
+    before = lenet_ext._C.cuda_kernel()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fused = torch.ops.lenet_ext.lenet_backward(grad_logits, x, *saved, *args[1:], mask)
+        torch.cuda.synchronize()
+    again = torch.ops.lenet_ext.lenet_backward(grad_logits, x, *saved, *args[1:], mask)
+    lenet_ext._C.set_cuda_kernel("reference")
+    try:
+        layers = torch.ops.lenet_ext.lenet_backward(grad_logits, x, *saved, *args[1:], mask)
+    finally:
+        lenet_ext._C.set_cuda_kernel(before)
+    kernels = [e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    for program in ("LeNetBackwardTileProgram", "ConvTileBackwardProgram", "PartialSumsProgram"):
+        assert any(program in k for k in kernels), (program, kernels)
+    assert not any("preactivation" in k or "reduce_kernel" in k for k in kernels), kernels
+    for got, repeat, want in zip(fused, again, layers):
+        assert got.shape == want.shape and got.is_contiguous()
+        assert torch.equal(got, repeat), "fixed reduction order: bitwise repeatable"
+        torch.testing.assert_close(got, want, atol=1e-5 * batch**0.5, rtol=1e-4)

@@ -1,5 +1,7 @@
-"""The CUDA tile programs, run on the CPU: lenet_forward's (csrc/ops/lenet_forward_tile.h)
-and the conv operator's forward and backward (csrc/ops/conv_sigmoid_avgpool2d_tile.h).
+"""The CUDA tile programs, run on the CPU: lenet_forward's (csrc/ops/lenet_forward_tile.h),
+lenet_backward's (csrc/ops/lenet_backward_tile.h, with conv block 1's backward and the
+partial sums of csrc/ops/tile_partial_sums.h), and the conv operator's forward and
+backward (csrc/ops/conv_sigmoid_avgpool2d_tile.h).
 
 The lenet_ext::_*_tile_emulated operators run a kernel's phases thread by
 thread; each phase runs twice, its threads in opposite orders, and fails if
@@ -21,6 +23,7 @@ EMULATED = torch.ops.lenet_ext._lenet_forward_tile_emulated.default
 TRAIN_EMULATED = torch.ops.lenet_ext._lenet_train_forward_tile_emulated.default
 CONV_EMULATED = torch.ops.lenet_ext._conv_sigmoid_avgpool2d_tile_emulated.default
 CONV_BACKWARD_EMULATED = torch.ops.lenet_ext._conv_sigmoid_avgpool2d_backward_tile_emulated.default
+BACKWARD_EMULATED = torch.ops.lenet_ext._lenet_backward_tile_emulated.default
 # (images per block, threads per block): one thread, fewer threads than items,
 # a tile that does not divide the batch, the CUDA launch's shape.
 TILINGS = [(1, 1), (3, 7), (2, 33), (8, 256)]
@@ -108,6 +111,91 @@ def test_lenet_tile_program_empty_batch_and_bad_input():
         EMULATED(*args, 8, 256)
     with pytest.raises(TypeError, match="float32"):
         EMULATED(*(a.double() if isinstance(a, torch.Tensor) else a for a in random_lenet_args(2)), 8, 256)
+
+
+def backward_inputs(args, seed=1):
+    """grad_logits and what lenet_train_forward saves, for args."""
+    logits, *saved = torch.ops.lenet_ext.lenet_train_forward(*args)
+    grad_logits = torch.randn(logits.shape, generator=torch.Generator().manual_seed(seed))
+    return (grad_logits, args[0], *saved)
+
+
+def reference_grads(inputs, args, mask):
+    """lenet_backward in float64 on the same inputs."""
+    double = [a.double() if isinstance(a, torch.Tensor) else a for a in (*inputs, *args[1:])]
+    return torch.ops.lenet_ext.lenet_backward(*double, mask)
+
+
+def assert_grads_match(got, want, mask):
+    for i, (asked, g, w) in enumerate(zip(mask, got, want)):
+        assert (g is None) == (w is None), i
+        if w is None:
+            continue
+        assert g.shape == w.shape and g.dtype == torch.float32 and g.is_contiguous(), i
+        torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-4, msg=f"gradient {i}")
+
+
+@pytest.mark.parametrize("batch, tile, conv1_tile, threads",
+                         [(1, 1, 1, 1), (9, 2, 3, 33), (17, 8, 8, 256), (13, 11, 4, 64), (5, 8, 1, 7)])  # fmt: skip
+@pytest.mark.parametrize("config", [{}, dict(size=13, k1=3, pad1=1, pool1=3, c1=5, k2=2, pad2=1, pool2=1, c2=3,
+                                             f1=9, f2=7, f3=4, bias=False),
+                                    dict(in_channels=3, size=32, pad1=0, f3=47)],
+                         ids=["lenet", "odd_sizes_no_bias", "rgb_32x32_47_classes"])  # fmt: skip
+def test_lenet_backward_tile_programs_match_the_reference(batch, tile, conv1_tile, threads, config):
+    """Every gradient against float64: partial last tiles, tiles larger than the batch, more
+    images than a dense thread keeps in registers (11 > 8), fewer threads than items."""
+    args = random_lenet_args(batch, **config)
+    inputs = backward_inputs(args)
+    mask = [True] * 11
+    got = BACKWARD_EMULATED(*inputs, *args[1:], mask, tile, conv1_tile, threads)
+    assert_grads_match(got, reference_grads(inputs, args, mask), mask)
+
+
+@pytest.mark.parametrize(
+    "asked",
+    [["x"], ["conv1_weight"], ["conv2_bias"], ["fc1_weight", "fc3_bias"], ["fc2_bias"], ["fc3_weight"],
+     ["x", "fc2_weight"], []],
+)  # fmt: skip
+def test_lenet_backward_tile_programs_compute_what_is_asked(asked):
+    """Only the gradients asked for come back; the programs skip the conv blocks when nothing
+    below them is asked for, and a call that needs nothing below fc3 runs the whole batch."""
+    names = ["x", "conv1_weight", "conv1_bias", "conv2_weight", "conv2_bias", "fc1_weight", "fc1_bias",
+             "fc2_weight", "fc2_bias", "fc3_weight", "fc3_bias"]  # fmt: skip
+    mask = [name in asked for name in names]
+    args = random_lenet_args(6)
+    inputs = backward_inputs(args)
+    got = BACKWARD_EMULATED(*inputs, *args[1:], mask, 4, 2, 64)
+    assert_grads_match(got, reference_grads(inputs, args, mask), mask)
+    assert [g is not None for g in got] == mask
+
+
+def test_lenet_backward_tile_programs_are_bitwise_repeatable_and_match_lenet_backward():
+    args = random_lenet_args(21)
+    inputs = backward_inputs(args)
+    mask = [True] * 11
+    first = BACKWARD_EMULATED(*inputs, *args[1:], mask, 4, 4, 256)
+    second = BACKWARD_EMULATED(*inputs, *args[1:], mask, 4, 4, 256)
+    for a, b, c in zip(first, second, torch.ops.lenet_ext.lenet_backward(*inputs, *args[1:], mask)):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4)
+
+
+def test_lenet_backward_tile_programs_empty_batch_and_bad_input():
+    args = random_lenet_args(0)
+    inputs = backward_inputs(args)
+    got = BACKWARD_EMULATED(*inputs, *args[1:], [True] * 11, 8, 8, 256)
+    assert got[0].shape == (0, 1, 28, 28)
+    params = [a for a in args[1:] if isinstance(a, torch.Tensor)]
+    assert len(params) == 10
+    assert all(g.shape == a.shape and not g.any() for g, a in zip(got[1:], params))
+    args = random_lenet_args(3)
+    inputs = backward_inputs(args)
+    with pytest.raises(ValueError, match="expected 1 <= tile <= 1024, got 0"):
+        BACKWARD_EMULATED(*inputs, *args[1:], [True] * 11, 2, 0, 64)
+    with pytest.raises(ValueError, match="expected threads >= 1, got 0"):
+        BACKWARD_EMULATED(*inputs, *args[1:], [True] * 11, 2, 2, 0)
+    with pytest.raises(ValueError, match=r"expected fc1 of shape \[3, 120\]"):
+        BACKWARD_EMULATED(*inputs[:4], inputs[4][:, :7], inputs[5], *args[1:], [True] * 11, 2, 2, 64)
 
 
 @pytest.mark.parametrize("tile, threads", TILINGS)

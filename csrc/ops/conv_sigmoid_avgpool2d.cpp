@@ -210,4 +210,22 @@ ConvTileBackward prepare_tile_backward(const BackwardCall& call, int tile, int t
   return r;
 }
 
+ConvTileSums prepare_tile_sums(const BackwardCall& call, const ConvTileBackward& tiled) {
+  ConvTileSums r;
+  ColumnSum sums[2];
+  int count = 0;
+  const at::Tensor& partials = tiled.partials;
+  const int weights = static_cast<int>(call.weight.numel()), row_length = static_cast<int>(partials.size(1));
+  const auto add_sum = [&](at::Tensor& grad, at::IntArrayRef sizes, int column, int columns) {
+    grad = at::empty(sizes, call.weight.options());
+    sums[count++] = ColumnSum{partials.const_data_ptr<float>(), partials.size(0), row_length, column, columns,
+                              grad.mutable_data_ptr<float>()};
+  };
+  if (call.need_weight) add_sum(r.grad_weight, call.weight.sizes(), 0, weights);
+  if (call.need_bias) add_sum(r.grad_bias, {call.g.out_channels}, weights, static_cast<int>(call.g.out_channels));
+  r.params = partial_sums_params(sums, count);
+  r.blocks = r.params.first_block[count];
+  return r;
+}
+
 }  // namespace lenet_ext

@@ -18,6 +18,7 @@
 
 #include "conv_sigmoid_avgpool2d_math.h"
 #include "conv_sigmoid_avgpool2d_tile.h"
+#include "tile_partial_sums.h"
 
 namespace lenet_ext {
 
@@ -75,9 +76,10 @@ struct BackwardCall {
 };
 
 // The sum over dim 0 of per-chunk partial sums, added in chunk order, so
-// that the result does not depend on how the chunks were scheduled. Every
-// reduction of partial sums in lenet_ext goes through here. On the CPU a plain
-// loop: at::sum would open a parallel region for a few thousand numbers.
+// that the result does not depend on how the chunks were scheduled. The CPU
+// kernels' and CUDA's reference kernels' reductions go through here (the
+// CUDA tile programs' through tile_partial_sums.h). On the CPU a plain loop:
+// at::sum would open a parallel region for a few thousand numbers.
 at::Tensor sum_partials(const at::Tensor& partials);
 
 BackwardCall prepare_backward(const at::Tensor& grad_out, const at::Tensor& x,
@@ -102,5 +104,16 @@ struct ConvTileBackward {
   ConvTileBackwardParams params;
 };
 ConvTileBackward prepare_tile_backward(const BackwardCall& call, int tile, int threads);
+
+// The weight and bias gradients asked for, allocated, and the
+// PartialSumsProgram (tile_partial_sums.h) that adds the backward program's
+// rows into them over `blocks` blocks (0: neither is asked for): the tile
+// programs' last step, one launch for both gradients.
+struct ConvTileSums {
+  at::Tensor grad_weight, grad_bias;
+  PartialSumsParams params;
+  int64_t blocks;
+};
+ConvTileSums prepare_tile_sums(const BackwardCall& call, const ConvTileBackward& tiled);
 
 }  // namespace lenet_ext

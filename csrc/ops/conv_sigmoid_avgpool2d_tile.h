@@ -68,6 +68,12 @@ struct ConvTileShape {
   int floats;                                      // shared memory in all
 };
 
+// The real images of the tile whose first image is `first` (the last tile
+// of a batch may be partial).
+LENET_HOST_DEVICE int tile_images(int64_t batch, int64_t first, int tile) {
+  return batch - first < tile ? static_cast<int>(batch - first) : tile;
+}
+
 // Weights and biases: the length of a tile's row of sums.
 LENET_HOST_DEVICE int parameter_count(const ConvTileShape& s) {
   return s.out_channels * (s.in_channels * s.kernel * s.kernel + 1);

@@ -16,18 +16,18 @@ namespace conv_tile_phases {
 
 // Backward phase 1: dL/dz of the tile at every conv output under a pooling
 // window (zero for images past the batch), recomputing z; an item is one
-// pooled output's window.
-LENET_HOST_DEVICE void preactivation_grads(const ConvTileBackwardParams& p, float* smem, int64_t tile_index, int tid,
-                                           int threads) {
-  const ConvTileShape& s = p.s;
+// pooled output's window. grad_out holds the gradients of the tile's
+// `images` real images, (image, C_out, H_out, W_out), in global or in shared
+// memory.
+LENET_HOST_DEVICE void preactivation_grads(const ConvTileShape& s, const float* grad_out, int images, float* smem,
+                                           int tid, int threads) {
   const float window = float(s.pool * s.pool);
   for (int i = tid; i < channel_group_items(s, s.out_h, s.out_w); i += threads) {
     const auto [image, first, ph, pw] = channel_group_item(s, s.out_h, s.out_w, i);
-    const int64_t n = tile_index * s.tile + image;
     const int channels = s.out_channels - first < kChannelsPerThread ? s.out_channels - first : kChannelsPerThread;
     float* dz = smem + s.dz_at + ((image * s.out_channels + first) * s.ext_h + ph * s.pool) * s.ext_w + pw * s.pool;
     const int plane = s.ext_h * s.ext_w;
-    if (n >= p.batch) {
+    if (image >= images) {
       for (int c = 0; c < channels; ++c)
         for (int dy = 0; dy < s.pool; ++dy)
           for (int dx = 0; dx < s.pool; ++dx) dz[c * plane + dy * s.ext_w + dx] = 0.0f;
@@ -35,7 +35,7 @@ LENET_HOST_DEVICE void preactivation_grads(const ConvTileBackwardParams& p, floa
     }
     float g[kChannelsPerThread] = {};
     for (int c = 0; c < channels; ++c)
-      g[c] = p.grad_out[((n * s.out_channels + first + c) * s.out_h + ph) * s.out_w + pw] / window;
+      g[c] = grad_out[((image * s.out_channels + first + c) * s.out_h + ph) * s.out_w + pw] / window;
     window_z(s, smem, image, first, ph, pw, [&](int dy, int dx, const float (&z)[kChannelsPerThread]) {
       for (int c = 0; c < channels; ++c) {
         const float a = sigmoid(z[c]);
@@ -91,45 +91,43 @@ LENET_HOST_DEVICE float input_grad(const ConvTileShape& s, const float* smem, in
 }
 
 // Backward phase 2: the parameter slices first (each is long), then one item
-// per input element of the tile's real images. With one slice the sums go
-// straight to the tile's row of partials.
-LENET_HOST_DEVICE void gradients(const ConvTileBackwardParams& p, float* smem, int64_t tile_index, int tid,
-                                 int threads) {
-  const ConvTileShape& s = p.s;
-  const int parameters = p.partials ? parameter_count(s) : 0;
+// per input element of the tile's `images` real images, into grad_x (the
+// tile's first image, in global or shared memory; null when not asked for).
+// With one slice the sums go straight to the tile's row of partials (null
+// when neither weight nor bias is asked for).
+LENET_HOST_DEVICE void gradients(const ConvTileShape& s, float* smem, float* grad_x, int images, float* partials,
+                                 int tid, int threads) {
+  const int parameters = partials ? parameter_count(s) : 0;
   const int slice_items = parameters * s.slices;
   const int rows = s.tile * s.ext_h;
   const int plane = s.height * s.width;
-  const int inputs = p.grad_x ? s.tile * s.in_channels * plane : 0;
+  const int inputs = grad_x ? images * s.in_channels * plane : 0;
   for (int i = tid; i < slice_items + inputs; i += threads) {
     if (i < slice_items) {
       const int slice = i / parameters, element = i % parameters;
       const float sum = parameter_sum(s, smem, element, slice * rows / s.slices, (slice + 1) * rows / s.slices);
       if (s.slices == 1)
-        p.partials[tile_index * parameters + element] = sum;
+        partials[element] = sum;
       else
         smem[s.slices_at + i] = sum;
       continue;
     }
     const int j = i - slice_items;
     const int image = j / (s.in_channels * plane), ci = j / plane % s.in_channels;
-    const int64_t n = tile_index * s.tile + image;
-    if (n >= p.batch) continue;
     const int ih = j % plane / s.width, iw = j % s.width;
-    p.grad_x[((n * s.in_channels + ci) * s.height + ih) * s.width + iw] = input_grad(s, smem, image, ci, ih, iw);
+    grad_x[j] = input_grad(s, smem, image, ci, ih, iw);
   }
 }
 
-// Backward phase 3: each parameter's slices added in slice order.
-LENET_HOST_DEVICE void add_slices(const ConvTileBackwardParams& p, const float* smem, int64_t tile_index, int tid,
-                                  int threads) {
-  const ConvTileShape& s = p.s;
-  if (!p.partials || s.slices == 1) return;
+// Backward phase 3: each parameter's slices added in slice order, into the
+// tile's row of partials.
+LENET_HOST_DEVICE void add_slices(const ConvTileShape& s, const float* smem, float* partials, int tid, int threads) {
+  if (!partials || s.slices == 1) return;
   const int parameters = parameter_count(s);
   for (int element = tid; element < parameters; element += threads) {
     float sum = 0.0f;
     for (int slice = 0; slice < s.slices; ++slice) sum += smem[s.slices_at + slice * parameters + element];
-    p.partials[tile_index * parameters + element] = sum;
+    partials[element] = sum;
   }
 }
 
@@ -145,14 +143,19 @@ struct ConvTileBackwardProgram {
   static LENET_HOST_DEVICE void run_phase(int phase, const Params& p, float* smem, int64_t tile_index, int tid,
                                           int threads) {
     using namespace conv_tile_phases;
+    const ConvTileShape& s = p.s;
+    // The tile's real images (the last tile may be partial) and its rows of the global tensors.
+    const int64_t first = tile_index * s.tile;
+    const int images = tile_images(p.batch, first, s.tile);
     if (phase == 0)
-      stage(p.s, p.batch, p.x, p.weight, p.bias, smem, tile_index, tid, threads);
+      stage(s, p.batch, p.x, p.weight, p.bias, smem, tile_index, tid, threads);
     else if (phase == 1)
-      preactivation_grads(p, smem, tile_index, tid, threads);
+      preactivation_grads(s, p.grad_out + first * s.out_channels * s.out_h * s.out_w, images, smem, tid, threads);
     else if (phase == 2)
-      gradients(p, smem, tile_index, tid, threads);
+      gradients(s, smem, p.grad_x ? p.grad_x + first * s.in_channels * s.height * s.width : nullptr, images,
+                p.partials ? p.partials + tile_index * parameter_count(s) : nullptr, tid, threads);
     else
-      add_slices(p, smem, tile_index, tid, threads);
+      add_slices(s, smem, p.partials ? p.partials + tile_index * parameter_count(s) : nullptr, tid, threads);
   }
 };
 

@@ -203,6 +203,26 @@ LeNetActivations forward_whole_batch(const at::Tensor& x, const LeNetParams& p, 
   return r;
 }
 
+LeNetGrads lenet_backward_whole_batch(const at::Tensor& grad_logits, const at::Tensor& x,
+                                      const LeNetActivations& saved, const LeNetParams& p,
+                                      const LeNetGradMask& output_mask) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const LeNetBackwardCall call = check_backward_args(grad_logits, x, saved, p, output_mask);
+  // The dense layers write their gradients into these; the conv blocks'
+  // come back as new tensors.
+  LeNetGradArray grads;
+  for (int i = kFc1W; i < kGrads; ++i) {
+    if (call.mask[i]) grads[i] = at::empty_like(parameter(p, LeNetGrad(i)), at::MemoryFormat::Contiguous);
+  }
+  const at::Tensor grad_block2 = dense_backward(grad_logits, saved, p, call, grads);
+  if (grad_block2.defined()) {
+    grads[kX] = conv_backward(grad_block2, saved.block1, x, p, call,
+                              [&](LeNetGrad i, const at::Tensor& grad) { grads[i] = grad; });
+  }
+  return as_tuple(grads);
+}
+
+
 bool tile_program_fits(const at::Tensor& x, const LeNetParams& p) {
   const bool float32 = x.scalar_type() == at::kFloat && p.conv1_weight.scalar_type() == at::kFloat;
   // 32-bit offsets inside a tile; the widest layer bounds the rest.
@@ -293,22 +313,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lenet_tra
 LeNetGrads lenet_backward(const at::Tensor& grad_logits, const at::Tensor& x, const at::Tensor& block1,
                           const at::Tensor& block2, const at::Tensor& fc1, const at::Tensor& fc2,
                           LENET_PARAMS_ARGS, LeNetGradMask output_mask) {
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const LeNetParams p = LENET_PARAMS;
   const LeNetActivations saved{.block1 = block1, .block2 = block2, .fc1 = fc1, .fc2 = fc2};
-  const LeNetBackwardCall call = check_backward_args(grad_logits, x, saved, p, output_mask);
-  // The dense layers write their gradients into these; the conv blocks'
-  // come back as new tensors.
-  LeNetGradArray grads;
-  for (int i = kFc1W; i < kGrads; ++i) {
-    if (call.mask[i]) grads[i] = at::empty_like(parameter(p, LeNetGrad(i)), at::MemoryFormat::Contiguous);
-  }
-  const at::Tensor grad_block2 = dense_backward(grad_logits, saved, p, call, grads);
-  if (grad_block2.defined()) {
-    grads[kX] = conv_backward(grad_block2, block1, x, p, call,
-                              [&](LeNetGrad i, const at::Tensor& grad) { grads[i] = grad; });
-  }
-  return as_tuple(grads);
+  return lenet_backward_whole_batch(grad_logits, x, saved, LENET_PARAMS, output_mask);
 }
 
 }  // namespace

@@ -5,8 +5,10 @@
 //
 //   schemas, checks and the whole-batch implementation   lenet.cpp
 //   CPU: tiles of the batch, a chunk of tiles per thread  cpu/lenet_cpu.cpp
-//   CUDA forwards: one launch of a tile program           cuda/lenet_cuda.cu,
-//                                                         lenet_forward_tile.h
+//   CUDA: the forwards one launch of a tile program,      cuda/lenet_cuda.cu,
+//   the backward two programs, the partial sums and       lenet_forward_tile.h,
+//   three matrix products                                 lenet_backward_tile.h,
+//                                                         lenet_backward_tile_call.cpp
 //
 // The first two are built from the steps declared here: the conv blocks run
 // the fused operator (conv_sigmoid_avgpool2d.h), the dense block addmm with an
@@ -17,7 +19,9 @@
 #include <c10/util/FunctionRef.h>
 
 #include "conv_sigmoid_avgpool2d.h"
+#include "lenet_backward_tile.h"
 #include "lenet_forward_tile.h"
+#include "tile_partial_sums.h"
 
 #include <array>
 #include <optional>
@@ -156,6 +160,51 @@ at::Tensor dense_backward(const at::Tensor& grad_logits, const LeNetActivations&
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_block_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, int64_t padding, int64_t pool, std::array<bool, 3> mask);
+
+// lenet_backward on the whole batch at once: the dense layers through
+// dense_backward, the conv blocks through the conv operator's backward (the
+// implementation for devices without one of their own, and CUDA's for the
+// calls its tile programs do not take).
+LeNetGrads lenet_backward_whole_batch(const at::Tensor& grad_logits, const at::Tensor& x,
+                                      const LeNetActivations& saved, const LeNetParams& p,
+                                      const LeNetGradMask& output_mask);
+
+// --- lenet_backward as tile programs (lenet_backward_tile.h) ------------------
+
+// A checked lenet_backward call prepared for CUDA's tile programs, run in
+// this order on one stream:
+//   1. LeNetBackwardTileProgram over `tiles` blocks: the dense layers' chain
+//      and conv block 2's backward;
+//   2. conv block 1's ConvTileBackwardProgram over conv1_tiles blocks (0:
+//      nothing below conv2 is asked for);
+//   3. PartialSumsProgram over sum_blocks blocks: every bias and conv
+//      gradient asked for, from both programs' partial sums;
+//   4. finish(): the dense weight gradients as three matrix products of what
+//      program 1 wrote, and all the gradients in lenet_backward's order.
+// A chooser picks a program's images per block from its shared memory
+// (floats for a tile of so many images); when either answers 0, or nothing
+// below fc3 is asked for, or the call is not float32, tiles is 0, nothing is
+// allocated and the caller runs lenet_backward_whole_batch.
+using TileChooser = c10::function_ref<int(c10::function_ref<int(int)>)>;
+struct LeNetBackwardTiles {
+  int64_t tiles = 0, conv1_tiles = 0, sum_blocks = 0;
+  LeNetBackwardTileParams params;
+  ConvTileBackwardParams conv1_params;
+  PartialSumsParams sums;
+  LeNetGradMask mask;
+  // Contiguous: grad_logits, fc2, fc1, block2, fc1..fc3 weights, block1, conv2 weight and bias.
+  std::array<at::Tensor, 10> inputs;
+  at::Tensor g1, g2, partials, conv1_partials, grad_block1;
+  BackwardCall conv1;  // its tensors, kept alive for program 2
+  LeNetGradArray grads;
+
+  LeNetGrads finish();
+};
+
+LeNetBackwardTiles prepare_backward_tiles(const at::Tensor& grad_logits, const at::Tensor& x,
+                                          const LeNetActivations& saved, const LeNetParams& p,
+                                          const LeNetGradMask& output_mask, int threads, TileChooser choose,
+                                          TileChooser choose_conv1);
 
 // The conv blocks' backward over one slice of the batch: grad_block2 and
 // block1 and x are that slice's. Calls add(i, grad) for each parameter

@@ -241,7 +241,7 @@ struct LeNetTileProgram {
     const LeNetTileShape& s = p.s;
     // The tile's real images (the last tile may be partial): only they go to global memory.
     const int64_t first = tile_index * s.tile;
-    const int images = p.batch - first < s.tile ? static_cast<int>(p.batch - first) : s.tile;
+    const int images = tile_images(p.batch, first, s.tile);
     float* slices = smem + s.slices_at;
     switch (phase) {
       case 0: stage(p, smem, tile_index, tid, threads); break;

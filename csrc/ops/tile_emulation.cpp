@@ -4,6 +4,7 @@
 //   _lenet_train_forward_tile_emulated               lenet_forward_tile.h
 //   _conv_sigmoid_avgpool2d_tile_emulated            conv_sigmoid_avgpool2d_tile.h
 //   _conv_sigmoid_avgpool2d_backward_tile_emulated   conv_sigmoid_avgpool2d_tile_backward.h
+//   _lenet_backward_tile_emulated                    lenet_backward_tile.h, tile_partial_sums.h
 // They check the programs' index math, shared-memory layouts and partial last
 // tiles without a GPU; the phase functions are the CUDA kernels' own.
 //
@@ -34,6 +35,11 @@ TORCH_LIBRARY_FRAGMENT(lenet_ext, m) {
   m.def(
       "_conv_sigmoid_avgpool2d_backward_tile_emulated(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, "
       "int padding, int pool, bool[3] output_mask, int tile, int threads) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "_lenet_backward_tile_emulated(Tensor grad_logits, Tensor x, Tensor block1, Tensor block2, Tensor fc1, "
+      "Tensor fc2, " LENET_PARAMS_SCHEMA
+      ", bool[11] output_mask, int tile, int conv1_tile, int threads) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace lenet_ext {
@@ -107,8 +113,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_tile_emulated(
   const ConvTileBackward tiled = prepare_tile_backward(call, checked_tile(op, tile), static_cast<int>(threads));
   // The program must write every partial sum it is given: NaN shows one it does not.
   if (tiled.tiles > 0) tiled.partials.fill_(std::nanf(""));
+  const ConvTileSums sums = prepare_tile_sums(call, tiled);
   emulate_tile_program<ConvTileBackwardProgram>(op, tiled.params, tiled.tiles, threads);
-  return call.finish(tiled.partials);
+  if (sums.blocks > 0) emulate_tile_program<PartialSumsProgram>(op, sums.params, sums.blocks, threads);
+  return {call.grad_x, sums.grad_weight, sums.grad_bias};
+}
+
+// lenet_backward as CUDA runs it (cuda/lenet_cuda.cu): the same steps, each
+// program emulated; the calls the programs do not take run the whole batch.
+LeNetGrads lenet_backward_tile_emulated(const at::Tensor& grad_logits, const at::Tensor& x, const at::Tensor& block1,
+                                        const at::Tensor& block2, const at::Tensor& fc1, const at::Tensor& fc2,
+                                        LENET_PARAMS_ARGS, LeNetGradMask output_mask, int64_t tile,
+                                        int64_t conv1_tile, int64_t threads) {
+  constexpr const char* op = "_lenet_backward_tile_emulated";
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const LeNetParams p = LENET_PARAMS;
+  const LeNetActivations saved{.block1 = block1, .block2 = block2, .fc1 = fc1, .fc2 = fc2};
+  const int images = checked_tile(op, tile), conv1_images = checked_tile(op, conv1_tile);
+  TORCH_CHECK_VALUE(threads >= 1, op, ": expected threads >= 1, got ", threads);
+  LeNetBackwardTiles call = prepare_backward_tiles(
+      grad_logits, x, saved, p, output_mask, static_cast<int>(threads),
+      [&](c10::function_ref<int(int)>) { return images; }, [&](c10::function_ref<int(int)>) { return conv1_images; });
+  if (call.tiles == 0) return lenet_backward_whole_batch(grad_logits, x, saved, p, output_mask);
+  // The programs must write every partial sum and every gradient they are given: NaN shows one they do not.
+  for (at::Tensor* t : {&call.partials, &call.conv1_partials, &call.g1, &call.g2, &call.grad_block1})
+    if (t->defined()) t->fill_(std::nanf(""));
+  for (at::Tensor& grad : call.grads)
+    if (grad.defined()) grad.fill_(std::nanf(""));
+  emulate_tile_program<LeNetBackwardTileProgram>(op, call.params, call.tiles, threads);
+  if (call.conv1_tiles > 0) emulate_tile_program<ConvTileBackwardProgram>(op, call.conv1_params, call.conv1_tiles, threads);
+  if (call.sum_blocks > 0) emulate_tile_program<PartialSumsProgram>(op, call.sums, call.sum_blocks, threads);
+  return call.finish();
 }
 
 }  // namespace
@@ -118,6 +153,7 @@ TORCH_LIBRARY_IMPL(lenet_ext, CPU, m) {
   m.impl("_lenet_train_forward_tile_emulated", &lenet_train_forward_tile_emulated);
   m.impl("_conv_sigmoid_avgpool2d_tile_emulated", &conv_tile_emulated);
   m.impl("_conv_sigmoid_avgpool2d_backward_tile_emulated", &conv_backward_tile_emulated);
+  m.impl("_lenet_backward_tile_emulated", &lenet_backward_tile_emulated);
 }
 
 }  // namespace lenet_ext

@@ -1,8 +1,9 @@
 // CUDA kernels of the fused conv -> sigmoid -> avgpool operator.
 //
 // float32 runs the tile programs of ../conv_sigmoid_avgpool2d_tile.h through
-// tile_program.cuh's kernel: one launch for the forward, one (plus the sum of
-// per-tile partials) for the backward, every intermediate in shared memory.
+// tile_program.cuh's kernel: one launch for the forward, one for the backward
+// (plus one adding its per-tile partial sums, ../tile_partial_sums.h), every
+// intermediate in shared memory.
 // float64, sizes whose tile does not fit a block's shared memory, and
 // LENET_EXT_CUDA_KERNEL=reference run the reference kernels below: one thread
 // per output, built from the per-element math in
@@ -202,8 +203,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   if (!need_x && !need_w && !need_b) return call.finish(call.param_partials(1));
   if (const int tile = g.batch > 0 ? choose_conv_tile(g, x, /*backward=*/true) : 0) {
     const ConvTileBackward tiled = prepare_tile_backward(call, tile, kTileProgramThreads);
+    const ConvTileSums sums = prepare_tile_sums(call, tiled);
     launch_tile_program<ConvTileBackwardProgram>(tiled.params, tiled.tiles);
-    return call.finish(tiled.partials);
+    if (sums.blocks > 0) launch_tile_program<PartialSumsProgram>(sums.params, sums.blocks);
+    return {grad_x, sums.grad_weight, sums.grad_bias};
   }
   // At least 1: check_forward_args refuses C_out = 0.
   const int64_t param_numel = weight.numel() + g.out_channels;

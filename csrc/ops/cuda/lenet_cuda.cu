@@ -1,11 +1,14 @@
-// lenet_forward and lenet_train_forward on CUDA: the whole forward in one
-// launch. Each thread block runs the tile program of ../lenet_forward_tile.h
-// for a tile of images, with every activation in shared memory; training
-// also writes the activations lenet_backward reads. LENET_EXT_CUDA_KERNEL=
-// reference, float64 and sizes the program does not take run the layers one
+// LeNet's three operators on CUDA. lenet_forward and lenet_train_forward: the
+// whole forward in one launch, each thread block running the tile program of
+// ../lenet_forward_tile.h for a tile of images with every activation in
+// shared memory; training also writes the activations lenet_backward reads.
+// lenet_backward: two tile programs (../lenet_backward_tile.h, then conv
+// block 1's backward), one launch adding their partial sums
+// (../tile_partial_sums.h) and three matrix products (cuBLAS), as
+// ../lenet_backward_tile_call.cpp prepares them. LENET_EXT_CUDA_KERNEL=
+// reference, float64 and sizes the programs do not take run the layers one
 // by one instead (../lenet.cpp's whole-batch implementation, the conv
-// operator's CUDA kernels). lenet_backward is the whole-batch one: the conv
-// operator's backward per block, the dense layers through cuBLAS.
+// operator's CUDA kernels).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -43,11 +46,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lenet_tra
   return {r.logits, r.block1, r.block2, r.fc1, r.fc2};
 }
 
+LeNetGrads lenet_backward_cuda(const at::Tensor& grad_logits, const at::Tensor& x, const at::Tensor& block1,
+                               const at::Tensor& block2, const at::Tensor& fc1, const at::Tensor& fc2,
+                               LENET_PARAMS_ARGS, LeNetGradMask output_mask) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // out= products of tensors that may require grad
+  const LeNetParams p = LENET_PARAMS;
+  const LeNetActivations saved{.block1 = block1, .block2 = block2, .fc1 = fc1, .fc2 = fc2};
+  if (cuda_reference_selected()) return lenet_backward_whole_batch(grad_logits, x, saved, p, output_mask);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const auto choose = [&](c10::function_ref<int(int)> floats_for) {
+    return choose_tile(x.size(0), x.device().index(), floats_for);
+  };
+  LeNetBackwardTiles call =
+      prepare_backward_tiles(grad_logits, x, saved, p, output_mask, kTileProgramThreads, choose, choose);
+  if (call.tiles == 0) return lenet_backward_whole_batch(grad_logits, x, saved, p, output_mask);
+  launch_tile_program<LeNetBackwardTileProgram>(call.params, call.tiles);
+  if (call.conv1_tiles > 0) launch_tile_program<ConvTileBackwardProgram>(call.conv1_params, call.conv1_tiles);
+  if (call.sum_blocks > 0) launch_tile_program<PartialSumsProgram>(call.sums, call.sum_blocks);
+  return call.finish();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lenet_ext, CUDA, m) {
   m.impl("lenet_forward", &lenet_forward_cuda);
   m.impl("lenet_train_forward", &lenet_train_forward_cuda);
+  m.impl("lenet_backward", &lenet_backward_cuda);
 }
 
 }  // namespace lenet_ext
