@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import lenet_ext
 from lenet_ext import LeNet
+from lenet_ext.model import lenet_args
 from lenet_ext.ops import conv_sigmoid_avgpool2d, reference_conv_sigmoid_avgpool2d
 
 # (batch, in_channels, out_channels, height, width, kernel, padding, pool, bias)
@@ -64,6 +65,18 @@ def check_lenet(device):
     F.cross_entropy(ref(x), y).backward()
     for p, q in zip(net.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-3)
+    # lenet_backward's paths: down to x, down to conv2 only, the dense layers only.
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in lenet_args(x, net)]
+    logits, *saved = torch.ops.lenet_ext.lenet_train_forward(*args)
+    grad_logits = torch.randn_like(logits)
+    double = [a.double().cpu() if isinstance(a, torch.Tensor) else a for a in (grad_logits, x, *saved, *args[1:])]
+    for mask in ([True] * 11, [False] * 3 + [True] * 8, [False] * 5 + [True] * 6):
+        got = torch.ops.lenet_ext.lenet_backward(grad_logits, x, *saved, *args[1:], mask)
+        want = torch.ops.lenet_ext.lenet_backward(*double, mask)
+        for g, w in zip(got, want):
+            assert (g is None) == (w is None)
+            if w is not None:
+                torch.testing.assert_close(g.double().cpu(), w, atol=1e-5, rtol=1e-4)
 
 
 def main():
