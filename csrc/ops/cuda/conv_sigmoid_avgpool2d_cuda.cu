@@ -156,9 +156,11 @@ __global__ void param_grad_kernel(const acc_t* __restrict__ dz, const scalar_t* 
 // image too large for shared memory).
 int choose_conv_tile(const ConvPoolGeometry& g, const at::Tensor& x, bool backward) {
   if (cuda_reference_selected() || !conv_tile_program_fits(g, x)) return 0;
-  return choose_tile(g.batch, x.device().index(), [&](int tile) {
+  const auto floats_for = [&](int tile) {
     return make_conv_tile_shape(g, tile, backward ? kTileProgramThreads : 0).floats;
-  });
+  };
+  if (backward) return choose_tile<ConvTileBackwardProgram>(g.batch, x.device().index(), floats_for);
+  return choose_tile<ConvTileForwardProgram>(g.batch, x.device().index(), floats_for);
 }
 
 // --- the operator ------------------------------------------------------------

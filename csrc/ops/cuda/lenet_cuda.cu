@@ -28,7 +28,8 @@ LeNetActivations forward_cuda(const at::Tensor& x, const LeNetParams& p, bool tr
   if (cuda_reference_selected() || !tile_program_fits(x, p)) return forward_whole_batch(x, p, op);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const LeNetTileCall call = prepare_tile_call(x, p, train, [&](const LeNetTileShape& one_image) {
-    return choose_tile(x.size(0), x.device().index(), [&](int images) { return retile(one_image, images).floats; });
+    return choose_tile<LeNetTileProgram>(x.size(0), x.device().index(),
+                                         [&](int images) { return retile(one_image, images).floats; });
   });
   const int tile = call.params.s.tile;
   if (tile == 0) return forward_whole_batch(x, p, op);
@@ -55,10 +56,13 @@ LeNetGrads lenet_backward_cuda(const at::Tensor& grad_logits, const at::Tensor& 
   if (cuda_reference_selected()) return lenet_backward_whole_batch(grad_logits, x, saved, p, output_mask);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const auto choose = [&](c10::function_ref<int(int)> floats_for) {
-    return choose_tile(x.size(0), x.device().index(), floats_for);
+    return choose_tile<LeNetBackwardTileProgram>(x.size(0), x.device().index(), floats_for);
+  };
+  const auto choose_conv1 = [&](c10::function_ref<int(int)> floats_for) {
+    return choose_tile<ConvTileBackwardProgram>(x.size(0), x.device().index(), floats_for);
   };
   LeNetBackwardTiles call =
-      prepare_backward_tiles(grad_logits, x, saved, p, output_mask, kTileProgramThreads, choose, choose);
+      prepare_backward_tiles(grad_logits, x, saved, p, output_mask, kTileProgramThreads, choose, choose_conv1);
   if (call.tiles == 0) return lenet_backward_whole_batch(grad_logits, x, saved, p, output_mask);
   launch_tile_program<LeNetBackwardTileProgram>(call.params, call.tiles);
   if (call.conv1_tiles > 0) launch_tile_program<ConvTileBackwardProgram>(call.conv1_params, call.conv1_tiles);

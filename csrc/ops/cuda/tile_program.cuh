@@ -34,20 +34,39 @@ inline int multiprocessor_count(c10::DeviceIndex device) {
   return count;
 }
 
-// Images per block: the most (8, 4, 2 or 1) whose buffers, floats_for(tile)
-// floats, fit one block's shared memory while the batch still gives every
-// multiprocessor two blocks; 0 when not even one image fits.
-template <typename FloatsFor>
+// How many blocks of a program, with `bytes` of shared memory each, one
+// multiprocessor holds at once (registers and shared memory allowing).
+template <typename Program>
+int resident_blocks(int bytes) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(tile_program_kernel<Program>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      bytes));
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, tile_program_kernel<Program>,
+                                                               kTileProgramThreads, bytes));
+  return blocks;
+}
+
+// Images per block for a Program: the most (8, 4, 2 or 1) whose buffers,
+// floats_for(tile) floats, fit one block's shared memory while the batch
+// still gives every multiprocessor two blocks, and of those, the most that
+// leave room for two resident blocks per multiprocessor: with one, every
+// barrier idles the multiprocessor until the block's slowest warp arrives.
+// 0 when not even one image fits.
+template <typename Program, typename FloatsFor>
 int choose_tile(int64_t batch, c10::DeviceIndex device, const FloatsFor& floats_for) {
   int max_bytes = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   const int64_t multiprocessors = multiprocessor_count(device);
+  int largest = 0;
   for (int tile = 8; tile >= 1; tile /= 2) {
-    const bool fits = int64_t(floats_for(tile)) * int64_t(sizeof(float)) <= max_bytes;
+    const int64_t bytes = int64_t(floats_for(tile)) * int64_t(sizeof(float));
+    const bool fits = bytes <= max_bytes;
     const bool fills_gpu = tile == 1 || (batch + tile - 1) / tile >= 2 * multiprocessors;
-    if (fits && fills_gpu) return tile;
+    if (!fits || !fills_gpu) continue;
+    if (largest == 0) largest = tile;
+    if (resident_blocks<Program>(static_cast<int>(bytes)) >= 2) return tile;
   }
-  return 0;
+  return largest;
 }
 
 // Launches a program over `tiles` blocks on the current stream; past 48 KB
