@@ -1,14 +1,15 @@
-"""Counts the GPU work of one LeNet inference call and one training step, lenet_ext's and eager's.
+"""Counts and times the GPU work of one LeNet inference call and one training step, lenet_ext's and eager's.
 
-    python scripts/count_launches.py [--device cuda] [--batch-size 256] [--output FILE.json]
+    python scripts/count_launches.py [--device cuda] [--batch-sizes 256,8192] [--output FILE.json]
 
 The steps are bench.py's (inference: a forward under inference_mode;
 training: forward, cross-entropy, autograd.grad, an SGD update). On CUDA each
 is profiled a few times after a warm-up, and the kernels, memsets and copies
-the profiler records are counted per step, by name: the evidence for
-"inference is one launch" and for how many a training step takes. On the CPU
-(a check of the script) the calling thread's top-level operator calls are
-counted instead.
+the profiler records are counted per step, by name, with their GPU time per
+step: the evidence for "inference is one launch", for how many a training
+step takes, and for where its GPU time goes, kernel by kernel. On the CPU (a
+check of the script) the calling thread's top-level operator calls are
+counted and timed instead.
 """
 
 import argparse
@@ -30,7 +31,8 @@ STEPS = 5
 
 
 def count(step, device):
-    """Per step: {name: count} of the GPU events (CUDA) or the top-level operator calls (CPU)."""
+    """Per step, by name: {"count": launches, "us": microseconds} of the GPU events (CUDA), or of
+    the top-level operator calls (CPU); the most time first."""
     for _ in range(2):
         step()
     if device.type == "cuda":
@@ -44,43 +46,47 @@ def count(step, device):
     events = sorted(prof.events(), key=lambda e: e.time_range.start)
     # The calling thread's: intra-op worker threads record their own calls as top level.
     caller = next(e.thread for e in events if e.device_type == torch.autograd.DeviceType.CPU)
-    names = collections.Counter()
+    counts, times = collections.Counter(), collections.Counter()
     for event in events:
         on_gpu = event.device_type == torch.autograd.DeviceType.CUDA
         top_level_op = event.cpu_parent is None and event.thread == caller and "::" in event.name
         if (on_gpu if device.type == "cuda" else top_level_op):
-            names[event.name] += 1
-    return {name: n / STEPS for name, n in names.most_common()}
+            counts[event.name] += 1
+            times[event.name] += event.time_range.elapsed_us()
+    return {name: {"count": counts[name] / STEPS, "us": us / STEPS} for name, us in times.most_common()}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--output", help="write the counts, by name, to this JSON file")
+    parser.add_argument("--batch-sizes", default="256", help="comma-separated (default 256)")
+    parser.add_argument("--output", help="write the counts and times, by name, to this JSON file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    x = torch.rand(args.batch_size, 1, 28, 28, device=device)
-    target = torch.randint(0, 10, (args.batch_size,), device=device)
-    reference = reference_lenet().to(device)
-    providers = {"torch": reference, "lenet_ext": LeNet().to(device)}
-    providers["lenet_ext"].load_state_dict(reference.state_dict())
     what = "GPU kernels, memsets and copies" if device.type == "cuda" else "operator calls"
     results = {}
-    print(f"{what} per step, batch {args.batch_size}, {device}\n")
-    print("| mode | provider | per step | the most frequent |\n|---|---|---:|---|")
-    for mode, make in (("inference", inference_step), ("training", training_step)):
-        for name, model in providers.items():
-            step = make(model, x) if mode == "inference" else make(model, x, target)
-            with torch.inference_mode() if mode == "inference" else contextlib.nullcontext():
-                counts = count(step, device)
-            results.setdefault(mode, {})[name] = counts
-            top = ", ".join(f"{n:g}x {k[:60]}" for k, n in list(counts.items())[:3])
-            print(f"| {mode} | {name} | {sum(counts.values()):g} | {top} |")
+    print(f"{what} per step, {device}; time: their sum, in microseconds\n")
+    print("| batch | mode | provider | per step | time | the most time |\n|---:|---|---|---:|---:|---|")
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        torch.manual_seed(0)
+        x = torch.rand(batch, 1, 28, 28, device=device)
+        target = torch.randint(0, 10, (batch,), device=device)
+        reference = reference_lenet().to(device)
+        providers = {"torch": reference, "lenet_ext": LeNet().to(device)}
+        providers["lenet_ext"].load_state_dict(reference.state_dict())
+        for mode, make in (("inference", inference_step), ("training", training_step)):
+            for name, model in providers.items():
+                step = make(model, x) if mode == "inference" else make(model, x, target)
+                with torch.inference_mode() if mode == "inference" else contextlib.nullcontext():
+                    counts = count(step, device)
+                results.setdefault(str(batch), {}).setdefault(mode, {})[name] = counts
+                launches = sum(c["count"] for c in counts.values())
+                us = sum(c["us"] for c in counts.values())
+                top = ", ".join(f"{c['us']:.1f} us {c['count']:g}x {k[:50]}" for k, c in list(counts.items())[:3])
+                print(f"| {batch} | {mode} | {name} | {launches:g} | {us:.1f} | {top} |")
     if args.output:
         with open(args.output, "w") as f:
-            json.dump({"device": str(device), "batch_size": args.batch_size, "per_step": results}, f, indent=1)
+            json.dump({"device": str(device), "per_step": results}, f, indent=1)
 
 
 if __name__ == "__main__":

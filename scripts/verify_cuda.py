@@ -4,8 +4,8 @@
 
 Builds the extension in place for the visible GPU's architecture, runs the
 whole test suite, runs compute-sanitizer (memcheck, racecheck, synccheck,
-initcheck) over scripts/cuda_sanitizer_workload.py, counts the kernels of
-an inference call and a training step (scripts/count_launches.py), and runs
+initcheck) over scripts/cuda_sanitizer_workload.py, counts and times the
+kernels of an inference call and a training step (scripts/count_launches.py), and runs
 benchmarks/bench.py on CUDA (and, with the time left, once more on the
 reference kernels, LENET_EXT_CUDA_KERNEL=reference, to show what the tile
 programs gain). Every stage writes its log into OUT_DIR, the
@@ -153,10 +153,11 @@ def main(argv=None):
     # Kernels per inference call and per training step, lenet_ext's and eager's.
     stage = stages["launches"]
     launches = os.path.join(out, "launches.json")
-    code, stage.seconds = run([sys.executable, os.path.join("scripts", "count_launches.py"), "--output", launches],
-                              os.path.join(out, "launches.log"), min(60, left() - 60))  # fmt: skip
+    sizes = "256,8192" if has_gpu else "256"
+    code, stage.seconds = run([sys.executable, os.path.join("scripts", "count_launches.py"), "--batch-sizes", sizes,
+                               "--output", launches], os.path.join(out, "launches.log"), min(60, left() - 60))  # fmt: skip
     stage.status = "passed" if code == 0 else ("TIMED OUT" if code is None else "FAILED")
-    stage.detail = "launches.log: per step, at batch 256" + ("" if has_gpu else " (operator calls on the CPU)")
+    stage.detail = f"launches.log: per step, at batch {sizes}" + ("" if has_gpu else " (operator calls on the CPU)")
 
     # The benchmark, with what time is left: first without the torch.compile
     # providers (quick, so that lenet_ext against eager always comes back),
