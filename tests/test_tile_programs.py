@@ -24,6 +24,7 @@ TRAIN_EMULATED = torch.ops.lenet_ext._lenet_train_forward_tile_emulated.default
 CONV_EMULATED = torch.ops.lenet_ext._conv_sigmoid_avgpool2d_tile_emulated.default
 CONV_BACKWARD_EMULATED = torch.ops.lenet_ext._conv_sigmoid_avgpool2d_backward_tile_emulated.default
 BACKWARD_EMULATED = torch.ops.lenet_ext._lenet_backward_tile_emulated.default
+SUMS_EMULATED = torch.ops.lenet_ext._tile_partial_sums_emulated.default
 # (images per block, threads per block): one thread, fewer threads than items,
 # a tile that does not divide the batch, the CUDA launch's shape.
 TILINGS = [(1, 1), (3, 7), (2, 33), (8, 256)]
@@ -243,3 +244,22 @@ def test_conv_tile_programs_empty_batch_and_bad_input():
         CONV_EMULATED(x, weight[:, :0], bias, padding, pool, 2, 32)
     with pytest.raises(TypeError, match="float32 only"):
         CONV_EMULATED(x.double(), weight.double(), bias.double(), padding, pool, 2, 32)
+
+
+@pytest.mark.parametrize("rows, columns", [(0, 5), (1, 1), (7, 33), (512, 64), (513, 70), (600_000, 3)])
+def test_partial_sums_match_the_reference_whatever_the_block_size(rows, columns):
+    """One pass up to 512 rows, two up to 512 * 512, three past that; the order of the
+    additions is fixed by the rows alone, so any number of threads gives the same bits."""
+    partials = torch.randn(rows, columns, generator=torch.Generator().manual_seed(rows), dtype=torch.float64)
+    got = SUMS_EMULATED(partials.float(), 256)
+    torch.testing.assert_close(got.double(), partials.float().double().sum(0), atol=1e-5 * max(rows, 1) ** 0.5, rtol=1e-5)
+    assert torch.equal(got, SUMS_EMULATED(partials.float(), 33))
+    if rows <= 513:
+        assert torch.equal(got, SUMS_EMULATED(partials.float(), 1))
+
+
+def test_partial_sums_bad_input():
+    with pytest.raises(ValueError, match="expected a 2-d partials"):
+        SUMS_EMULATED(torch.zeros(3), 32)
+    with pytest.raises(TypeError, match="expected float32"):
+        SUMS_EMULATED(torch.zeros(3, 2, dtype=torch.float64), 32)

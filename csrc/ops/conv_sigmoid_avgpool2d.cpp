@@ -210,21 +210,47 @@ ConvTileBackward prepare_tile_backward(const BackwardCall& call, int tile, int t
   return r;
 }
 
+PartialSumsPlan plan_partial_sums(std::vector<ColumnSum> sums, const at::TensorOptions& options) {
+  PartialSumsPlan plan;
+  while (!sums.empty()) {
+    TORCH_CHECK(sums.size() <= kMaxColumnSums, "lenet_ext: more than ", kMaxColumnSums, " sums in one pass");
+    int64_t scratch_floats = 0;
+    for (const ColumnSum& sum : sums)
+      if (row_blocks(sum) > 1) scratch_floats += row_blocks(sum) * sum.columns;
+    at::Tensor scratch = scratch_floats > 0 ? at::empty({scratch_floats}, options) : at::Tensor();
+    // A sum with several blocks of rows writes a row per block here; the next pass adds them.
+    std::vector<ColumnSum> next;
+    int64_t used = 0;
+    for (ColumnSum& sum : sums) {
+      sum.out_row_length = 0;
+      if (row_blocks(sum) == 1) continue;
+      float* rows = scratch.mutable_data_ptr<float>() + used;
+      next.push_back(ColumnSum{rows, row_blocks(sum), sum.columns, 0, sum.columns, sum.out, 0});
+      sum.out = rows, sum.out_row_length = sum.columns;
+      used += row_blocks(sum) * sum.columns;
+    }
+    const PartialSumsParams pass = partial_sums_params(sums.data(), static_cast<int>(sums.size()));
+    plan.passes.push_back(pass);
+    plan.blocks.push_back(pass.first_block[sums.size()]);
+    if (scratch.defined()) plan.scratch.push_back(scratch);
+    sums = std::move(next);
+  }
+  return plan;
+}
+
 ConvTileSums prepare_tile_sums(const BackwardCall& call, const ConvTileBackward& tiled) {
   ConvTileSums r;
-  ColumnSum sums[2];
-  int count = 0;
+  std::vector<ColumnSum> sums;
   const at::Tensor& partials = tiled.partials;
   const int weights = static_cast<int>(call.weight.numel()), row_length = static_cast<int>(partials.size(1));
   const auto add_sum = [&](at::Tensor& grad, at::IntArrayRef sizes, int column, int columns) {
     grad = at::empty(sizes, call.weight.options());
-    sums[count++] = ColumnSum{partials.const_data_ptr<float>(), partials.size(0), row_length, column, columns,
-                              grad.mutable_data_ptr<float>()};
+    sums.push_back(ColumnSum{partials.const_data_ptr<float>(), partials.size(0), row_length, column, columns,
+                             grad.mutable_data_ptr<float>(), 0});
   };
   if (call.need_weight) add_sum(r.grad_weight, call.weight.sizes(), 0, weights);
   if (call.need_bias) add_sum(r.grad_bias, {call.g.out_channels}, weights, static_cast<int>(call.g.out_channels));
-  r.params = partial_sums_params(sums, count);
-  r.blocks = r.params.first_block[count];
+  r.plan = plan_partial_sums(std::move(sums), partials.options());
   return r;
 }
 

@@ -15,6 +15,7 @@
 
 #include <array>
 #include <tuple>
+#include <vector>
 
 #include "conv_sigmoid_avgpool2d_math.h"
 #include "conv_sigmoid_avgpool2d_tile.h"
@@ -105,14 +106,22 @@ struct ConvTileBackward {
 };
 ConvTileBackward prepare_tile_backward(const BackwardCall& call, int tile, int threads);
 
-// The weight and bias gradients asked for, allocated, and the
-// PartialSumsProgram (tile_partial_sums.h) that adds the backward program's
-// rows into them over `blocks` blocks (0: neither is asked for): the tile
-// programs' last step, one launch for both gradients.
+// The passes of PartialSumsProgram (tile_partial_sums.h) that add `sums`, to
+// be launched in order over blocks[i] blocks: none without sums, one when no
+// sum has more than kSumRowsPerBlock rows; each further pass adds the rows
+// the one before wrote into scratch.
+struct PartialSumsPlan {
+  std::vector<PartialSumsParams> passes;
+  std::vector<int64_t> blocks;
+  std::vector<at::Tensor> scratch;
+};
+PartialSumsPlan plan_partial_sums(std::vector<ColumnSum> sums, const at::TensorOptions& options);
+
+// The weight and bias gradients asked for, allocated, and the passes that
+// add the backward program's rows into them: the tile programs' last step.
 struct ConvTileSums {
   at::Tensor grad_weight, grad_bias;
-  PartialSumsParams params;
-  int64_t blocks;
+  PartialSumsPlan plan;
 };
 ConvTileSums prepare_tile_sums(const BackwardCall& call, const ConvTileBackward& tiled);
 

@@ -177,7 +177,7 @@ LeNetGrads lenet_backward_whole_batch(const at::Tensor& grad_logits, const at::T
 //      and conv block 2's backward;
 //   2. conv block 1's ConvTileBackwardProgram over conv1_tiles blocks (0:
 //      nothing below conv2 is asked for);
-//   3. PartialSumsProgram over sum_blocks blocks: every bias and conv
+//   3. the passes of PartialSumsProgram in `sums`: every bias and conv
 //      gradient asked for, from both programs' partial sums;
 //   4. finish(): the dense weight gradients as three matrix products of what
 //      program 1 wrote, and all the gradients in lenet_backward's order.
@@ -187,10 +187,10 @@ LeNetGrads lenet_backward_whole_batch(const at::Tensor& grad_logits, const at::T
 // allocated and the caller runs lenet_backward_whole_batch.
 using TileChooser = c10::function_ref<int(c10::function_ref<int(int)>)>;
 struct LeNetBackwardTiles {
-  int64_t tiles = 0, conv1_tiles = 0, sum_blocks = 0;
+  int64_t tiles = 0, conv1_tiles = 0;
   LeNetBackwardTileParams params;
   ConvTileBackwardParams conv1_params;
-  PartialSumsParams sums;
+  PartialSumsPlan sums;
   LeNetGradMask mask;
   // Contiguous: grad_logits, fc2, fc1, block2, fc1..fc3 weights, block1, conv2 weight and bias.
   std::array<at::Tensor, 10> inputs;

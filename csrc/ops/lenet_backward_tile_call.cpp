@@ -58,12 +58,11 @@ LeNetBackwardTiles prepare_backward_tiles(const at::Tensor& grad_logits, const a
   a.grad_block1 = conv1 ? r.grad_block1.mutable_data_ptr<float>() : nullptr;
   a.partials = r.partials.mutable_data_ptr<float>();
 
-  ColumnSum sums[kMaxColumnSums];
-  int count = 0;
+  std::vector<ColumnSum> sums;
   const auto add_sum = [&](LeNetGrad i, const at::Tensor& partials, int column, int columns) {
     if (!mask[i]) return;
-    sums[count++] = ColumnSum{partials.const_data_ptr<float>(), partials.size(0), static_cast<int>(partials.size(1)),
-                              column, columns, r.grads[i].mutable_data_ptr<float>()};
+    sums.push_back(ColumnSum{partials.const_data_ptr<float>(), partials.size(0), static_cast<int>(partials.size(1)),
+                             column, columns, r.grads[i].mutable_data_ptr<float>(), 0});
   };
   add_sum(kFc1B, r.partials, 0, f1);
   add_sum(kFc2B, r.partials, f1, f2);
@@ -86,8 +85,7 @@ LeNetBackwardTiles prepare_backward_tiles(const at::Tensor& grad_logits, const a
     add_sum(kConv1W, r.conv1_partials, 0, weights);
     add_sum(kConv1B, r.conv1_partials, weights, static_cast<int>(g1.out_channels));
   }
-  r.sums = partial_sums_params(sums, count);
-  r.sum_blocks = r.sums.first_block[count];
+  r.sums = plan_partial_sums(std::move(sums), x.options());
   return r;
 }
 

@@ -5,6 +5,7 @@
 //   _conv_sigmoid_avgpool2d_tile_emulated            conv_sigmoid_avgpool2d_tile.h
 //   _conv_sigmoid_avgpool2d_backward_tile_emulated   conv_sigmoid_avgpool2d_tile_backward.h
 //   _lenet_backward_tile_emulated                    lenet_backward_tile.h, tile_partial_sums.h
+//   _tile_partial_sums_emulated                      tile_partial_sums.h
 // They check the programs' index math, shared-memory layouts and partial last
 // tiles without a GPU; the phase functions are the CUDA kernels' own.
 //
@@ -40,6 +41,7 @@ TORCH_LIBRARY_FRAGMENT(lenet_ext, m) {
       "Tensor fc2, " LENET_PARAMS_SCHEMA
       ", bool[11] output_mask, int tile, int conv1_tile, int threads) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
       "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("_tile_partial_sums_emulated(Tensor partials, int threads) -> Tensor");
 }
 
 namespace lenet_ext {
@@ -66,6 +68,13 @@ void emulate_tile_program(const char* op, const typename Program::Params& params
                   " depends on the order of its threads");
     }
   }
+}
+
+void emulate_partial_sums(const char* op, const PartialSumsPlan& plan, int64_t threads) {
+  // Every pass but the last must write all of its scratch rows: NaN shows one it does not.
+  for (const at::Tensor& rows : plan.scratch) rows.fill_(std::nanf(""));
+  for (size_t i = 0; i < plan.passes.size(); ++i)
+    emulate_tile_program<PartialSumsProgram>(op, plan.passes[i], plan.blocks[i], threads);
 }
 
 int checked_tile(const char* op, int64_t tile) {
@@ -115,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_tile_emulated(
   if (tiled.tiles > 0) tiled.partials.fill_(std::nanf(""));
   const ConvTileSums sums = prepare_tile_sums(call, tiled);
   emulate_tile_program<ConvTileBackwardProgram>(op, tiled.params, tiled.tiles, threads);
-  if (sums.blocks > 0) emulate_tile_program<PartialSumsProgram>(op, sums.params, sums.blocks, threads);
+  emulate_partial_sums(op, sums.plan, threads);
   return {call.grad_x, sums.grad_weight, sums.grad_bias};
 }
 
@@ -142,8 +151,26 @@ LeNetGrads lenet_backward_tile_emulated(const at::Tensor& grad_logits, const at:
     if (grad.defined()) grad.fill_(std::nanf(""));
   emulate_tile_program<LeNetBackwardTileProgram>(op, call.params, call.tiles, threads);
   if (call.conv1_tiles > 0) emulate_tile_program<ConvTileBackwardProgram>(op, call.conv1_params, call.conv1_tiles, threads);
-  if (call.sum_blocks > 0) emulate_tile_program<PartialSumsProgram>(op, call.sums, call.sum_blocks, threads);
+  emulate_partial_sums(op, call.sums, threads);
   return call.finish();
+}
+
+// The sum over dim 0 of a (rows, columns) float32 tensor, as the tile
+// programs' last step adds their partial sums.
+at::Tensor tile_partial_sums_emulated(const at::Tensor& partials, int64_t threads) {
+  constexpr const char* op = "_tile_partial_sums_emulated";
+  TORCH_CHECK_VALUE(partials.dim() == 2, op, ": expected a 2-d partials, got shape ", partials.sizes());
+  TORCH_CHECK_TYPE(partials.scalar_type() == at::kFloat, op, ": expected float32, got ", partials.scalar_type());
+  TORCH_CHECK_VALUE(threads >= 1, op, ": expected threads >= 1, got ", threads);
+  const at::Tensor rows = partials.contiguous();
+  at::Tensor out = at::empty({rows.size(1)}, rows.options());
+  const int columns = static_cast<int>(rows.size(1));
+  const PartialSumsPlan plan = plan_partial_sums(
+      {ColumnSum{rows.const_data_ptr<float>(), rows.size(0), columns, 0, columns, out.mutable_data_ptr<float>(), 0}},
+      rows.options());
+  out.fill_(std::nanf(""));
+  emulate_partial_sums(op, plan, threads);
+  return out;
 }
 
 }  // namespace
@@ -154,6 +181,7 @@ TORCH_LIBRARY_IMPL(lenet_ext, CPU, m) {
   m.impl("_conv_sigmoid_avgpool2d_tile_emulated", &conv_tile_emulated);
   m.impl("_conv_sigmoid_avgpool2d_backward_tile_emulated", &conv_backward_tile_emulated);
   m.impl("_lenet_backward_tile_emulated", &lenet_backward_tile_emulated);
+  m.impl("_tile_partial_sums_emulated", &tile_partial_sums_emulated);
 }
 
 }  // namespace lenet_ext

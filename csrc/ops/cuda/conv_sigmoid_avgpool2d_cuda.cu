@@ -207,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const ConvTileBackward tiled = prepare_tile_backward(call, tile, kTileProgramThreads);
     const ConvTileSums sums = prepare_tile_sums(call, tiled);
     launch_tile_program<ConvTileBackwardProgram>(tiled.params, tiled.tiles);
-    if (sums.blocks > 0) launch_tile_program<PartialSumsProgram>(sums.params, sums.blocks);
+    launch_partial_sums(sums.plan);
     return {grad_x, sums.grad_weight, sums.grad_bias};
   }
   // At least 1: check_forward_args refuses C_out = 0.

@@ -66,7 +66,7 @@ LeNetGrads lenet_backward_cuda(const at::Tensor& grad_logits, const at::Tensor& 
   if (call.tiles == 0) return lenet_backward_whole_batch(grad_logits, x, saved, p, output_mask);
   launch_tile_program<LeNetBackwardTileProgram>(call.params, call.tiles);
   if (call.conv1_tiles > 0) launch_tile_program<ConvTileBackwardProgram>(call.conv1_params, call.conv1_tiles);
-  if (call.sum_blocks > 0) launch_tile_program<PartialSumsProgram>(call.sums, call.sum_blocks);
+  launch_partial_sums(call.sums);
   return call.finish();
 }
 

@@ -15,6 +15,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "../tile_partial_sums.h"
+
 namespace lenet_ext {
 
 constexpr int kTileProgramThreads = 256;
@@ -80,6 +82,12 @@ void launch_tile_program(const typename Program::Params& p, int64_t tiles) {
   tile_program_kernel<Program>
       <<<static_cast<unsigned>(tiles), kTileProgramThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Launches the passes of a plan_partial_sums plan, in order, on the current stream.
+template <typename Plan>
+void launch_partial_sums(const Plan& plan) {
+  for (size_t i = 0; i < plan.passes.size(); ++i) launch_tile_program<PartialSumsProgram>(plan.passes[i], plan.blocks[i]);
 }
 
 }  // namespace lenet_ext
