@@ -6,9 +6,11 @@ Builds the extension in place for the visible GPU's architecture, runs the
 whole test suite, runs compute-sanitizer (memcheck, racecheck, synccheck,
 initcheck) over scripts/cuda_sanitizer_workload.py, counts and times the
 kernels of an inference call and a training step (scripts/count_launches.py), and runs
-benchmarks/bench.py on CUDA (and, with the time left, once more on the
-reference kernels, LENET_EXT_CUDA_KERNEL=reference, to show what the tile
-programs gain). Every stage writes its log into OUT_DIR, the
+benchmarks/bench.py on CUDA; with the time left, Nsight Compute (ncu) over
+scripts/kernel_workload.py, each tile program's duration, throughput and
+occupancy into ncu-summary.md, and the benchmark once more on the
+reference kernels (LENET_EXT_CUDA_KERNEL=reference), to show what the tile
+programs gain. Every stage writes its log into OUT_DIR, the
 benchmark its results.json and throughput.png; a summary table comes last,
 and the exit status is 0 only when every stage passed.
 
@@ -21,6 +23,7 @@ CPU, for checking the script itself.
 """
 
 import argparse
+import csv
 import json
 import os
 import re
@@ -71,13 +74,50 @@ def gpu_facts():
     return json.loads(out.strip().splitlines()[-1])
 
 
-def find_compute_sanitizer():
-    found = shutil.which("compute-sanitizer")
+def find_cuda_tool(name):
+    """A CUDA toolkit program (compute-sanitizer, ncu) on PATH or in the toolkit, or None."""
+    found = shutil.which(name)
     for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        candidate = os.path.join(home, "bin", "compute-sanitizer") if home else None
+        candidate = os.path.join(home, "bin", name) if home else None
         if not found and candidate and os.path.exists(candidate):
             found = candidate
     return found
+
+
+# The ncu metrics ncu-summary.md keeps, by the names ncu's CSV gives them.
+NCU_METRICS = {
+    "Duration": "duration",
+    "Compute (SM) Throughput": "SM %",
+    "Memory Throughput": "memory %",
+    "Achieved Occupancy": "occupancy %",
+    "Registers Per Thread": "registers",
+    "Dynamic Shared Memory Per Block": "shared memory",
+    "Grid Size": "blocks",
+}
+
+
+def summarize_ncu(log_path):
+    """ncu's --csv --page details rows, one table row per kernel launch, as markdown lines."""
+    with open(log_path, errors="replace") as f:
+        rows = list(csv.reader(line for line in f if line.startswith('"')))
+    if not rows or "Metric Name" not in rows[0]:
+        return []
+    header, kernels = rows[0], {}
+    column = {name: header.index(name) for name in ("ID", "Kernel Name", "Metric Name", "Metric Unit", "Metric Value")}
+    for row in rows[1:]:
+        if len(row) != len(header) or row[column["Metric Name"]] not in NCU_METRICS:
+            continue
+        kernel = kernels.setdefault(row[column["ID"]], {"name": row[column["Kernel Name"]]})
+        unit = row[column["Metric Unit"]]
+        value = row[column["Metric Value"]] + (f" {unit}" if unit and unit != "%" else "")
+        kernel[NCU_METRICS[row[column["Metric Name"]]]] = value
+    names = list(NCU_METRICS.values())
+    lines = ["| launch | kernel | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+    for launch, kernel in kernels.items():
+        program = re.search(r"(\w+Program)", kernel["name"])
+        name = program.group(1) if program else kernel["name"][:60]
+        lines.append(f"| {launch} | {name} | " + " | ".join(kernel.get(n, "") for n in names) + " |")
+    return lines
 
 
 def main(argv=None):
@@ -91,7 +131,8 @@ def main(argv=None):
     deadline = time.monotonic() + args.budget
     left = lambda: deadline - time.monotonic()  # noqa: E731
     stages = {
-        name: Stage(name) for name in ("build", "tests", *SANITIZER_TOOLS, "launches", "bench", "bench-reference")
+        name: Stage(name)
+        for name in ("build", "tests", *SANITIZER_TOOLS, "launches", "bench", "ncu", "bench-reference")
     }
 
     facts = gpu_facts()
@@ -128,7 +169,7 @@ def main(argv=None):
         stage.detail = "{} run, {} failed, {} errors, {} skipped".format(*counts.values())
 
     # compute-sanitizer over a small workload that reaches every CUDA kernel.
-    sanitizer = find_compute_sanitizer()
+    sanitizer = find_cuda_tool("compute-sanitizer")
     workload = [sys.executable, os.path.join("scripts", "cuda_sanitizer_workload.py")]
     if not has_gpu:  # the workload itself, on the CPU, so that a GPU run does not meet its bugs first
         code, _ = run(workload + ["--device", "cpu"], os.path.join(out, "workload-cpu.log"), min(120, left()))
@@ -178,6 +219,33 @@ def main(argv=None):
         code, stage.detail = None, "no time left for the torch.compile providers; bench-no-compile/ has the rest"
     stage.status = "passed" if code == 0 else ("TIMED OUT" if code is None else "FAILED")
 
+    # Nsight Compute over one call of each tile program: where each one's time goes.
+    stage = stages["ncu"]
+    ncu = find_cuda_tool("ncu")
+    if not has_gpu:  # the workload itself, on the CPU
+        code, _ = run([sys.executable, os.path.join("scripts", "kernel_workload.py"), "--device", "cpu"],
+                      os.path.join(out, "kernel-workload-cpu.log"), min(120, left()))  # fmt: skip
+        stage.status = "unavailable"
+        stage.detail = "no GPU; the workload on the CPU " + ("passed" if code == 0 else "FAILED")
+    elif ncu is None or left() < 45:
+        stage.status = "unavailable" if ncu is None else "skipped"
+        stage.detail = "ncu not found" if ncu is None else "no time left"
+    else:
+        log = os.path.join(out, "ncu.log")
+        cmd = [ncu, "--kernel-name", "regex:tile_program_kernel", "--csv", "--page", "details",
+               "--section", "SpeedOfLight", "--section", "Occupancy", "--section", "LaunchStats",
+               sys.executable, os.path.join("scripts", "kernel_workload.py")]  # fmt: skip
+        code, stage.seconds = run(cmd, log, min(120, left() - 15))
+        lines = summarize_ncu(log)
+        if lines:
+            with open(os.path.join(out, "ncu-summary.md"), "w") as f:
+                f.write("ncu's defaults: clocks locked to base, caches flushed before each kernel.\n\n")
+                f.write("\n".join(lines) + "\n")
+        # The profiler may be refused the GPU's counters (a sandbox, a driver setting): not the kernels' failure.
+        stage.status = "passed" if code == 0 and lines else "unavailable" if code is not None else "TIMED OUT"
+        stage.detail = (f"ncu-summary.md: {len(lines) - 2} launches" if lines
+                        else tail(log, 3).strip().replace("\n", " | ")[:120])  # fmt: skip
+
     # The same quick table on the reference kernels: what the tile programs gain.
     stage = stages["bench-reference"]
     if has_gpu and left() > 60:
@@ -200,7 +268,9 @@ def finish(stages, out, failure_tail):
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(table + "\n")
     if os.path.exists(os.path.join(out, "launches.log")):
-        print(tail(os.path.join(out, "launches.log"), 8))
+        print(tail(os.path.join(out, "launches.log"), 12))
+    if os.path.exists(os.path.join(out, "ncu-summary.md")):
+        print(tail(os.path.join(out, "ncu-summary.md"), 12))
     for log in ("bench.log", "bench-no-compile.log"):
         if os.path.exists(os.path.join(out, log)):
             print(tail(os.path.join(out, log), 60))

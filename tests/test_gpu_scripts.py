@@ -1,0 +1,68 @@
+"""The scripts of a GPU run (scripts/verify_cuda.py and the workloads it runs), checked on the CPU
+so that a GPU run does not meet their bugs first."""
+
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import count_launches  # noqa: E402
+import kernel_workload  # noqa: E402
+import verify_cuda  # noqa: E402
+
+NCU_HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
+              '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"')  # fmt: skip
+
+
+def ncu_row(launch, program, metric, unit, value):
+    kernel = f"void lenet_ext::tile_program_kernel<lenet_ext::{program}>(T1::Params)"
+    fields = [launch, "1", "python3", "host", kernel, "1", "7", "(256, 1, 1)", "(88, 1, 1)", "0", "9.0", "section",
+              metric, unit, value]  # fmt: skip
+    return ",".join(f'"{f}"' for f in fields)
+
+
+def test_ncu_summary_keeps_each_launch_and_its_metrics(tmp_path):
+    log = tmp_path / "ncu.log"
+    log.write_text("\n".join([
+        "==PROF== Connected to process 1", "kernel workload done", NCU_HEADER,
+        ncu_row("0", "LeNetTileProgram", "Duration", "usecond", "1,234.5"),
+        ncu_row("0", "LeNetTileProgram", "Compute (SM) Throughput", "%", "55.1"),
+        ncu_row("0", "LeNetTileProgram", "L2 Hit Rate", "%", "90"),
+        ncu_row("1", "PartialSumsProgram", "Achieved Occupancy", "%", "12.2"),
+    ]))  # fmt: skip
+    lines = verify_cuda.summarize_ncu(str(log))
+    assert len(lines) == 4
+    assert lines[2].startswith("| 0 | LeNetTileProgram | 1,234.5 usecond | 55.1 |")
+    assert lines[3].startswith("| 1 | PartialSumsProgram |") and "| 12.2 |" in lines[3]
+
+
+def test_ncu_summary_of_a_refused_run_is_empty(tmp_path):
+    log = tmp_path / "ncu.log"
+    log.write_text("==ERROR== ERR_NVGPUCTRPERM - The user does not have permission to access NVIDIA GPU Performance Counters\n")
+    assert verify_cuda.summarize_ncu(str(log)) == []
+
+
+def test_kernel_workload_runs_on_the_cpu(capsys):
+    kernel_workload.main(["--device", "cpu"])
+    assert "kernel workload done" in capsys.readouterr().out
+
+
+def test_count_launches_counts_and_times_each_step(tmp_path, capsys):
+    output = tmp_path / "launches.json"
+    count_launches.main(["--device", "cpu", "--batch-sizes", "2,3", "--output", str(output)])
+    per_step = json.loads(output.read_text())["per_step"]
+    assert set(per_step) == {"2", "3"}
+    inference = per_step["2"]["inference"]["lenet_ext"]
+    assert list(inference) == ["lenet_ext::lenet_forward"] and inference["lenet_ext::lenet_forward"]["count"] == 1
+    assert all(entry["us"] > 0 for entry in per_step["3"]["training"]["torch"].values())
+    assert "| 3 | training | lenet_ext |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["compute-sanitizer", "ncu", "surely-not-a-cuda-tool"])
+def test_find_cuda_tool_returns_an_existing_path_or_none(name):
+    found = verify_cuda.find_cuda_tool(name)
+    assert found is None or os.path.exists(found)
