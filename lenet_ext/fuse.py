@@ -1,5 +1,6 @@
 """Running Conv2d -> Sigmoid -> AvgPool2d runs of an nn.Sequential through the fused operator."""
 
+from collections import OrderedDict
 from typing import List, Optional, Tuple
 
 import torch
@@ -173,8 +174,29 @@ class FusedSequential(nn.Sequential):
             x = step(x)
         return x
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script (deprecated by PyTorch) compiles the plain layers:
+        # the plan is Python. LeNet's own has its one operator call.
+        return _as_scriptable(self, nn.Sequential(OrderedDict(self._modules)))
+
     def extra_repr(self) -> str:
         return f"fused_runs={self.fused_runs()}"
+
+
+# A module's own hook dicts: the scriptable module torch.jit.script compiles
+# in its place keeps them.
+_MODULE_HOOK_DICTS = (
+    "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+    "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
+)  # fmt: skip
+
+
+def _as_scriptable(module: nn.Module, scriptable: nn.Module) -> nn.Module:
+    """scriptable, which holds module's children, with module's own hooks and mode."""
+    for name in _MODULE_HOOK_DICTS:
+        getattr(scriptable, name).update(getattr(module, name))
+    scriptable.training = module.training  # not train(): the children are module's
+    return scriptable
 
 
 def fuse(model: nn.Module) -> nn.Module:

@@ -15,6 +15,7 @@ from .fuse import (
     _conv_padding,
     _functorch_transforms_active,
     _global_hooks,
+    _as_scriptable,
     _square,
     fusable_config,
 )
@@ -213,7 +214,9 @@ class LeNet(FusedSequential):
             args = self._operator_args(x, compiling)
             if args is not None and x.dim() == 4:
                 try:
-                    if torch.is_grad_enabled() and _records_gradients(args):
+                    # A TorchScript trace is one graph for every mode: the differentiable operator.
+                    tracing = torch._C._get_tracing_state() is not None
+                    if tracing or (torch.is_grad_enabled() and _records_gradients(args)):
                         return ops.lenet_train_forward(*args)
                     return _LENET_FORWARD(*args)  # ops.lenet_forward without its frame
                 except ValueError as e:
@@ -234,6 +237,19 @@ class LeNet(FusedSequential):
                 return None
             cache = self.__dict__["_layout_cache"] = _LayoutCache(layers)
         return cache.args(x, layers)
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script compiles this instead: forward's Python does not script.
+        layers = tuple(self._modules.values())
+        config = _LayoutCache(layers).read(None, layers) if len(layers) == len(_LENET_TYPES) else None
+        return _as_scriptable(self, _ScriptableLeNet(layers, None if config is None else config[3:5] + config[7:9]))
+
+    def __getstate__(self):
+        # The layout cache holds the layers' dicts and torch's module globals,
+        # which do not pickle; a copy or a loaded model builds its own.
+        state = self.__dict__.copy()
+        state.pop("_layout_cache", None)
+        return state
 
     def _check_input(self, x: Tensor, error) -> None:
         """Raises the error a user needs when x's shape, not a layer, is what does not fit."""
@@ -256,3 +272,50 @@ class LeNet(FusedSequential):
     def extra_repr(self) -> str:
         # Print exactly the reference's layers; fused_runs() tells what is fused.
         return ""
+
+
+class _ScriptableLeNet(nn.Sequential):
+    """What torch.jit.script compiles for a LeNet (LeNet.__prepare_scriptable__):
+    the same 12 layers, and one operator call when they were LeNet's, without
+    hooks, at scripting time; otherwise the layers in turn, as the reference
+    runs them. The layers are the LeNet's own, so their parameters are shared."""
+
+    fused: bool
+    padding1: int
+    pool1: int
+    padding2: int
+    pool2: int
+
+    def __init__(self, layers: tuple, config: Optional[tuple]):
+        super().__init__(*layers)
+        self.fused = config is not None
+        self.padding1, self.pool1, self.padding2, self.pool2 = config if config is not None else (0, 0, 0, 0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        fusable_input = x.dim() == 4 and (x.dtype == torch.float32 or x.dtype == torch.float64)
+        if self.fused and fusable_input and (x.is_cuda or x.device.type == "cpu"):
+            conv1, conv2, fc1, fc2, fc3 = self[0], self[3], self[7], self[9], self[11]
+            records = torch.is_grad_enabled() and (
+                x.requires_grad or conv1.weight.requires_grad or conv2.weight.requires_grad
+                or fc1.weight.requires_grad or fc2.weight.requires_grad or fc3.weight.requires_grad
+                or _any_requires_grad([conv1.bias, conv2.bias, fc1.bias, fc2.bias, fc3.bias])
+            )  # fmt: skip
+            if records:
+                return torch.ops.lenet_ext.lenet_train_forward(
+                    x, conv1.weight, conv1.bias, self.padding1, self.pool1, conv2.weight, conv2.bias,
+                    self.padding2, self.pool2, fc1.weight, fc1.bias, fc2.weight, fc2.bias, fc3.weight, fc3.bias,
+                )[0]  # fmt: skip
+            return torch.ops.lenet_ext.lenet_forward(
+                x, conv1.weight, conv1.bias, self.padding1, self.pool1, conv2.weight, conv2.bias,
+                self.padding2, self.pool2, fc1.weight, fc1.bias, fc2.weight, fc2.bias, fc3.weight, fc3.bias,
+            )  # fmt: skip
+        for layer in self:
+            x = layer(x)
+        return x
+
+
+def _any_requires_grad(tensors: list[Optional[Tensor]]) -> bool:
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
