@@ -166,9 +166,12 @@ class FusedSequential(nn.Sequential):
         """[start, stop) child indices of each run that forward computes fused, as the layers are now."""
         return _plan(tuple(self._modules.values()))[1]
 
-    def forward(self, x: Tensor) -> Tensor:
-        # ONNX has no lenet_ext operators: export the plain layers; see also _functorch_transforms_active.
-        if _functorch_transforms_active() or torch.onnx.is_in_onnx_export():
+    def forward(self, input: Tensor) -> Tensor:  # nn.Sequential's name: model(input=x) works alike
+        # ONNX has no lenet_ext operators: export the plain layers; see also
+        # _functorch_transforms_active. FX's symbolic tracing (a Proxy input)
+        # records the plain layers, a node per layer, as tools built on it expect.
+        x = input
+        if not isinstance(x, Tensor) or _functorch_transforms_active() or torch.onnx.is_in_onnx_export():
             return super().forward(x)
         for step in self._current_plan():
             x = step(x)

@@ -197,20 +197,23 @@ class LeNet(FusedSequential):
         super().__init__(*_lenet_layers(num_classes, in_channels, image_size))
         self.image_size = image_size
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:  # nn.Sequential's name: model(input=x) works alike
         # The whole network is one operator call, and with autograd one graph
         # node: at small batches the dispatches, not the arithmetic, are most
         # of the time, and at large ones a tile of images stays in cache
         # through all the layers.
+        x = input
         compiling = torch.compiler.is_compiling()
         if (
-            x.dtype in _FUSED_DTYPES
+            isinstance(x, Tensor)  # not an FX Proxy: symbolic tracing records the plain layers
+            and x.dtype in _FUSED_DTYPES
             and (x.is_cpu or x.is_cuda)  # fuse._FUSED_DEVICES
             and not _functorch_transforms_active()
             and not _exporting_to_onnx(compiling)
         ):
             # ONNX has no lenet_ext operators: export runs the plain layers, and
-            # so do torch.func's transforms (FusedSequential.forward).
+            # so do torch.func's transforms and FX's symbolic tracing
+            # (FusedSequential.forward).
             args = self._operator_args(x, compiling)
             if args is not None and x.dim() == 4:
                 try:
@@ -291,7 +294,8 @@ class _ScriptableLeNet(nn.Sequential):
         self.fused = config is not None
         self.padding1, self.pool1, self.padding2, self.pool2 = config if config is not None else (0, 0, 0, 0)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:
+        x = input
         fusable_input = x.dim() == 4 and (x.dtype == torch.float32 or x.dtype == torch.float64)
         if self.fused and fusable_input and (x.is_cuda or x.device.type == "cpu"):
             conv1, conv2, fc1, fc2, fc3 = self[0], self[3], self[7], self[9], self[11]

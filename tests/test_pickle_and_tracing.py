@@ -1,6 +1,6 @@
-"""LeNet and fuse()'d models through pickle, torch.save, torch.jit.trace and torch.jit.script,
-as the nn.Sequential they replace goes through them (TorchScript is deprecated by PyTorch,
-but still in use)."""
+"""LeNet and fuse()'d models through pickle, torch.save, FX's symbolic tracing,
+torch.jit.trace and torch.jit.script, as the nn.Sequential they replace goes through them
+(TorchScript is deprecated by PyTorch, but still in use)."""
 
 import copy
 import io
@@ -123,3 +123,26 @@ def test_script_keeps_the_models_own_hooks():
 
 def _double_output(module: nn.Module, inputs: tuple[torch.Tensor], output: torch.Tensor) -> torch.Tensor:
     return output * 2
+
+
+@pytest.mark.parametrize("make", [lambda ref: LeNet(), lenet_ext.fuse], ids=["LeNet", "fuse"])
+def test_fx_symbolic_trace_records_the_plain_layers(make):
+    """A node per layer, as for the reference: what FX-based tools (quantization, feature
+    extraction) expect; the GraphModule computes what the reference computes."""
+    net, ref = twin_pair()
+    model = make(ref)
+    if isinstance(model, LeNet):
+        model.load_state_dict(ref.state_dict())
+    traced = torch.fx.symbolic_trace(model)
+    reference_graph = torch.fx.symbolic_trace(ref).graph
+    assert [(n.op, n.target) for n in traced.graph.nodes] == [(n.op, n.target) for n in reference_graph.nodes]
+    assert_same_model(traced, ref, torch.rand(3, 1, 28, 28))
+
+
+@pytest.mark.parametrize("make", [lambda ref: LeNet(), lenet_ext.fuse], ids=["LeNet", "fuse"])
+def test_input_by_keyword_as_for_nn_sequential(make):
+    _, ref = twin_pair()
+    model = make(ref)
+    model.load_state_dict(ref.state_dict())
+    x = torch.rand(2, 1, 28, 28)
+    torch.testing.assert_close(model(input=x), ref(input=x), **TOL)
