@@ -170,6 +170,16 @@ def test_lenet_backward_tile_programs_compute_what_is_asked(asked):
     assert [g is not None for g in got] == mask
 
 
+def test_lenet_backward_tile_programs_over_more_tiles_than_one_pass_of_sums_adds():
+    """520 tiles of one image: more rows of partial sums than a block adds (512), so the
+    bias and conv gradients take two passes."""
+    args = random_lenet_args(520)
+    inputs = backward_inputs(args)
+    mask = [False] + [True] * 10
+    got = BACKWARD_EMULATED(*inputs, *args[1:], mask, 1, 1, 256)
+    assert_grads_match(got, reference_grads(inputs, args, mask), mask)
+
+
 def test_lenet_backward_tile_programs_are_bitwise_repeatable_and_match_lenet_backward():
     args = random_lenet_args(21)
     inputs = backward_inputs(args)
