@@ -15,8 +15,8 @@
 // over the tile is split into slices of its rows when there are too few
 // weights to keep every thread busy (LeNet's first block has 156); the slices
 // are added in a fixed order, and each tile writes its own row of sums, which
-// the launcher adds in tile order (sum_partials): the gradients are bitwise
-// repeatable.
+// the program of tile_partial_sums.h adds in a fixed order too: the gradients
+// are bitwise repeatable.
 //
 // Like lenet_forward_tile.h, the phases are __host__ __device__ over the
 // thread's coordinates: cuda/conv_sigmoid_avgpool2d_cuda.cu launches them, and

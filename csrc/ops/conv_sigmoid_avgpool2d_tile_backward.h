@@ -5,7 +5,9 @@
 //   stage | dL/dz | dL/dx, and slices of the weight and bias sums | the slices added
 //
 // dL/dz stays in shared memory; each tile writes one row of weight and bias
-// sums, which the launcher adds in tile order.
+// sums, which tile_partial_sums.h's program adds. The phases take the tile's
+// gradients in and out as pointers, so that LeNet's backward program
+// (lenet_backward_tile.h) runs them on gradients in shared memory.
 #pragma once
 
 #include "conv_sigmoid_avgpool2d_tile.h"
