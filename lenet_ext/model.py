@@ -12,10 +12,10 @@ from .fuse import (
     _FUSED_DTYPES,
     _GLOBAL_HOOK_DICTS,
     FusedSequential,
+    _as_scriptable,
     _conv_padding,
     _functorch_transforms_active,
     _global_hooks,
-    _as_scriptable,
     _square,
     fusable_config,
 )
@@ -244,8 +244,9 @@ class LeNet(FusedSequential):
     def __prepare_scriptable__(self):
         # torch.jit.script compiles this instead: forward's Python does not script.
         layers = tuple(self._modules.values())
-        config = _LayoutCache(layers).read(None, layers) if len(layers) == len(_LENET_TYPES) else None
-        return _as_scriptable(self, _ScriptableLeNet(layers, None if config is None else config[3:5] + config[7:9]))
+        args = _LayoutCache(layers).read(None, layers) if len(layers) == len(_LENET_TYPES) else None
+        config = None if args is None else (args[3], args[4], args[7], args[8])  # conv1_padding, pool1, conv2_...
+        return _as_scriptable(self, _ScriptableLeNet(layers, config))
 
     def __getstate__(self):
         # The layout cache holds the layers' dicts and torch's module globals,
@@ -289,7 +290,7 @@ class _ScriptableLeNet(nn.Sequential):
     padding2: int
     pool2: int
 
-    def __init__(self, layers: tuple, config: Optional[tuple]):
+    def __init__(self, layers: tuple, config: Optional[tuple]):  # config: (conv1_padding, pool1, conv2_padding, pool2)
         super().__init__(*layers)
         self.fused = config is not None
         self.padding1, self.pool1, self.padding2, self.pool2 = config if config is not None else (0, 0, 0, 0)
