@@ -15,7 +15,11 @@ from lenet_ext import LeNet
 
 from conftest import DEVICES, LENET_TOLERANCES, twin_pair
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
+# Newer torch warns with FutureWarning, torch 2.11 with DeprecationWarning.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning"),
+]
 
 TOL = LENET_TOLERANCES[torch.float32]
 
