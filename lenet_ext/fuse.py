@@ -33,6 +33,10 @@ def _square(value) -> Optional[int]:
     return None
 
 
+# A module's hook dicts, which _has_hooks reads.
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
 def _has_hooks(module: nn.Module) -> bool:
     return bool(
         module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
@@ -188,8 +192,7 @@ class FusedSequential(nn.Sequential):
 
 # A module's own hook dicts: the scriptable module torch.jit.script compiles
 # in its place keeps them.
-_MODULE_HOOK_DICTS = (
-    "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+_MODULE_HOOK_DICTS = _HOOK_DICTS + (
     "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
 )  # fmt: skip
 

@@ -11,6 +11,7 @@ from . import _C, ops
 from .fuse import (
     _FUSED_DTYPES,
     _GLOBAL_HOOK_DICTS,
+    _HOOK_DICTS,
     FusedSequential,
     _as_scriptable,
     _conv_padding,
@@ -72,9 +73,6 @@ def _operator_config(conv1, pool1, conv2, pool2, flatten) -> Optional[tuple]:
     if flatten.start_dim != 1 or flatten.end_dim != -1:
         return None
     return _conv_padding(conv1), _square(pool1.kernel_size), _conv_padding(conv2), _square(pool2.kernel_size)
-
-
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 def _args_from(x: Tensor, layers: tuple, config: tuple) -> tuple:
