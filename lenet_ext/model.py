@@ -25,6 +25,7 @@ __all__ = ["LeNet", "reference_lenet", "lenet_args"]
 
 _LENET_FORWARD = torch.ops.lenet_ext.lenet_forward.default
 _unchanged = _C.unchanged
+_tracing_state = torch._C._get_tracing_state  # TorchScript's tracer: None unless tracing
 
 # First-conv padding for each supported input size; both give a 16x5x5 = 400-wide dense block.
 _FIRST_PADDING = {28: 2, 32: 0}
@@ -170,7 +171,7 @@ def _records_gradients(args: tuple) -> bool:
 def _exporting_to_onnx(compiling: bool) -> bool:
     # The cheap tests first: torch.onnx.is_in_onnx_export imports two modules
     # at every call, and both exporters trace (TorchScript) or compile.
-    return (compiling or torch._C._get_tracing_state() is not None) and torch.onnx.is_in_onnx_export()
+    return (compiling or _tracing_state() is not None) and torch.onnx.is_in_onnx_export()
 
 
 def reference_lenet(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> nn.Sequential:
@@ -216,8 +217,7 @@ class LeNet(FusedSequential):
             if args is not None and x.dim() == 4:
                 try:
                     # A TorchScript trace is one graph for every mode: the differentiable operator.
-                    tracing = torch._C._get_tracing_state() is not None
-                    if tracing or (torch.is_grad_enabled() and _records_gradients(args)):
+                    if (torch.is_grad_enabled() and _records_gradients(args)) or _tracing_state() is not None:
                         return ops.lenet_train_forward(*args)
                     return _LENET_FORWARD(*args)  # ops.lenet_forward without its frame
                 except ValueError as e:
