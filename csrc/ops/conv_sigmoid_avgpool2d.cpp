@@ -121,7 +121,7 @@ ForwardCall prepare_forward(const at::Tensor& x, const at::Tensor& weight,
   call.g = check_forward_args(x, weight, bias, padding, pool);
   call.x = x.contiguous();
   call.weight = weight.contiguous();
-  call.bias = bias.has_value() ? bias->contiguous() : at::Tensor();
+  call.bias = contiguous_or_undefined(bias);
   const ConvPoolGeometry& g = call.g;
   call.out = at::empty({g.batch, g.out_channels, g.out_height, g.out_width}, call.x.options());
   return call;
@@ -135,7 +135,7 @@ BackwardCall prepare_backward(const at::Tensor& grad_out, const at::Tensor& x,
   call.grad_out = grad_out.contiguous();
   call.x = x.contiguous();
   call.weight = weight.contiguous();
-  call.bias = bias.has_value() ? bias->contiguous() : at::Tensor();
+  call.bias = contiguous_or_undefined(bias);
   call.need_x = output_mask[0];
   call.need_weight = output_mask[1];
   call.need_bias = output_mask[2] && bias.has_value();
@@ -187,7 +187,7 @@ ConvTileForwardParams conv_tile_forward_params(const ForwardCall& call, int tile
   p.batch = call.g.batch;
   p.x = call.x.const_data_ptr<float>();
   p.weight = call.weight.const_data_ptr<float>();
-  p.bias = call.bias.defined() ? call.bias.const_data_ptr<float>() : nullptr;
+  p.bias = float_data_or_null(call.bias);
   p.out = call.out.mutable_data_ptr<float>();
   return p;
 }
@@ -204,7 +204,7 @@ ConvTileBackward prepare_tile_backward(const BackwardCall& call, int tile, int t
   p.grad_out = call.grad_out.const_data_ptr<float>();
   p.x = call.x.const_data_ptr<float>();
   p.weight = call.weight.const_data_ptr<float>();
-  p.bias = call.bias.defined() ? call.bias.const_data_ptr<float>() : nullptr;
+  p.bias = float_data_or_null(call.bias);
   p.grad_x = call.need_x ? call.grad_x.mutable_data_ptr<float>() : nullptr;
   p.partials = need_params ? r.partials.mutable_data_ptr<float>() : nullptr;
   return r;

@@ -33,6 +33,16 @@ struct InputMeta {
 
 inline InputMeta meta_of(const at::Tensor& x) { return {x.sizes(), x.scalar_type(), x.device()}; }
 
+// An optional argument (a bias) made contiguous, or undefined when None.
+inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t ? t->contiguous() : at::Tensor();
+}
+
+// A float32 tensor's data for a kernel, null for an undefined one (a bias given as None).
+inline const float* float_data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<float>() : nullptr;
+}
+
 // Validates the forward arguments and returns the sizes of the call.
 ConvPoolGeometry check_forward_args(
     const InputMeta& x, const at::Tensor& weight,

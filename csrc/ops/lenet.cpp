@@ -170,7 +170,7 @@ LeNetBackwardCall check_backward_args(const at::Tensor& grad_logits, const at::T
     call.mask[i] = output_mask[i] && given[i];
     call.needed_below[i + 1] = call.needed_below[i] || call.mask[i];
   }
-  call.block2_shape = {g2.out_channels, g2.out_height, g2.out_width};
+  call.block1 = g1, call.block2 = g2;
   return call;
 }
 
@@ -191,8 +191,8 @@ at::Tensor dense_backward(const at::Tensor& grad_logits, const LeNetActivations&
   g = at::sigmoid_backward(at::mm(g, p.fc2_weight), saved.fc1);
   linear_grads(g, saved.block2, kFc1W, kFc1B);
   if (!call.needed_below[kFc1W]) return at::Tensor();
-  const auto& [c, h, w] = call.block2_shape;
-  return at::mm(g, p.fc1_weight).view({g.size(0), c, h, w});
+  const ConvPoolGeometry& b2 = call.block2;
+  return at::mm(g, p.fc1_weight).view({g.size(0), b2.out_channels, b2.out_height, b2.out_width});
 }
 
 LeNetActivations forward_whole_batch(const at::Tensor& x, const LeNetParams& p, const char* op) {
@@ -221,7 +221,6 @@ LeNetGrads lenet_backward_whole_batch(const at::Tensor& grad_logits, const at::T
   }
   return as_tuple(grads);
 }
-
 
 bool tile_program_fits(const at::Tensor& x, const LeNetParams& p) {
   const bool float32 = x.scalar_type() == at::kFloat && p.conv1_weight.scalar_type() == at::kFloat;
@@ -260,11 +259,12 @@ LeNetTileCall prepare_tile_call(const at::Tensor& x, const LeNetParams& p, bool 
   call.params.s.tile = 0;
   if (tile == 0) return call;
   call.params.s = retile(one_image, tile);
-  const auto contiguous = [](const std::optional<at::Tensor>& t) { return t ? t->contiguous() : at::Tensor(); };
-  call.tensors = {x.contiguous(), p.conv1_weight.contiguous(), contiguous(p.conv1_bias),
-                  p.conv2_weight.contiguous(), contiguous(p.conv2_bias), p.fc1_weight.contiguous(),
-                  contiguous(p.fc1_bias), p.fc2_weight.contiguous(), contiguous(p.fc2_bias),
-                  p.fc3_weight.contiguous(), contiguous(p.fc3_bias)};
+  call.tensors = {x.contiguous(),
+                  p.conv1_weight.contiguous(), contiguous_or_undefined(p.conv1_bias),
+                  p.conv2_weight.contiguous(), contiguous_or_undefined(p.conv2_bias),
+                  p.fc1_weight.contiguous(),   contiguous_or_undefined(p.fc1_bias),
+                  p.fc2_weight.contiguous(),   contiguous_or_undefined(p.fc2_bias),
+                  p.fc3_weight.contiguous(),   contiguous_or_undefined(p.fc3_bias)};
   LeNetActivations& out = call.out;
   out.logits = at::empty({batch, f3}, x.options());
   if (train) {
@@ -273,7 +273,7 @@ LeNetTileCall prepare_tile_call(const at::Tensor& x, const LeNetParams& p, bool 
     out.fc1 = at::empty({batch, f1}, x.options());
     out.fc2 = at::empty({batch, f2}, x.options());
   }
-  const auto data = [&](int i) { return call.tensors[i].defined() ? call.tensors[i].const_data_ptr<float>() : nullptr; };
+  const auto data = [&](int i) { return float_data_or_null(call.tensors[i]); };
   const auto output = [](at::Tensor& t) { return t.defined() ? t.mutable_data_ptr<float>() : nullptr; };
   const auto dense = [&](int weight, int bias) {
     const at::Tensor& w = call.tensors[weight];

@@ -137,11 +137,11 @@ LeNetTileCall prepare_tile_call(const at::Tensor& x, const LeNetParams& p, bool 
 // A checked lenet_backward call: the saved activations fit x and the
 // parameters. mask leaves out the arguments given as None; needed_below[i]
 // says whether a gradient at index < i is asked for, so that the chain must
-// go on past layer i.
+// go on past layer i. block1 and block2 are the conv blocks' sizes.
 struct LeNetBackwardCall {
   LeNetGradMask mask;
   std::array<bool, kGrads + 1> needed_below;
-  std::array<int64_t, 3> block2_shape;  // block 2's output per image, (C, H, W)
+  ConvPoolGeometry block1, block2;
 };
 
 LeNetBackwardCall check_backward_args(const at::Tensor& grad_logits, const at::Tensor& x,

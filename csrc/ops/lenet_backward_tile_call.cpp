@@ -18,9 +18,7 @@ LeNetBackwardTiles prepare_backward_tiles(const at::Tensor& grad_logits, const a
   if (!tile_program_fits(x, p) || !call.needed_below[kFc3W] || x.size(0) == 0) return r;
   const LeNetGradMask& mask = call.mask;
   const bool conv2 = call.needed_below[kFc1W], conv1 = call.needed_below[kConv2W];
-  const ConvPoolGeometry g1 = check_forward_args(x, p.conv1_weight, p.conv1_bias, p.conv1_padding, p.pool1);
-  const ConvPoolGeometry g2 =
-      check_forward_args(saved.block1, p.conv2_weight, p.conv2_bias, p.conv2_padding, p.pool2);
+  const ConvPoolGeometry &g1 = call.block1, &g2 = call.block2;
   const int f1 = static_cast<int>(p.fc1_weight.size(0)), f2 = static_cast<int>(p.fc2_weight.size(0)),
             f3 = static_cast<int>(p.fc3_weight.size(0));
   const int tile =
@@ -32,12 +30,11 @@ LeNetBackwardTiles prepare_backward_tiles(const at::Tensor& grad_logits, const a
   const int64_t batch = x.size(0);
   r.mask = mask;
   r.tiles = (batch + tile - 1) / tile;
-  const auto contiguous = [](const std::optional<at::Tensor>& t) { return t ? t->contiguous() : at::Tensor(); };
   r.inputs = {grad_logits.contiguous(),  saved.fc2.contiguous(),    saved.fc1.contiguous(),
               saved.block2.contiguous(), p.fc1_weight.contiguous(), p.fc2_weight.contiguous(),
               p.fc3_weight.contiguous(), saved.block1.contiguous(), p.conv2_weight.contiguous(),
-              contiguous(p.conv2_bias)};
-  const auto data = [&](int i) { return r.inputs[i].defined() ? r.inputs[i].const_data_ptr<float>() : nullptr; };
+              contiguous_or_undefined(p.conv2_bias)};
+  const auto data = [&](int i) { return float_data_or_null(r.inputs[i]); };
   r.g1 = at::empty({batch, f1}, x.options());
   r.g2 = at::empty({batch, f2}, x.options());
   for (int i = kConv1W; i < kGrads; ++i)

@@ -42,8 +42,8 @@ PackedTensor pack_for_simd(const at::Tensor& weight, const at::Tensor& bias) {
   const int64_t per_channel = weight.size(1) * weight.size(2) * weight.size(3);
   at::Tensor storage = at::empty({cpu::PackedWeights::size(c_out, per_channel)}, weight.options());
   const cpu::PackedWeights view =
-      cpu::PackedWeights::pack(weight.const_data_ptr<float>(), bias.defined() ? bias.const_data_ptr<float>() : nullptr,
-                               c_out, per_channel, storage.mutable_data_ptr<float>());
+      cpu::PackedWeights::pack(weight.const_data_ptr<float>(), float_data_or_null(bias), c_out, per_channel,
+                               storage.mutable_data_ptr<float>());
   return {storage, view};
 }
 
