@@ -286,24 +286,36 @@ def add_speedups(rows):
         r["speedup_vs_eager"] = eager[(r["device"], r["mode"], r["batch"])] / r["median_s"]
 
 
+def write_results(output_dir, env, peaks, rows):
+    """results.json with the rows so far: a run stopped part-way keeps what it measured."""
+    if not output_dir:
+        return
+    add_speedups(rows)
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump(dict(environment=env, peak_gflops=peaks, rows=rows), f, indent=1)
+
+
 def markdown_table(rows, peaks):
     lines = []
     for device in dict.fromkeys(r["device"] for r in rows):
         lines.append(f"\n### {device} (float32 matmul peak measured in this run: {peaks[device]:.1f} GFLOP/s)\n")
         lines.append(
             "| mode | batch | provider | images/s | median | IQR | vs eager | GFLOP/s | % of peak "
-            "| saved/sample | first 2 calls |"
+            "| saved/sample | peak memory | first 2 calls |"
         )
-        lines.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        lines.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in (r for r in rows if r["device"] == device):
             saved = f"{r['saved_bytes_per_sample']:,.0f} B" if "saved_bytes_per_sample" in r else ""
+            peak_memory = f"{r['peak_memory_bytes'] / 2**20:,.1f} MiB" if "peak_memory_bytes" in r else ""
             first = f"{r['warmup_and_compile_s']:.2f} s" if "warmup_and_compile_s" in r else ""
             lines.append(
                 f"| {r['mode']} | {r['batch']} | {r['provider']} | {r['images_per_s']:,.0f} | "
                 f"{r['median_s'] * 1e3:.3f} ms | {r['iqr_s'] * 1e3:.3f} ms | {r['speedup_vs_eager']:.2f}x | "
-                f"{r['gflops']:.1f} | {100 * r['peak_fraction']:.1f}% | {saved} | {first} |"
+                f"{r['gflops']:.1f} | {100 * r['peak_fraction']:.1f}% | {saved} | {peak_memory} | {first} |"
             )
     lines.append(
+        "\npeak memory: of a training step on CUDA (torch.cuda.max_memory_allocated, inputs and weights included)."
         "\nfirst 2 calls: the warm-up, including compilation for the compiled providers, excluded from the timings."
     )
     return "\n".join(lines)
@@ -443,16 +455,15 @@ def main(argv=None):
                 providers = {k: v for k, v in providers.items() if "compile" not in k}
             for batch in args.batch_sizes:
                 rows += run_model_rows(device, mode, batch, providers, reference, flops, peaks[device_name], args, progress)
+                write_results(args.output_dir, env, peaks, rows)
         if "layer" in args.modes:
             for batch in args.batch_sizes:
                 rows += run_layer_rows(device, batch, peaks[device_name], args, progress)
+                write_results(args.output_dir, env, peaks, rows)
     progress.close()
     add_speedups(rows)
     print(markdown_table(rows, peaks))
     if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-            json.dump(dict(environment=env, peak_gflops=peaks, rows=rows), f, indent=1)
         if plot(rows, os.path.join(args.output_dir, "throughput.png")):
             print(f"\nwrote {args.output_dir}/results.json and {args.output_dir}/throughput.png")
         else:

@@ -18,8 +18,12 @@ Nothing is installed: the build uses the torch, setuptools and ninja already
 there (pip's build isolation would need the network). Sized for a one-GPU
 H100/H200 machine with 16 cores, about 8 minutes in all; --budget sets the
 seconds the stages may take together, and the benchmark gets what the
-others leave. Without a GPU (--no-gpu-ok) the script runs what it can on the
-CPU, for checking the script itself.
+others leave. When the tests fail, the sanitizers still run (they locate a
+bad access) and the timing stages are skipped, unless --keep-going.
+--only runs the named stages after the build (an in-place build that is up
+to date takes seconds), for example a second run of the benchmark alone.
+Without a GPU (--no-gpu-ok) the script runs what it can on the CPU, for
+checking the script itself.
 """
 
 import argparse
@@ -35,6 +39,8 @@ import xml.etree.ElementTree as ET
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
+STAGES = ("build", "tests", *SANITIZER_TOOLS, "launches", "bench-no-compile", "bench", "ncu", "bench-reference")
+TIMING_STAGES = ("launches", "bench-no-compile", "bench", "ncu", "bench-reference")
 
 
 class Stage:
@@ -125,15 +131,20 @@ def main(argv=None):
     parser.add_argument("out_dir")
     parser.add_argument("--budget", type=float, default=450, help="seconds for all stages together (default 450)")
     parser.add_argument("--no-gpu-ok", action="store_true", help="without a GPU, run what the CPU can")
+    parser.add_argument("--only", help="comma-separated stages to run after the build, from: " + ", ".join(STAGES[1:]))
+    parser.add_argument("--keep-going", action="store_true", help="time the kernels even when the tests failed")
     args = parser.parse_args(argv)
+    only = set(args.only.split(",")) if args.only else set(STAGES)
+    if not only <= set(STAGES):
+        parser.error(f"--only: unknown stages {sorted(only - set(STAGES))}; the stages are {', '.join(STAGES[1:])}")
     out = os.path.abspath(args.out_dir)
     os.makedirs(out, exist_ok=True)
     deadline = time.monotonic() + args.budget
     left = lambda: deadline - time.monotonic()  # noqa: E731
-    stages = {
-        name: Stage(name)
-        for name in ("build", "tests", *SANITIZER_TOOLS, "launches", "bench", "ncu", "bench-reference")
-    }
+    stages = {name: Stage(name) for name in STAGES}
+    for name in set(STAGES) - only - {"build"}:
+        stages[name].status, stages[name].detail = "skipped", "not in --only"
+    wanted = lambda name: stages[name].status == "not run"  # noqa: E731
 
     facts = gpu_facts()
     with open(os.path.join(out, "environment.json"), "w") as f:
@@ -159,10 +170,11 @@ def main(argv=None):
     # The whole suite, CUDA variants included.
     stage = stages["tests"]
     junit = os.path.join(out, "tests.xml")
-    code, stage.seconds = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"],
-                              os.path.join(out, "tests.log"), min(240, left() - 120))  # fmt: skip
-    stage.status = "passed" if code == 0 else ("TIMED OUT" if code is None else "FAILED")
-    if os.path.exists(junit):
+    if wanted("tests"):
+        code, stage.seconds = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                   f"--junitxml={junit}"], os.path.join(out, "tests.log"), min(240, left() - 120))  # fmt: skip
+        stage.status = "passed" if code == 0 else ("TIMED OUT" if code is None else "FAILED")
+    if stage.status != "skipped" and os.path.exists(junit):
         suite = ET.parse(junit).getroot()
         suite = suite if suite.tag == "testsuite" else suite[0]
         counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
@@ -171,12 +183,13 @@ def main(argv=None):
     # compute-sanitizer over a small workload that reaches every CUDA kernel.
     sanitizer = find_cuda_tool("compute-sanitizer")
     workload = [sys.executable, os.path.join("scripts", "cuda_sanitizer_workload.py")]
-    if not has_gpu:  # the workload itself, on the CPU, so that a GPU run does not meet its bugs first
+    # Without a GPU, the workload on the CPU, so that a GPU run does not meet its bugs first.
+    if not has_gpu and any(map(wanted, SANITIZER_TOOLS)):
         code, _ = run(workload + ["--device", "cpu"], os.path.join(out, "workload-cpu.log"), min(120, left()))
         for tool in SANITIZER_TOOLS:
             stages[tool].status = "unavailable"
             stages[tool].detail = "no GPU; the workload on the CPU " + ("passed" if code == 0 else "FAILED")
-    for tool in SANITIZER_TOOLS if has_gpu else ():
+    for tool in filter(wanted, SANITIZER_TOOLS if has_gpu else ()):
         stage = stages[tool]
         if sanitizer is None:
             stage.status, stage.detail = "unavailable", "compute-sanitizer not found"
@@ -185,44 +198,57 @@ def main(argv=None):
         cmd = [sanitizer, "--tool", tool, "--error-exitcode", "99", "--print-limit", "50"]
         if tool == "racecheck":
             cmd += ["--racecheck-report", "all"]
-        code, stage.seconds = run(cmd + workload, log, min(90, left() - 60))
+        # Without the caching allocator every tensor is its own allocation, so memcheck sees
+        # an access past a tensor's end and initcheck a read of memory no one wrote.
+        no_cache = {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
+        code, stage.seconds = run(cmd + workload, log, min(90, left() - 60), env=no_cache)
         summary = re.findall(r"ERROR SUMMARY: (\d+) error", tail(log, 40))
         errors = int(summary[-1]) if summary else None
         stage.status = "passed" if code == 0 and errors == 0 else ("TIMED OUT" if code is None else "FAILED")
         stage.detail = f"{errors} errors" if errors is not None else tail(log, 3).strip().replace("\n", " | ")[:120]
 
+    # Timing wrong kernels tells nothing, and GPU time is scarce.
+    if stages["tests"].status in ("FAILED", "TIMED OUT") and not args.keep_going:
+        for name in filter(wanted, TIMING_STAGES):
+            stages[name].status, stages[name].detail = "skipped", "the tests failed (--keep-going times them anyway)"
+
     # Kernels per inference call and per training step, lenet_ext's and eager's.
     stage = stages["launches"]
     launches = os.path.join(out, "launches.json")
     sizes = "256,8192" if has_gpu else "256"
-    code, stage.seconds = run([sys.executable, os.path.join("scripts", "count_launches.py"), "--batch-sizes", sizes,
-                               "--output", launches], os.path.join(out, "launches.log"), min(60, left() - 60))  # fmt: skip
-    stage.status = "passed" if code == 0 else ("TIMED OUT" if code is None else "FAILED")
-    stage.detail = f"launches.log: per step, at batch {sizes}" + ("" if has_gpu else " (operator calls on the CPU)")
+    if wanted("launches"):
+        code, stage.seconds = run([sys.executable, os.path.join("scripts", "count_launches.py"), "--batch-sizes",
+                                   sizes, "--output", launches], os.path.join(out, "launches.log"), min(60, left() - 60))  # fmt: skip
+        stage.status = "passed" if code == 0 else ("TIMED OUT" if code is None else "FAILED")
+        stage.detail = f"launches.log: per step, at batch {sizes}" + ("" if has_gpu else " (operator calls on the CPU)")
 
     # The benchmark, with what time is left: first without the torch.compile
     # providers (quick, so that lenet_ext against eager always comes back),
-    # then the whole table, whose compiles take most of its time.
-    stage = stages["bench"]
+    # then the whole table, whose compiles take most of its time. Each writes
+    # its results.json as it goes, so a stopped run keeps its rows.
     bench = [sys.executable, os.path.join("benchmarks", "bench.py"), "--quiet", "--modes", "inference,training"]
     if has_gpu:
         bench += ["--devices", "cuda", "--batch-sizes", "1,256,8192,65536"]
     else:
         bench += ["--devices", "cpu", "--batch-sizes", "1,256"]
-    quick = bench + ["--no-compile", "--output-dir", os.path.join(out, "bench-no-compile")]
-    code, stage.seconds = run(quick, os.path.join(out, "bench-no-compile.log"), left())
-    if code == 0 and left() > 30:
-        code, seconds = run(bench + ["--output-dir", os.path.join(out, "bench")], os.path.join(out, "bench.log"), left())
-        stage.seconds += seconds
-        stage.detail = "bench/: results.json, throughput.png" if code == 0 else "the whole table: see bench.log"
-    elif code == 0:
-        code, stage.detail = None, "no time left for the torch.compile providers; bench-no-compile/ has the rest"
-    stage.status = "passed" if code == 0 else ("TIMED OUT" if code is None else "FAILED")
+    for name, extra in (("bench-no-compile", ["--no-compile"]), ("bench", [])):
+        stage = stages[name]
+        if not wanted(name):
+            continue
+        if left() < 30:
+            stage.status, stage.detail = "skipped", "no time left"
+            continue
+        code, stage.seconds = run(bench + extra + ["--output-dir", os.path.join(out, name)],
+                                  os.path.join(out, f"{name}.log"), left())  # fmt: skip
+        stage.status = "passed" if code == 0 else ("TIMED OUT" if code is None else "FAILED")
+        stage.detail = f"{name}/: results.json" + (", throughput.png" if code == 0 else f"; see {name}.log")
 
     # Nsight Compute over one call of each tile program: where each one's time goes.
     stage = stages["ncu"]
     ncu = find_cuda_tool("ncu")
-    if not has_gpu:  # the workload itself, on the CPU
+    if not wanted("ncu"):
+        pass
+    elif not has_gpu:  # the workload itself, on the CPU
         code, _ = run([sys.executable, os.path.join("scripts", "kernel_workload.py"), "--device", "cpu"],
                       os.path.join(out, "kernel-workload-cpu.log"), min(120, left()))  # fmt: skip
         stage.status = "unavailable"
@@ -248,7 +274,9 @@ def main(argv=None):
 
     # The same quick table on the reference kernels: what the tile programs gain.
     stage = stages["bench-reference"]
-    if has_gpu and left() > 60:
+    if not wanted("bench-reference"):
+        pass
+    elif has_gpu and left() > 60:
         code, stage.seconds = run(bench + ["--no-compile", "--output-dir", os.path.join(out, "bench-reference")],
                                   os.path.join(out, "bench-reference.log"), left(),
                                   env={"LENET_EXT_CUDA_KERNEL": "reference"})  # fmt: skip

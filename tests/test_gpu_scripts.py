@@ -66,3 +66,10 @@ def test_count_launches_counts_and_times_each_step(tmp_path, capsys):
 def test_find_cuda_tool_returns_an_existing_path_or_none(name):
     found = verify_cuda.find_cuda_tool(name)
     assert found is None or os.path.exists(found)
+
+
+def test_verify_cuda_names_the_stages_when_only_names_an_unknown_one(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        verify_cuda.main([str(tmp_path), "--only", "bench,benchmark"])
+    assert exit_info.value.code == 2
+    assert "benchmark" in capsys.readouterr().err and not os.listdir(tmp_path)
