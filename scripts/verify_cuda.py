@@ -28,6 +28,7 @@ checking the script itself.
 
 import argparse
 import csv
+import importlib.util
 import json
 import os
 import re
@@ -70,6 +71,18 @@ def tail(path, lines=15):
         return "".join(f.readlines()[-lines:])
 
 
+def pytest_command(junit, workers=4):
+    """The suite's command and environment. With pytest-xdist, in `workers`
+    processes of a quarter of the cores each: a test that crashes its process
+    is reported as failed and a fresh process runs the rest, where one
+    process would end the suite at the crash."""
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+    if importlib.util.find_spec("xdist") is None:
+        return command, {}
+    threads = max(1, (os.cpu_count() or workers) // workers)
+    return command + ["-n", str(workers), "--max-worker-restart", "8"], {"OMP_NUM_THREADS": str(threads)}
+
+
 def gpu_facts():
     """(name, 'major.minor', torch facts) of GPU 0, or None without one."""
     code = "import json, torch, importlib.metadata as m; print(json.dumps(dict(torch=torch.__version__, " \
@@ -88,6 +101,14 @@ def find_cuda_tool(name):
         if not found and candidate and os.path.exists(candidate):
             found = candidate
     return found
+
+
+def sanitizer_errors(log_tail):
+    """The error count of compute-sanitizer's last summary line, or None without one. racecheck
+    ends with "RACECHECK SUMMARY: N hazards displayed (E errors, W warnings)", the other tools
+    with "ERROR SUMMARY: E errors"."""
+    summary = re.findall(r"ERROR SUMMARY: (\d+) error|RACECHECK SUMMARY: \d+ hazards? displayed \((\d+) error", log_tail)
+    return int(next(n for n in summary[-1] if n)) if summary else None
 
 
 # The ncu metrics ncu-summary.md keeps, by the names ncu's CSV gives them.
@@ -171,8 +192,8 @@ def main(argv=None):
     stage = stages["tests"]
     junit = os.path.join(out, "tests.xml")
     if wanted("tests"):
-        code, stage.seconds = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                   f"--junitxml={junit}"], os.path.join(out, "tests.log"), min(240, left() - 120))  # fmt: skip
+        command, env = pytest_command(junit)
+        code, stage.seconds = run(command, os.path.join(out, "tests.log"), min(240, left() - 120), env=env)
         stage.status = "passed" if code == 0 else ("TIMED OUT" if code is None else "FAILED")
     if stage.status != "skipped" and os.path.exists(junit):
         suite = ET.parse(junit).getroot()
@@ -202,8 +223,7 @@ def main(argv=None):
         # an access past a tensor's end and initcheck a read of memory no one wrote.
         no_cache = {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
         code, stage.seconds = run(cmd + workload, log, min(90, left() - 60), env=no_cache)
-        summary = re.findall(r"ERROR SUMMARY: (\d+) error", tail(log, 40))
-        errors = int(summary[-1]) if summary else None
+        errors = sanitizer_errors(tail(log, 40))
         stage.status = "passed" if code == 0 and errors == 0 else ("TIMED OUT" if code is None else "FAILED")
         stage.detail = f"{errors} errors" if errors is not None else tail(log, 3).strip().replace("\n", " | ")[:120]
 

@@ -73,3 +73,14 @@ def test_verify_cuda_names_the_stages_when_only_names_an_unknown_one(tmp_path, c
         verify_cuda.main([str(tmp_path), "--only", "bench,benchmark"])
     assert exit_info.value.code == 2
     assert "benchmark" in capsys.readouterr().err and not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("log, errors", [
+    ("========= COMPUTE-SANITIZER\nworkload passed\n========= ERROR SUMMARY: 0 errors\n", 0),
+    ("========= Invalid __global__ read of size 4 bytes\n========= ERROR SUMMARY: 3 errors\n", 3),
+    ("workload passed\n========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n", 0),
+    ("========= RACECHECK SUMMARY: 5 hazards displayed (2 errors, 3 warnings)\n", 2),
+    ("Traceback (most recent call last):\nRuntimeError: CUDA error\n", None),
+])  # fmt: skip
+def test_sanitizer_errors_read_from_each_tools_summary(log, errors):
+    assert verify_cuda.sanitizer_errors(log) == errors
