@@ -93,6 +93,17 @@ def gpu_facts():
     return json.loads(out.strip().splitlines()[-1])
 
 
+def cxx_compiler():
+    """The C++ compiler torch.utils.cpp_extension builds with ($CXX, else c++): its path and
+    version line. Where the extension misbehaves on one machine only, this is the first suspect."""
+    name = os.environ.get("CXX", "c++")
+    path = shutil.which(name)
+    if path is None:
+        return f"{name} (not found)"
+    version = subprocess.run([path, "--version"], capture_output=True, text=True).stdout.splitlines()
+    return f"{os.path.realpath(path)}: {version[0] if version else '?'}"
+
+
 def find_cuda_tool(name):
     """A CUDA toolkit program (compute-sanitizer, ncu) on PATH or in the toolkit, or None."""
     found = shutil.which(name)
@@ -132,7 +143,8 @@ def summarize_ncu(log_path):
     header, kernels = rows[0], {}
     column = {name: header.index(name) for name in ("ID", "Kernel Name", "Metric Name", "Metric Unit", "Metric Value")}
     for row in rows[1:]:
-        if len(row) != len(header) or row[column["Metric Name"]] not in NCU_METRICS:
+        # Newer ncu adds rule columns, which metric rows leave out.
+        if len(row) <= max(column.values()) or row[column["Metric Name"]] not in NCU_METRICS:
             continue
         kernel = kernels.setdefault(row[column["ID"]], {"name": row[column["Kernel Name"]]})
         unit = row[column["Metric Unit"]]
@@ -167,11 +179,12 @@ def main(argv=None):
         stages[name].status, stages[name].detail = "skipped", "not in --only"
     wanted = lambda name: stages[name].status == "not run"  # noqa: E731
 
-    facts = gpu_facts()
+    facts = {**gpu_facts(), "cxx": cxx_compiler()}
     with open(os.path.join(out, "environment.json"), "w") as f:
         json.dump(facts, f, indent=1)
     has_gpu = facts["gpu"] is not None
-    print(f"torch {facts['torch']} (CUDA {facts['cuda']}), setuptools {facts['setuptools']}, GPU: {facts['gpu'] or 'none'}", flush=True)
+    print(f"torch {facts['torch']} (CUDA {facts['cuda']}), setuptools {facts['setuptools']}, GPU: {facts['gpu'] or 'none'}",
+          f"\nC++ compiler: {facts['cxx']}", flush=True)  # fmt: skip
     if not has_gpu and not args.no_gpu_ok:
         sys.exit("verify_cuda: no CUDA device is visible (torch.cuda.is_available() is False); "
                  "--no-gpu-ok runs the CPU part only")  # fmt: skip

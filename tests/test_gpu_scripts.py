@@ -25,14 +25,23 @@ def ncu_row(launch, program, metric, unit, value):
     return ",".join(f'"{f}"' for f in fields)
 
 
-def test_ncu_summary_keeps_each_launch_and_its_metrics(tmp_path):
+# Nsight Compute 2025 adds rule columns, which the metric rows leave empty
+# (a trailing comma) and the rule rows fill.
+NCU_RULE_COLUMNS = ',"Rule Name","Rule Type","Rule Description","Estimated Speedup Type","Estimated Speedup"'
+
+
+@pytest.mark.parametrize("with_rules", [False, True], ids=["plain", "rule_columns"])
+def test_ncu_summary_keeps_each_launch_and_its_metrics(tmp_path, with_rules):
+    end = "," if with_rules else ""
+    rule_row = ncu_row("0", "LeNetTileProgram", "", "", "")[:-2] + '"SOLBottleneck","OPT","low throughput","",""'
     log = tmp_path / "ncu.log"
     log.write_text("\n".join([
-        "==PROF== Connected to process 1", "kernel workload done", NCU_HEADER,
-        ncu_row("0", "LeNetTileProgram", "Duration", "usecond", "1,234.5"),
-        ncu_row("0", "LeNetTileProgram", "Compute (SM) Throughput", "%", "55.1"),
-        ncu_row("0", "LeNetTileProgram", "L2 Hit Rate", "%", "90"),
-        ncu_row("1", "PartialSumsProgram", "Achieved Occupancy", "%", "12.2"),
+        "==PROF== Connected to process 1", "kernel workload done", NCU_HEADER + (NCU_RULE_COLUMNS if with_rules else ""),
+        ncu_row("0", "LeNetTileProgram", "Duration", "usecond", "1,234.5") + end,
+        ncu_row("0", "LeNetTileProgram", "Compute (SM) Throughput", "%", "55.1") + end,
+        *([rule_row] if with_rules else []),
+        ncu_row("0", "LeNetTileProgram", "L2 Hit Rate", "%", "90") + end,
+        ncu_row("1", "PartialSumsProgram", "Achieved Occupancy", "%", "12.2") + end,
     ]))  # fmt: skip
     lines = verify_cuda.summarize_ncu(str(log))
     assert len(lines) == 4
@@ -84,3 +93,10 @@ def test_verify_cuda_names_the_stages_when_only_names_an_unknown_one(tmp_path, c
 ])  # fmt: skip
 def test_sanitizer_errors_read_from_each_tools_summary(log, errors):
     assert verify_cuda.sanitizer_errors(log) == errors
+
+
+def test_cxx_compiler_names_the_compiler_and_its_version(monkeypatch):
+    monkeypatch.setenv("CXX", "g++")
+    assert "g++" in verify_cuda.cxx_compiler() and ":" in verify_cuda.cxx_compiler()
+    monkeypatch.setenv("CXX", "surely-not-a-compiler")
+    assert verify_cuda.cxx_compiler() == "surely-not-a-compiler (not found)"
