@@ -11,9 +11,12 @@
 // memory, so the conv reads no global memory and needs no bounds checks; a
 // thread computes kChannelsPerThread output channels at one position, so
 // every input value it loads feeds that many multiply-adds. The backward
-// keeps dL/dz in shared memory too: one launch per conv block. A weight's sum
-// over the tile is split into slices of its rows when there are too few
-// weights to keep every thread busy (LeNet's first block has 156); the slices
+// keeps dL/dz in shared memory too, a channel group's four values side by
+// side, so that its weight and input gradients also take four channels per
+// load: one launch per conv block. A parameter item (a channel group's
+// weights at one tap, or its biases) sums over the tile in slices of its
+// rows when there are too few items to keep every thread busy (LeNet's
+// first block has 52); the slices
 // are added in a fixed order, and each tile writes its own row of sums, which
 // the program of tile_partial_sums.h adds in a fixed order too: the gradients
 // are bitwise repeatable.
@@ -45,13 +48,23 @@ static_assert(kChannelsPerThread == 4, "a channel group's weights of one tap are
 #endif
 
 // Four floats at p, 16-byte aligned: one vector load on the GPU (a channel
-// group's weights of one tap, four inputs of a dense row).
+// group's weights of one tap or dL/dz at one position, four inputs of a
+// dense row).
 LENET_HOST_DEVICE void load4(const float* p, float (&out)[4]) {
 #if defined(__CUDA_ARCH__)
   const float4 v = *reinterpret_cast<const float4*>(p);
   out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
 #else
   for (int c = 0; c < 4; ++c) out[c] = p[c];
+#endif
+}
+
+// Four floats to p, 16-byte aligned: one vector store on the GPU.
+LENET_HOST_DEVICE void store4(float* p, const float (&in)[4]) {
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<float4*>(p) = make_float4(in[0], in[1], in[2], in[3]);
+#else
+  for (int c = 0; c < 4; ++c) p[c] = in[c];
 #endif
 }
 
@@ -64,9 +77,13 @@ struct ConvTileShape {
   int tile;                // images per thread block
   int channel_stride;      // C_out rounded up to whole channel groups: the weights' row length
   int slices;              // backward: parts of the tile's (image, conv row) rows per parameter sum
+  // dz (backward): dL/dz as (image, channel group, ext_h, ext_w, kChannelsPerThread), so
+  // that a group's four channels at one position are one 16-byte load, zero past C_out.
   int weight_at, bias_at, x_at, dz_at, slices_at;  // the last two: backward only
   int floats;                                      // shared memory in all
 };
+
+LENET_HOST_DEVICE int channel_groups(const ConvTileShape& s) { return s.channel_stride / kChannelsPerThread; }
 
 // The real images of the tile whose first image is `first` (the last tile
 // of a batch may be partial).
@@ -79,6 +96,12 @@ LENET_HOST_DEVICE int parameter_count(const ConvTileShape& s) {
   return s.out_channels * (s.in_channels * s.kernel * s.kernel + 1);
 }
 
+// The backward's parameter work items: per channel group, one per tap and
+// one for the biases, each summing kChannelsPerThread parameters.
+LENET_HOST_DEVICE int parameter_group_items(const ConvTileShape& s) {
+  return channel_groups(s) * (s.in_channels * s.kernel * s.kernel + 1);
+}
+
 // The layout for `tile` images per block; `threads` is the block size, which
 // the backward's slice count is chosen for (0 for the forward).
 inline ConvTileShape make_conv_tile_shape(const ConvPoolGeometry& g, int tile, int backward_threads) {
@@ -89,10 +112,11 @@ inline ConvTileShape make_conv_tile_shape(const ConvPoolGeometry& g, int tile, i
   s.ext_h = s.out_h * s.pool, s.ext_w = s.out_w * s.pool;
   s.padded_h = s.height + 2 * s.padding, s.padded_w = s.width + 2 * s.padding;
   s.tile = tile;
-  const int parameters = parameter_count(s);
+  s.channel_stride = (s.out_channels + kChannelsPerThread - 1) / kChannelsPerThread * kChannelsPerThread;
+  const int items = parameter_group_items(s);
   const int rows = tile * s.ext_h;
   // About two parameter items per thread, and never an empty slice.
-  const int wanted = (2 * backward_threads + parameters - 1) / parameters;
+  const int wanted = (2 * backward_threads + items - 1) / items;
   s.slices = wanted < 1 ? 1 : wanted > rows ? rows : wanted;
   int at = 0;
   const auto take = [&](int floats) {
@@ -100,14 +124,14 @@ inline ConvTileShape make_conv_tile_shape(const ConvPoolGeometry& g, int tile, i
     at += floats;
     return start;
   };
-  s.channel_stride = (s.out_channels + kChannelsPerThread - 1) / kChannelsPerThread * kChannelsPerThread;
   // First, so that a channel group's weights start on a 16-byte boundary.
   s.weight_at = take(s.in_channels * s.kernel * s.kernel * s.channel_stride);
   s.bias_at = take(s.channel_stride);
   s.x_at = take(tile * s.in_channels * s.padded_h * s.padded_w);
   const bool backward = backward_threads > 0;
-  s.dz_at = backward ? take(tile * s.out_channels * s.ext_h * s.ext_w) : at;
-  s.slices_at = backward && s.slices > 1 ? take(s.slices * parameters) : at;
+  if (backward) at = (at + kChannelsPerThread - 1) / kChannelsPerThread * kChannelsPerThread;  // dz on 16 bytes
+  s.dz_at = backward ? take(tile * s.channel_stride * s.ext_h * s.ext_w) : at;
+  s.slices_at = backward && s.slices > 1 ? take(s.slices * parameter_count(s)) : at;
   s.floats = at;
   return s;
 }

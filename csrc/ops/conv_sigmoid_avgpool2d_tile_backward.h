@@ -16,102 +16,128 @@ namespace lenet_ext {
 
 namespace conv_tile_phases {
 
+// Where dL/dz of channel group `group` at conv position (oh, ow) of one image
+// of the tile sits in shared memory: the group's channels are one float4.
+LENET_HOST_DEVICE int dz_at(const ConvTileShape& s, int image, int group, int oh, int ow) {
+  return s.dz_at + (((image * channel_groups(s) + group) * s.ext_h + oh) * s.ext_w + ow) * kChannelsPerThread;
+}
+
 // Backward phase 1: dL/dz of the tile at every conv output under a pooling
-// window (zero for images past the batch), recomputing z; an item is one
-// pooled output's window. grad_out holds the gradients of the tile's
-// `images` real images, (image, C_out, H_out, W_out), in global or in shared
-// memory.
+// window (zero for images past the batch and for channels past C_out),
+// recomputing z; an item is one pooled output's window for a channel group.
+// grad_out holds the gradients of the tile's `images` real images, (image,
+// C_out, H_out, W_out), in global or in shared memory.
 LENET_HOST_DEVICE void preactivation_grads(const ConvTileShape& s, const float* grad_out, int images, float* smem,
                                            int tid, int threads) {
   const float window = float(s.pool * s.pool);
   for (int i = tid; i < channel_group_items(s, s.out_h, s.out_w); i += threads) {
     const auto [image, first, ph, pw] = channel_group_item(s, s.out_h, s.out_w, i);
-    const int channels = s.out_channels - first < kChannelsPerThread ? s.out_channels - first : kChannelsPerThread;
-    float* dz = smem + s.dz_at + ((image * s.out_channels + first) * s.ext_h + ph * s.pool) * s.ext_w + pw * s.pool;
-    const int plane = s.ext_h * s.ext_w;
+    const int group = first / kChannelsPerThread;
+    const auto dz = [&](int dy, int dx) { return smem + dz_at(s, image, group, ph * s.pool + dy, pw * s.pool + dx); };
+    float g[kChannelsPerThread] = {};
     if (image >= images) {
-      for (int c = 0; c < channels; ++c)
-        for (int dy = 0; dy < s.pool; ++dy)
-          for (int dx = 0; dx < s.pool; ++dx) dz[c * plane + dy * s.ext_w + dx] = 0.0f;
+      for (int dy = 0; dy < s.pool; ++dy)
+        for (int dx = 0; dx < s.pool; ++dx) store4(dz(dy, dx), g);
       continue;
     }
-    float g[kChannelsPerThread] = {};
-    for (int c = 0; c < channels; ++c)
+    for (int c = 0; c < kChannelsPerThread && first + c < s.out_channels; ++c)
       g[c] = grad_out[((image * s.out_channels + first + c) * s.out_h + ph) * s.out_w + pw] / window;
     window_z(s, smem, image, first, ph, pw, [&](int dy, int dx, const float (&z)[kChannelsPerThread]) {
-      for (int c = 0; c < channels; ++c) {
+      float value[kChannelsPerThread];
+      LENET_UNROLL
+      for (int c = 0; c < kChannelsPerThread; ++c) {
         const float a = sigmoid(z[c]);
-        dz[c * plane + dy * s.ext_w + dx] = g[c] * a * (1.0f - a);
+        value[c] = g[c] * a * (1.0f - a);
       }
+      store4(dz(dy, dx), value);
     });
   }
 }
 
-// Backward phase 2, part one: one slice of the tile's sum for a weight or
-// bias element (weights first, then the biases), over rows [begin, end) of
-// its (image, conv row) pairs. The padding is zeros in shared memory, so no
-// tap needs a bounds check.
-LENET_HOST_DEVICE float parameter_sum(const ConvTileShape& s, const float* smem, int element, int begin, int end) {
-  const int taps = s.in_channels * s.kernel * s.kernel;
-  const int weight_numel = s.out_channels * taps;
-  const bool is_bias = element >= weight_numel;
-  const int co = is_bias ? element - weight_numel : element / taps;
-  const int ci = element / (s.kernel * s.kernel) % s.in_channels;
-  const int kh = element / s.kernel % s.kernel, kw = element % s.kernel;
-  float sum = 0.0f;
+// Backward phase 2, part one: one slice of the tile's sums for a channel
+// group's weights at one tap (tap < C_in * K * K; its four output channels)
+// or, for tap == C_in * K * K, the group's biases, over rows [begin, end) of
+// the tile's (image, conv row) pairs. Each input value read feeds the four
+// channels. The padding is zeros in shared memory, so no tap needs a bounds
+// check.
+LENET_HOST_DEVICE void group_parameter_sums(const ConvTileShape& s, const float* smem, int group, int tap, int begin,
+                                            int end, float (&sum)[kChannelsPerThread]) {
+  const bool is_bias = tap == s.in_channels * s.kernel * s.kernel;
+  const int ci = tap / (s.kernel * s.kernel), kh = tap / s.kernel % s.kernel, kw = tap % s.kernel;  // unused for bias
+  LENET_UNROLL
+  for (int c = 0; c < kChannelsPerThread; ++c) sum[c] = 0.0f;
   for (int row = begin; row < end; ++row) {
     const int image = row / s.ext_h, oh = row % s.ext_h;
-    const float* dz = smem + s.dz_at + ((image * s.out_channels + co) * s.ext_h + oh) * s.ext_w;
+    const float* dz = smem + dz_at(s, image, group, oh, 0);
+    float d[kChannelsPerThread];
     if (is_bias) {
-      for (int ow = 0; ow < s.ext_w; ++ow) sum += dz[ow];
+      for (int ow = 0; ow < s.ext_w; ++ow) {
+        load4(dz + ow * kChannelsPerThread, d);
+        LENET_UNROLL
+        for (int c = 0; c < kChannelsPerThread; ++c) sum[c] += d[c];
+      }
       continue;
     }
     const float* x = smem + s.x_at + ((image * s.in_channels + ci) * s.padded_h + oh + kh) * s.padded_w + kw;
-    for (int ow = 0; ow < s.ext_w; ++ow) sum += dz[ow] * x[ow];
+    for (int ow = 0; ow < s.ext_w; ++ow) {
+      load4(dz + ow * kChannelsPerThread, d);
+      const float value = x[ow];
+      LENET_UNROLL
+      for (int c = 0; c < kChannelsPerThread; ++c) sum[c] += d[c] * value;
+    }
   }
-  return sum;
 }
 
 // Backward phase 2, part two: dL/dx at (ci, ih, iw) of one image, a gather
-// over the conv outputs that read it.
+// over the conv outputs that read it, a channel group's four at a time.
 LENET_HOST_DEVICE float input_grad(const ConvTileShape& s, const float* smem, int image, int ci, int ih, int iw) {
-  float sum = 0.0f;
-  for (int co = 0; co < s.out_channels; ++co) {
-    const float* dz = smem + s.dz_at + (image * s.out_channels + co) * s.ext_h * s.ext_w;
-    // Tap (kh, kw) of channel co's filter over ci is channel_stride floats after tap (kh, kw - 1).
-    const float* filter = smem + s.weight_at + ci * s.kernel * s.kernel * s.channel_stride + co;
+  float sum[kChannelsPerThread] = {};
+  for (int group = 0; group < channel_groups(s); ++group) {
+    // Tap (kh, kw) of the group's filters over ci is channel_stride floats after tap (kh, kw - 1).
+    const float* filter = smem + s.weight_at + ci * s.kernel * s.kernel * s.channel_stride + group * kChannelsPerThread;
     for (int kh = 0; kh < s.kernel; ++kh) {
       const int oh = ih + s.padding - kh;
       if (oh < 0 || oh >= s.ext_h) continue;
       for (int kw = 0; kw < s.kernel; ++kw) {
         const int ow = iw + s.padding - kw;
-        if (ow >= 0 && ow < s.ext_w) sum += dz[oh * s.ext_w + ow] * filter[(kh * s.kernel + kw) * s.channel_stride];
+        if (ow < 0 || ow >= s.ext_w) continue;
+        float d[kChannelsPerThread], w[kChannelsPerThread];
+        load4(smem + dz_at(s, image, group, oh, ow), d);
+        load4(filter + (kh * s.kernel + kw) * s.channel_stride, w);
+        LENET_UNROLL
+        for (int c = 0; c < kChannelsPerThread; ++c) sum[c] += d[c] * w[c];
       }
     }
   }
-  return sum;
+  return (sum[0] + sum[1]) + (sum[2] + sum[3]);
 }
 
 // Backward phase 2: the parameter slices first (each is long), then one item
 // per input element of the tile's `images` real images, into grad_x (the
 // tile's first image, in global or shared memory; null when not asked for).
 // With one slice the sums go straight to the tile's row of partials (null
-// when neither weight nor bias is asked for).
+// when neither weight nor bias is asked for), weights (C_out, C_in, K, K)
+// first, then the biases.
 LENET_HOST_DEVICE void gradients(const ConvTileShape& s, float* smem, float* grad_x, int images, float* partials,
                                  int tid, int threads) {
-  const int parameters = partials ? parameter_count(s) : 0;
-  const int slice_items = parameters * s.slices;
+  const int items = partials ? parameter_group_items(s) : 0;
+  const int slice_items = items * s.slices;
+  const int taps = s.in_channels * s.kernel * s.kernel, weight_numel = s.out_channels * taps;
   const int rows = s.tile * s.ext_h;
   const int plane = s.height * s.width;
   const int inputs = grad_x ? images * s.in_channels * plane : 0;
   for (int i = tid; i < slice_items + inputs; i += threads) {
     if (i < slice_items) {
-      const int slice = i / parameters, element = i % parameters;
-      const float sum = parameter_sum(s, smem, element, slice * rows / s.slices, (slice + 1) * rows / s.slices);
-      if (s.slices == 1)
-        partials[element] = sum;
-      else
-        smem[s.slices_at + i] = sum;
+      // Neighbouring threads take neighbouring taps of one group: the same dL/dz, neighbouring inputs.
+      const int slice = i / items, group = i % items / (taps + 1), tap = i % items % (taps + 1);
+      float sum[kChannelsPerThread];
+      group_parameter_sums(s, smem, group, tap, slice * rows / s.slices, (slice + 1) * rows / s.slices, sum);
+      float* out = s.slices == 1 ? partials : smem + s.slices_at + slice * parameter_count(s);
+      LENET_UNROLL
+      for (int c = 0; c < kChannelsPerThread; ++c) {
+        const int co = group * kChannelsPerThread + c;
+        if (co < s.out_channels) out[tap == taps ? weight_numel + co : co * taps + tap] = sum[c];
+      }
       continue;
     }
     const int j = i - slice_items;
