@@ -8,8 +8,8 @@ limiter. The calls, each once, no warm-up (ncu replays every kernel on its
 own):
   LeNet inference at batch 65536          LeNetTileProgram
   a training step's forward and backward  LeNetTileProgram (training),
-  at batch 8192                           LeNetBackwardTileProgram,
-                                          ConvTileBackwardProgram,
+  at batch 256 (one image per block,      LeNetBackwardTileProgram,
+  latency-bound) and at batch 8192        ConvTileBackwardProgram,
                                           PartialSumsProgram
   the conv operator's forward and         ConvTileForwardProgram,
   backward at batch 8192 (a fuse()'d      ConvTileBackwardProgram,
@@ -30,14 +30,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda (default), or cpu to check the script itself")
     device = torch.device(parser.parse_args(argv).device)
-    inference_batch, training_batch = (65536, 8192) if device.type == "cuda" else (64, 16)
+    inference_batch, training_batches = (65536, (256, 8192)) if device.type == "cuda" else (64, (3, 16))
+    training_batch = training_batches[-1]
     torch.manual_seed(0)
     net = LeNet().to(device)
     with torch.inference_mode():
         net(torch.rand(inference_batch, 1, 28, 28, device=device))
-    x = torch.rand(training_batch, 1, 28, 28, device=device)
-    target = torch.randint(0, 10, (training_batch,), device=device)
-    torch.autograd.grad(F.cross_entropy(net(x), target), list(net.parameters()))
+    for batch in training_batches:
+        x = torch.rand(batch, 1, 28, 28, device=device)
+        target = torch.randint(0, 10, (batch,), device=device)
+        torch.autograd.grad(F.cross_entropy(net(x), target), list(net.parameters()))
     block1 = torch.rand(training_batch, 6, 14, 14, device=device)
     weight, bias = net[3].weight, net[3].bias
     out = conv_sigmoid_avgpool2d(block1, weight, bias, 0, 2)
