@@ -219,10 +219,15 @@ def run_model_rows(device, mode, batch, providers, reference, flops_per_image, p
         if mode == "training":
             row["saved_bytes_per_sample"] = saved_bytes_per_sample(step, batch, params_of(model))
             if device.type == "cuda":
+                # The peak counts everything allocated (other providers' CUDA-graph pools too); the
+                # step's own memory is the rise above what was allocated before it.
+                synchronize(device)
+                before = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
                 step()
                 synchronize(device)
                 row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+                row["step_memory_bytes"] = row["peak_memory_bytes"] - before
         steps[name] = lambda step=step: (step(), synchronize(device))
         rows_by_name[name] = row
     progress.set_description(f"{device.type} {mode} batch {batch} timing")
@@ -302,20 +307,23 @@ def markdown_table(rows, peaks):
         lines.append(f"\n### {device} (float32 matmul peak measured in this run: {peaks[device]:.1f} GFLOP/s)\n")
         lines.append(
             "| mode | batch | provider | images/s | median | IQR | vs eager | GFLOP/s | % of peak "
-            "| saved/sample | peak memory | first 2 calls |"
+            "| saved/sample | peak memory | step memory | first 2 calls |"
         )
-        lines.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        lines.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in (r for r in rows if r["device"] == device):
             saved = f"{r['saved_bytes_per_sample']:,.0f} B" if "saved_bytes_per_sample" in r else ""
             peak_memory = f"{r['peak_memory_bytes'] / 2**20:,.1f} MiB" if "peak_memory_bytes" in r else ""
+            step_memory = f"{r['step_memory_bytes'] / 2**20:,.1f} MiB" if "step_memory_bytes" in r else ""
             first = f"{r['warmup_and_compile_s']:.2f} s" if "warmup_and_compile_s" in r else ""
             lines.append(
                 f"| {r['mode']} | {r['batch']} | {r['provider']} | {r['images_per_s']:,.0f} | "
                 f"{r['median_s'] * 1e3:.3f} ms | {r['iqr_s'] * 1e3:.3f} ms | {r['speedup_vs_eager']:.2f}x | "
-                f"{r['gflops']:.1f} | {100 * r['peak_fraction']:.1f}% | {saved} | {peak_memory} | {first} |"
+                f"{r['gflops']:.1f} | {100 * r['peak_fraction']:.1f}% | {saved} | {peak_memory} | {step_memory} | {first} |"
             )
     lines.append(
-        "\npeak memory: of a training step on CUDA (torch.cuda.max_memory_allocated, inputs and weights included)."
+        "\npeak memory: torch.cuda.max_memory_allocated over a training step on CUDA: everything allocated,"
+        " inputs, weights and the other providers' state included. step memory: its rise above what was"
+        " allocated before the step, the memory the step itself needs."
         "\nfirst 2 calls: the warm-up, including compilation for the compiled providers, excluded from the timings."
     )
     return "\n".join(lines)
