@@ -17,6 +17,7 @@ import collections
 import contextlib
 import json
 import os
+import re
 import sys
 
 import torch
@@ -28,6 +29,12 @@ from bench import inference_step, training_step  # noqa: E402
 from lenet_ext import LeNet, reference_lenet  # noqa: E402
 
 STEPS = 5
+
+
+def short_name(kernel):
+    """A kernel's name for the table: a tile program by its program's name, others by their first 50 characters."""
+    program = re.search(r"tile_program_kernel<(?:lenet_ext::)?(\w+)>", kernel)
+    return f"tile program {program.group(1)}" if program else kernel[:50]
 
 
 def count(step, device):
@@ -82,7 +89,7 @@ def main(argv=None):
                 results.setdefault(str(batch), {}).setdefault(mode, {})[name] = counts
                 launches = sum(c["count"] for c in counts.values())
                 us = sum(c["us"] for c in counts.values())
-                top = ", ".join(f"{c['us']:.1f} us {c['count']:g}x {k[:50]}" for k, c in list(counts.items())[:3])
+                top = ", ".join(f"{c['us']:.1f} us {c['count']:g}x {short_name(k)}" for k, c in list(counts.items())[:3])
                 print(f"| {batch} | {mode} | {name} | {launches:g} | {us:.1f} | {top} |")
     if args.output:
         with open(args.output, "w") as f:

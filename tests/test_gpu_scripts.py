@@ -100,3 +100,10 @@ def test_cxx_compiler_names_the_compiler_and_its_version(monkeypatch):
     assert "g++" in verify_cuda.cxx_compiler() and ":" in verify_cuda.cxx_compiler()
     monkeypatch.setenv("CXX", "surely-not-a-compiler")
     assert verify_cuda.cxx_compiler() == "surely-not-a-compiler (not found)"
+
+
+def test_count_launches_names_a_tile_program_by_its_program():
+    kernel = "void lenet_ext::tile_program_kernel<lenet_ext::LeNetBackwardTileProgram>(lenet_ext::LeNetBackwardTileProgram::Params)"
+    assert count_launches.short_name(kernel) == "tile program LeNetBackwardTileProgram"
+    assert count_launches.short_name("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>") == (
+        "void at::native::vectorized_elementwise_kernel<4, ")
