@@ -19,7 +19,9 @@ there (pip's build isolation would need the network). Sized for a one-GPU
 H100/H200 machine with 16 cores, about 8 minutes in all; --budget sets the
 seconds the stages may take together, and the benchmark gets what the
 others leave. When the tests fail, the sanitizers still run (they locate a
-bad access) and the timing stages are skipped, unless --keep-going.
+bad access) and the timing stages are skipped, unless --keep-going; a test
+that crashed its process runs once more under gdb or cuda-gdb, for the C++
+backtrace (crash-backtrace.log).
 --only runs the named stages after the build (an in-place build that is up
 to date takes seconds), for example a second run of the benchmark alone.
 Without a GPU (--no-gpu-ok) the script runs what it can on the CPU, for
@@ -91,6 +93,23 @@ def gpu_facts():
            "capability=list(torch.cuda.get_device_capability(0)) if torch.cuda.is_available() else None)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def crashed_tests(log_path):
+    """The tests whose process crashed, as pytest-xdist names them in the suite's log."""
+    with open(log_path, errors="replace") as f:
+        return re.findall(r"worker '\w+' crashed while running '([^']+)'", f.read())
+
+
+def debugger_backtrace(command, log_path, timeout):
+    """Runs command under gdb (else the CUDA toolkit's cuda-gdb), which prints the C++ backtrace
+    of a crash into log_path; False when neither is there."""
+    debugger = shutil.which("gdb") or find_cuda_tool("cuda-gdb")
+    if debugger is None:
+        return False
+    run([debugger, "-q", "-batch", "-ex", "set pagination off", "-ex", "run", "-ex", "bt 40", "--args", *command],
+        log_path, timeout)  # fmt: skip
+    return True
 
 
 def cxx_compiler():
@@ -213,6 +232,12 @@ def main(argv=None):
         suite = suite if suite.tag == "testsuite" else suite[0]
         counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
         stage.detail = "{} run, {} failed, {} errors, {} skipped".format(*counts.values())
+    crashed = crashed_tests(os.path.join(out, "tests.log")) if stage.status == "FAILED" else []
+    if crashed:
+        stage.detail += f"; {len(crashed)} crashed their process"
+        pytest_one = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", crashed[0]]
+        if left() > 240 and debugger_backtrace(pytest_one, os.path.join(out, "crash-backtrace.log"), 120):
+            stage.detail += " (crash-backtrace.log: the first, under a debugger)"
 
     # compute-sanitizer over a small workload that reaches every CUDA kernel.
     sanitizer = find_cuda_tool("compute-sanitizer")
@@ -332,6 +357,10 @@ def finish(stages, out, failure_tail):
         print(tail(os.path.join(out, "launches.log"), 12))
     if os.path.exists(os.path.join(out, "ncu-summary.md")):
         print(tail(os.path.join(out, "ncu-summary.md"), 12))
+    if os.path.exists(os.path.join(out, "crash-backtrace.log")):
+        with open(os.path.join(out, "crash-backtrace.log"), errors="replace") as f:
+            log = f.read()
+        print(log[log.find("received signal"):][:3000])
     for log in ("bench.log", "bench-no-compile.log"):
         if os.path.exists(os.path.join(out, log)):
             print(tail(os.path.join(out, log), 60))

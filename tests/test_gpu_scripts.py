@@ -3,6 +3,7 @@ so that a GPU run does not meet their bugs first."""
 
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -107,3 +108,23 @@ def test_count_launches_names_a_tile_program_by_its_program():
     assert count_launches.short_name(kernel) == "tile program LeNetBackwardTileProgram"
     assert count_launches.short_name("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>") == (
         "void at::native::vectorized_elementwise_kernel<4, ")
+
+
+def test_crashed_tests_are_read_from_xdists_report(tmp_path):
+    log = tmp_path / "tests.log"
+    log.write_text("..F.\n[gw2] linux -- Python 3.12.3\n"
+                   "worker 'gw2' crashed while running 'tests/test_bad_input.py::test_one[x_not_4d-operator-cpu]'\n"
+                   "worker 'gw11' crashed while running 'tests/test_lenet_ops.py::test_tiles[1-65-no_grad]'\n"
+                   "FAILED tests/test_bad_input.py::test_one[x_not_4d-operator-cpu]\n")  # fmt: skip
+    assert verify_cuda.crashed_tests(str(log)) == [
+        "tests/test_bad_input.py::test_one[x_not_4d-operator-cpu]", "tests/test_lenet_ops.py::test_tiles[1-65-no_grad]"]
+
+
+@pytest.mark.skipif(shutil.which("gdb") is None and verify_cuda.find_cuda_tool("cuda-gdb") is None,
+                    reason="no gdb or cuda-gdb")  # fmt: skip
+def test_debugger_backtrace_of_a_crashing_process(tmp_path):
+    log = tmp_path / "crash.log"
+    crash = [sys.executable, "-c", "import ctypes; ctypes.string_at(0)"]
+    assert verify_cuda.debugger_backtrace(crash, str(log), 120)
+    text = log.read_text()
+    assert "SIGSEGV" in text and "#0" in text
