@@ -77,7 +77,7 @@ namespace backward_tile_phases {
 LENET_HOST_DEVICE void transposed_product(const float* weight, int rows, int cols, const float* g, int tile, int i,
                                           int first, float (&out)[kDenseImages]) {
 #if defined(__CUDA_ARCH__)
-#pragma unroll 4  // four weight loads in flight: at small tiles this loop waits on L2
+#pragma unroll 8  // eight weight loads in flight: at small tiles this loop waits on L2
 #endif
   for (int k = 0; k < rows; ++k) {
     const float w = weight[static_cast<int64_t>(k) * cols + i];
