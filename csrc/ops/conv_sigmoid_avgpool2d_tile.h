@@ -16,10 +16,9 @@
 // load: one launch per conv block. A parameter item (a channel group's
 // weights at one tap, or its biases) sums over the tile in slices of its
 // rows when there are too few items to keep every thread busy (LeNet's
-// first block has 52); the slices
-// are added in a fixed order, and each tile writes its own row of sums, which
-// the program of tile_partial_sums.h adds in a fixed order too: the gradients
-// are bitwise repeatable.
+// first block has 52); the slices are added in a fixed order, and each tile
+// writes its own row of sums, which the program of tile_partial_sums.h adds
+// in a fixed order too: the gradients are bitwise repeatable.
 //
 // Like lenet_forward_tile.h, the phases are __host__ __device__ over the
 // thread's coordinates: cuda/conv_sigmoid_avgpool2d_cuda.cu launches them, and

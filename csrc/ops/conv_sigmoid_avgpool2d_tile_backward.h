@@ -18,7 +18,7 @@ namespace conv_tile_phases {
 
 // Where dL/dz of channel group `group` at conv position (oh, ow) of one image
 // of the tile sits in shared memory: the group's channels are one float4.
-LENET_HOST_DEVICE int dz_at(const ConvTileShape& s, int image, int group, int oh, int ow) {
+LENET_HOST_DEVICE int dz_offset(const ConvTileShape& s, int image, int group, int oh, int ow) {
   return s.dz_at + (((image * channel_groups(s) + group) * s.ext_h + oh) * s.ext_w + ow) * kChannelsPerThread;
 }
 
@@ -33,7 +33,9 @@ LENET_HOST_DEVICE void preactivation_grads(const ConvTileShape& s, const float* 
   for (int i = tid; i < channel_group_items(s, s.out_h, s.out_w); i += threads) {
     const auto [image, first, ph, pw] = channel_group_item(s, s.out_h, s.out_w, i);
     const int group = first / kChannelsPerThread;
-    const auto dz = [&](int dy, int dx) { return smem + dz_at(s, image, group, ph * s.pool + dy, pw * s.pool + dx); };
+    const auto dz = [&](int dy, int dx) {
+      return smem + dz_offset(s, image, group, ph * s.pool + dy, pw * s.pool + dx);
+    };
     float g[kChannelsPerThread] = {};
     if (image >= images) {
       for (int dy = 0; dy < s.pool; ++dy)
@@ -68,7 +70,7 @@ LENET_HOST_DEVICE void group_parameter_sums(const ConvTileShape& s, const float*
   for (int c = 0; c < kChannelsPerThread; ++c) sum[c] = 0.0f;
   for (int row = begin; row < end; ++row) {
     const int image = row / s.ext_h, oh = row % s.ext_h;
-    const float* dz = smem + dz_at(s, image, group, oh, 0);
+    const float* dz = smem + dz_offset(s, image, group, oh, 0);
     float d[kChannelsPerThread];
     if (is_bias) {
       for (int ow = 0; ow < s.ext_w; ++ow) {
@@ -102,7 +104,7 @@ LENET_HOST_DEVICE float input_grad(const ConvTileShape& s, const float* smem, in
         const int ow = iw + s.padding - kw;
         if (ow < 0 || ow >= s.ext_w) continue;
         float d[kChannelsPerThread], w[kChannelsPerThread];
-        load4(smem + dz_at(s, image, group, oh, ow), d);
+        load4(smem + dz_offset(s, image, group, oh, ow), d);
         load4(filter + (kh * s.kernel + kw) * s.channel_stride, w);
         LENET_UNROLL
         for (int c = 0; c < kChannelsPerThread; ++c) sum[c] += d[c] * w[c];
