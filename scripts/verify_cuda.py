@@ -18,10 +18,12 @@ Nothing is installed: the build uses the torch, setuptools and ninja already
 there (pip's build isolation would need the network). Sized for a one-GPU
 H100/H200 machine with 16 cores, about 8 minutes in all; --budget sets the
 seconds the stages may take together, and the benchmark gets what the
-others leave. When the tests fail, the sanitizers still run (they locate a
-bad access) and the timing stages are skipped, unless --keep-going; a test
-that crashed its process runs once more under gdb or cuda-gdb, for the C++
-backtrace (crash-backtrace.log).
+others leave. extension-linkage.txt records what the built extension binds
+to (ldd, and the C++ library symbols it imports without a version). When
+the tests fail, the sanitizers still run (they locate a bad access) and the
+timing stages are skipped, unless --keep-going; a test that crashed its
+process runs once more under gdb or cuda-gdb, for the C++ backtrace
+(crash-backtrace.log).
 --only runs the named stages after the build (an in-place build that is up
 to date takes seconds), for example a second run of the benchmark alone.
 Without a GPU (--no-gpu-ok) the script runs what it can on the CPU, for
@@ -30,6 +32,7 @@ checking the script itself.
 
 import argparse
 import csv
+import glob
 import importlib.util
 import json
 import os
@@ -110,6 +113,24 @@ def debugger_backtrace(command, log_path, timeout):
     run([debugger, "-q", "-batch", "-ex", "set pagination off", "-ex", "run", "-ex", "bt 40", "--args", *command],
         log_path, timeout)  # fmt: skip
     return True
+
+
+def write_linkage(path):
+    """What the built extension binds to, for a crash on one machine only: the libraries it loads
+    (ldd) and the C++ library symbols it imports without a version (objdump -T), which the loader
+    binds to whichever loaded library defines them first, libstdc++ or a copy in torch's libraries."""
+    extension = next(iter(sorted(glob.glob(os.path.join(ROOT, "lenet_ext", "_C*.so")))), None)
+    with open(path, "w") as f:
+        if extension is None:
+            f.write("no lenet_ext/_C*.so\n")
+            return
+        for tool, args, keep in (("ldd", [], lambda line: True),
+                                 ("objdump", ["-T", "-C"], lambda line: "*UND*" in line
+                                  and line.partition(" Base ")[2].strip().startswith("std::"))):  # fmt: skip
+            found = shutil.which(tool)
+            result = subprocess.run([found, *args, extension], capture_output=True, text=True) if found else None
+            lines = [line for line in result.stdout.splitlines() if keep(line)] if result else [f"{tool} not found"]
+            f.write(f"$ {tool} {' '.join(args)} {extension}\n" + "\n".join(lines) + "\n\n")
 
 
 def cxx_compiler():
@@ -219,6 +240,7 @@ def main(argv=None):
     stage.detail = "arch " + build_env["TORCH_CUDA_ARCH_LIST"] if has_gpu else "setup.py's default archs (no GPU)"
     if code != 0:
         return finish(stages, out, tail(os.path.join(out, "build.log")))
+    write_linkage(os.path.join(out, "extension-linkage.txt"))
 
     # The whole suite, CUDA variants included.
     stage = stages["tests"]

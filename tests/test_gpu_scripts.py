@@ -128,3 +128,14 @@ def test_debugger_backtrace_of_a_crashing_process(tmp_path):
     assert verify_cuda.debugger_backtrace(crash, str(log), 120)
     text = log.read_text()
     assert "SIGSEGV" in text and "#0" in text
+
+
+def test_linkage_names_the_libraries_and_the_unversioned_std_imports(tmp_path):
+    path = tmp_path / "linkage.txt"
+    verify_cuda.write_linkage(str(path))
+    text = path.read_text()
+    if "no lenet_ext/_C" in text:
+        pytest.skip("the extension is not built in place")
+    assert "$ ldd " in text and "$ objdump -T -C " in text
+    if shutil.which("ldd"):
+        assert "libc10.so" in text
