@@ -130,7 +130,7 @@ def write_linkage(path):
             found = shutil.which(tool)
             result = subprocess.run([found, *args, extension], capture_output=True, text=True) if found else None
             lines = [line for line in result.stdout.splitlines() if keep(line)] if result else [f"{tool} not found"]
-            f.write(f"$ {tool} {' '.join(args)} {extension}\n" + "\n".join(lines) + "\n\n")
+            f.write("$ " + " ".join([tool, *args, extension]) + "\n" + "\n".join(lines) + "\n\n")
 
 
 def cxx_compiler():
