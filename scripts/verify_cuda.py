@@ -47,6 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 STAGES = ("build", "tests", *SANITIZER_TOOLS, "launches", "bench-no-compile", "bench", "ncu", "bench-reference")
 TIMING_STAGES = ("launches", "bench-no-compile", "bench", "ncu", "bench-reference")
+PYTEST = (sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider")  # the suite's, and a crashed test's rerun
 
 
 class Stage:
@@ -81,7 +82,7 @@ def pytest_command(junit, workers=4):
     processes of a quarter of the cores each: a test that crashes its process
     is reported as failed and a fresh process runs the rest, where one
     process would end the suite at the crash."""
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+    command = [*PYTEST, f"--junitxml={junit}"]
     if importlib.util.find_spec("xdist") is None:
         return command, {}
     threads = max(1, (os.cpu_count() or workers) // workers)
@@ -257,8 +258,7 @@ def main(argv=None):
     crashed = crashed_tests(os.path.join(out, "tests.log")) if stage.status == "FAILED" else []
     if crashed:
         stage.detail += f"; {len(crashed)} crashed their process"
-        pytest_one = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", crashed[0]]
-        if left() > 240 and debugger_backtrace(pytest_one, os.path.join(out, "crash-backtrace.log"), 120):
+        if left() > 240 and debugger_backtrace([*PYTEST, crashed[0]], os.path.join(out, "crash-backtrace.log"), 120):
             stage.detail += " (crash-backtrace.log: the first, under a debugger)"
 
     # compute-sanitizer over a small workload that reaches every CUDA kernel.
