@@ -137,5 +137,43 @@ def test_linkage_names_the_libraries_and_the_unversioned_std_imports(tmp_path):
     if "no lenet_ext/_C" in text:
         pytest.skip("the extension is not built in place")
     assert "$ ldd " in text and "$ objdump -T -C " in text
+    assert "std:: symbols bound at import to a library other than libstdc++" in text
     if shutil.which("ldd"):
         assert "libc10.so" in text
+
+
+def test_a_crash_of_the_bad_input_tests_is_tried_with_libstdcxx_preloaded(tmp_path, monkeypatch):
+    """A stand-in for the bad-input tests that crashes unless a library is preloaded: the stage
+    reports the crash, the preloaded run and the backtrace, and says the crash is still there."""
+    crashes_unless_preloaded = "import os, ctypes; os.environ.get('LD_PRELOAD') or ctypes.string_at(0)"
+    monkeypatch.setattr(verify_cuda, "BAD_INPUT_TESTS", (sys.executable, "-c", crashes_unless_preloaded))
+    monkeypatch.setattr(verify_cuda, "built_extension", lambda: sys.executable)
+    monkeypatch.setattr(verify_cuda, "loaded_libstdcxx", lambda extension: "/preloaded/libstdc++.so.6")
+    monkeypatch.setattr(verify_cuda, "other_compilers", lambda: [("/usr/bin/g++-other", None)])
+    stage = verify_cuda.Stage("bad-input")
+    no_time_to_rebuild = lambda: 300  # noqa: E731
+    assert verify_cuda.bad_input_stage(stage, str(tmp_path), no_time_to_rebuild, {}) is True
+    assert stage.status == "FAILED"
+    assert "crashed (signal 11)" in stage.detail
+    assert "with /preloaded/libstdc++.so.6 preloaded: passed" in stage.detail
+    assert "no time to rebuild with another compiler" in stage.detail
+    if shutil.which("gdb") or verify_cuda.find_cuda_tool("cuda-gdb"):
+        assert "SIGSEGV" in (tmp_path / "crash-backtrace.log").read_text()
+
+
+def test_bad_input_tests_that_pass_end_the_stage(tmp_path, monkeypatch):
+    monkeypatch.setattr(verify_cuda, "BAD_INPUT_TESTS", (sys.executable, "-c", "pass"))
+    stage = verify_cuda.Stage("bad-input")
+    assert verify_cuda.bad_input_stage(stage, str(tmp_path), lambda: 600, {}) is False
+    assert stage.status == "passed" and not (tmp_path / "crash-backtrace.log").exists()
+
+
+def test_other_compilers_leave_out_the_current_one(monkeypatch, tmp_path):
+    if shutil.which("g++") is None:
+        pytest.skip("no g++")
+    monkeypatch.setenv("CXX", "g++")
+    assert all(os.path.realpath(cxx) != os.path.realpath(shutil.which("g++")) for cxx, _ in verify_cuda.other_compilers())
+    monkeypatch.setenv("CXX", str(tmp_path / "some-other-c++"))
+    cxx, cc = verify_cuda.other_compilers()[0]
+    assert os.path.realpath(cxx) == os.path.realpath(shutil.which("g++"))
+    assert cc is None or os.path.basename(cc).startswith("gcc")
