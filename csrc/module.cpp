@@ -1,5 +1,5 @@
 // The lenet_ext._C extension module: how this binary was built, and the CPU
-// kernel choice. Loading it registers the operators: each file in ops/
+// and CUDA kernel choices. Loading it registers the operators: each file in ops/
 // defines its operators' schemas (TORCH_LIBRARY_FRAGMENT), and the files in
 // ops/cpu and ops/cuda register their kernels.
 #include <Python.h>
@@ -67,6 +67,20 @@ PyObject* cuda_kernel(PyObject*, PyObject*) {
   return python_errors([] { return PyUnicode_FromString(lenet_ext::cuda_reference_selected() ? "reference" : "fused"); });
 }
 
+// _C.set_cuda_tile(tile): "auto" (the default) or a number of images per
+// thread block for the tile programs, as LENET_EXT_CUDA_TILE takes it.
+PyObject* set_cuda_tile(PyObject*, PyObject* tile) {
+  return select_by_name(tile, "set_cuda_tile", lenet_ext::select_cuda_tile);
+}
+
+// _C.cuda_tile(): the images per block asked of the tile programs, or "auto".
+PyObject* cuda_tile(PyObject*, PyObject*) {
+  return python_errors([] {
+    const int tile = lenet_ext::requested_cuda_tile();
+    return tile == 0 ? PyUnicode_FromString("auto") : PyUnicode_FromFormat("%d", tile);
+  });
+}
+
 // _C.unchanged(types, entries, empty): whether type(o) is t for each pair
 // (o, t) of the flat tuple `types`, d.get(k) is v for each triple (d, k, v)
 // of `entries` (d a dict), and every dict of `empty` is empty. LeNet.forward
@@ -107,6 +121,9 @@ PyObject* unchanged(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 PyMethodDef module_methods[] = {
     {"cuda_kernel", cuda_kernel, METH_NOARGS, "The CUDA kernels the operators run: fused or reference."},
     {"set_cuda_kernel", set_cuda_kernel, METH_O, "Runs the operators' later CUDA calls on fused or reference kernels."},
+    {"cuda_tile", cuda_tile, METH_NOARGS, "The images per thread block asked of the CUDA tile programs, or auto."},
+    {"set_cuda_tile", set_cuda_tile, METH_O,
+     "Asks the CUDA tile programs' later calls for this many images per thread block (a str), or auto."},
     {"cpu_kernel", cpu_kernel, METH_NOARGS, "The CPU kernels float32 calls run on now."},
     {"unchanged", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(unchanged)), METH_FASTCALL,
      "unchanged(types, entries, empty): type(o) is t for each (o, t), d.get(k) is v for each (d, k, v), "

@@ -41,6 +41,8 @@ def build_info() -> dict:
         "cpu_kernel": _C.cpu_kernel(),
         # lenet_forward on CUDA: fused (one launch) or reference; LENET_EXT_CUDA_KERNEL overrides.
         "cuda_kernel": _C.cuda_kernel(),
+        # images per thread block of the CUDA tile programs: auto, or LENET_EXT_CUDA_TILE's number.
+        "cuda_tile": _C.cuda_tile(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
 

@@ -82,6 +82,24 @@ def test_cuda_kernel_switch_is_validated():
         lenet_ext._C.set_cuda_kernel(before)
 
 
+def test_cuda_tile_request_is_validated():
+    """LENET_EXT_CUDA_TILE's values, switchable at run time (no GPU needed to check)."""
+    before = lenet_ext._C.cuda_tile()
+    assert lenet_ext.build_info()["cuda_tile"] == before
+    try:
+        for tile in ("1", "16", "64", "auto"):
+            lenet_ext._C.set_cuda_tile(tile)
+            assert lenet_ext._C.cuda_tile() == tile
+        for bad in ("0", "65", "-2", "4x", "four"):
+            with pytest.raises(ValueError, match=f"cuda_tile={bad}: expected auto or a number of images per block from 1 to 64"):
+                lenet_ext._C.set_cuda_tile(bad)
+        with pytest.raises(TypeError, match="set_cuda_tile: expected a str"):
+            lenet_ext._C.set_cuda_tile(4)
+        assert lenet_ext._C.cuda_tile() == "auto"
+    finally:
+        lenet_ext._C.set_cuda_tile(before)
+
+
 def test_package_metadata_has_the_license_without_deprecation(tmp_path):
     """setup.py gives the license in the form the installed setuptools takes (see license_metadata)."""
     run = subprocess.run(

@@ -296,3 +296,41 @@ def test_fused_backward_matches_the_reference_kernels(batch):
         assert got.shape == want.shape and got.is_contiguous()
         assert torch.equal(got, repeat), "fixed reduction order: bitwise repeatable"
         torch.testing.assert_close(got, want, atol=1e-5 * batch**0.5, rtol=1e-4)
+
+
+@pytest.fixture(params=["1", "3", "16", "64"])
+def cuda_tile(request):
+    """Runs a test with the tile programs asked for this many images per block (64 fits no
+    block's shared memory: the largest half of it that fits is taken)."""
+    before = lenet_ext._C.cuda_tile()
+    lenet_ext._C.set_cuda_tile(request.param)
+    try:
+        yield int(request.param)
+    finally:
+        lenet_ext._C.set_cuda_tile(before)
+
+
+@pytest.mark.parametrize("batch", [1, 5, 70])
+def test_every_tile_size_gives_the_reference_results(batch, cuda_tile):
+    """LENET_EXT_CUDA_TILE's sizes, batches smaller and larger than a tile: LeNet's training
+    step and the conv operator both ways, against the reference kernels."""
+    net, _ = twin_pair(device="cuda")
+    x = torch.rand(batch, 1, 28, 28, device="cuda")
+    target = torch.randint(0, 10, (batch,), device="cuda")
+    block1 = torch.rand(batch, 6, 14, 14, device="cuda")
+
+    def step():
+        out = net(x)
+        conv = conv_sigmoid_avgpool2d(block1, net[3].weight, net[3].bias, 0, 2)
+        loss = F.cross_entropy(out, target) + conv.square().mean()
+        return (out, conv, *torch.autograd.grad(loss, list(net.parameters())))
+
+    fused = step()
+    before = lenet_ext._C.cuda_kernel()
+    lenet_ext._C.set_cuda_kernel("reference")
+    try:
+        layers = step()
+    finally:
+        lenet_ext._C.set_cuda_kernel(before)
+    for got, want in zip(fused, layers):
+        torch.testing.assert_close(got, want, atol=1e-5 * batch**0.5, rtol=1e-4)

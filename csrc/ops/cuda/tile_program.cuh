@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "../cuda_kernel_choice.h"
 #include "../tile_partial_sums.h"
 
 namespace lenet_ext {
@@ -53,18 +54,25 @@ int resident_blocks(int bytes) {
 // still gives every multiprocessor two blocks, and of those, the most that
 // leave room for two resident blocks per multiprocessor: with one, every
 // barrier idles the multiprocessor until the block's slowest warp arrives.
-// 0 when not even one image fits.
+// A tile asked for (LENET_EXT_CUDA_TILE) replaces the rule: it, or the
+// largest half of it that fits. 0 when not even one image fits.
 template <typename Program, typename FloatsFor>
 int choose_tile(int64_t batch, c10::DeviceIndex device, const FloatsFor& floats_for) {
   int max_bytes = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const auto fits = [&](int tile) { return int64_t(floats_for(tile)) * int64_t(sizeof(float)) <= max_bytes; };
+  if (const int requested = requested_cuda_tile(); requested > 0) {
+    for (int tile = requested; tile >= 1; tile /= 2) {
+      if (fits(tile)) return tile;
+    }
+    return 0;
+  }
   const int64_t multiprocessors = multiprocessor_count(device);
   int largest = 0;
   for (int tile = 8; tile >= 1; tile /= 2) {
     const int64_t bytes = int64_t(floats_for(tile)) * int64_t(sizeof(float));
-    const bool fits = bytes <= max_bytes;
     const bool fills_gpu = tile == 1 || (batch + tile - 1) / tile >= 2 * multiprocessors;
-    if (!fits || !fills_gpu) continue;
+    if (!fits(tile) || !fills_gpu) continue;
     if (largest == 0) largest = tile;
     if (resident_blocks<Program>(static_cast<int>(bytes)) >= 2) return tile;
   }
