@@ -8,7 +8,8 @@ what changes it: libstdc++ preloaded, a debugger's backtrace, the other GNU
 compilers on the machine), then the whole test suite, runs compute-sanitizer (memcheck, racecheck, synccheck,
 initcheck) over scripts/cuda_sanitizer_workload.py, counts and times the
 kernels of an inference call and a training step (scripts/count_launches.py), and runs
-benchmarks/bench.py on CUDA; with the time left, Nsight Compute (ncu) over
+benchmarks/bench.py on CUDA; with the time left, each tile program at each
+tile size (scripts/tile_sweep.py, into tiles.log), Nsight Compute (ncu) over
 scripts/kernel_workload.py, each tile program's duration, throughput and
 occupancy into ncu-summary.md, and the benchmark once more on the
 reference kernels (LENET_EXT_CUDA_KERNEL=reference), to show what the tile
@@ -47,8 +48,9 @@ import xml.etree.ElementTree as ET
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
-STAGES = ("build", "bad-input", "tests", *SANITIZER_TOOLS, "launches", "bench-no-compile", "bench", "ncu", "bench-reference")
-TIMING_STAGES = ("launches", "bench-no-compile", "bench", "ncu", "bench-reference")
+STAGES = ("build", "bad-input", "tests", *SANITIZER_TOOLS, "launches", "bench-no-compile", "bench", "tiles", "ncu",
+          "bench-reference")  # fmt: skip
+TIMING_STAGES = ("launches", "bench-no-compile", "bench", "tiles", "ncu", "bench-reference")
 PYTEST = (sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider")  # the suite's, and a crashed test's rerun
 
 
@@ -438,6 +440,18 @@ def main(argv=None):
         stage.status = "passed" if code == 0 else ("TIMED OUT" if code is None else "FAILED")
         stage.detail = f"{name}/: results.json" + (", throughput.png" if code == 0 else f"; see {name}.log")
 
+    # Each tile program at each tile size: what choose_tile should pick.
+    stage = stages["tiles"]
+    if wanted("tiles"):
+        if left() < 45:
+            stage.status, stage.detail = "skipped", "no time left"
+        else:
+            code, stage.seconds = run([sys.executable, os.path.join("scripts", "tile_sweep.py"), "--output",
+                                       os.path.join(out, "tiles.json")], os.path.join(out, "tiles.log"),
+                                      min(120, left() - 30))  # fmt: skip
+            stage.status = "passed" if code == 0 else ("TIMED OUT" if code is None else "FAILED")
+            stage.detail = "tiles.log: GPU time per program and tile" if has_gpu else "the script on the CPU"
+
     # Nsight Compute over one call of each tile program: where each one's time goes.
     stage = stages["ncu"]
     ncu = find_cuda_tool("ncu")
@@ -492,6 +506,8 @@ def finish(stages, out, failure_tail):
         f.write(table + "\n")
     if os.path.exists(os.path.join(out, "launches.log")):
         print(tail(os.path.join(out, "launches.log"), 12))
+    if os.path.exists(os.path.join(out, "tiles.log")):
+        print(tail(os.path.join(out, "tiles.log"), 30))
     if os.path.exists(os.path.join(out, "ncu-summary.md")):
         print(tail(os.path.join(out, "ncu-summary.md"), 12))
     if os.path.exists(os.path.join(out, "crash-backtrace.log")):

@@ -13,7 +13,10 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 import count_launches  # noqa: E402
 import kernel_workload  # noqa: E402
+import tile_sweep  # noqa: E402
 import verify_cuda  # noqa: E402
+
+import lenet_ext  # noqa: E402
 
 NCU_HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
               '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"')  # fmt: skip
@@ -59,6 +62,17 @@ def test_ncu_summary_of_a_refused_run_is_empty(tmp_path):
 def test_kernel_workload_runs_on_the_cpu(capsys):
     kernel_workload.main(["--device", "cpu"])
     assert "kernel workload done" in capsys.readouterr().out
+
+
+def test_tile_sweep_times_every_workload_at_every_tile(tmp_path, capsys):
+    output = tmp_path / "tiles.json"
+    before = lenet_ext._C.cuda_tile()
+    tile_sweep.main(["--device", "cpu", "--tiles", "auto,2", "--output", str(output)])
+    assert lenet_ext._C.cuda_tile() == before
+    times = json.loads(output.read_text())["us_per_step"]
+    assert set(times) == {"inference 3", "inference 16", "training 3", "training 16", "conv operator 16"}
+    assert all(set(by_tile) == {"auto", "2"} and all(by_tile.values()) for by_tile in times.values())
+    assert "| training 16 | whole step |" in capsys.readouterr().out
 
 
 def test_count_launches_counts_and_times_each_step(tmp_path, capsys):
