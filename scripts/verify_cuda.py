@@ -4,8 +4,9 @@
 
 Builds the extension in place for the visible GPU's architecture, runs
 tests/test_bad_input.py alone (seconds; after a crash there, it looks for
-what changes it: libstdc++ preloaded, a debugger's backtrace, the other GNU
-compilers on the machine), then the whole test suite, runs compute-sanitizer (memcheck, racecheck, synccheck,
+what changes it: libstdc++ preloaded, a debugger's backtrace, a minimal
+extension raising the same kind of error, the other GNU compilers on the
+machine), then the whole test suite, runs compute-sanitizer (memcheck, racecheck, synccheck,
 initcheck) over scripts/cuda_sanitizer_workload.py, counts and times the
 kernels of an inference call and a training step (scripts/count_launches.py), and runs
 benchmarks/bench.py on CUDA; with the time left, each tile program at each
@@ -266,8 +267,9 @@ BAD_INPUT_TESTS = (*PYTEST, "-x", "tests/test_bad_input.py")
 def bad_input_stage(stage, out, left, build_env):
     """Runs tests/test_bad_input.py; if it crashes, runs it again with the extension's libstdc++
     preloaded (so that the std:: symbols bind there, not to copies in torch's libraries) and under
-    a debugger (crash-backtrace.log), then rebuilds with each other GNU compiler here until one
-    passes; the rest of the run uses the last build. Returns whether the crash is still there."""
+    a debugger (crash-backtrace.log), builds and runs scripts/minimal_error_extension.py (the same
+    kind of error without lenet_ext's code), then rebuilds with each other GNU compiler here until
+    one passes; the rest of the run uses the last build. Returns whether the crash is still there."""
     log = os.path.join(out, "bad-input.log")
     code, stage.seconds = run(list(BAD_INPUT_TESTS), log, min(120, left()))
     crashed = code is not None and code < 0
@@ -284,6 +286,12 @@ def bad_input_stage(stage, out, left, build_env):
         findings.append(f"with {libstdcxx} preloaded: " + ("passed" if preloaded == 0 else f"exit {preloaded}"))
     if debugger_backtrace(list(BAD_INPUT_TESTS), os.path.join(out, "crash-backtrace.log"), min(120, left())):
         findings.append("backtrace in crash-backtrace.log")
+    if left() > 240:  # the same kind of error from a minimal extension: this toolchain and torch, or our code?
+        minimal, _ = run([sys.executable, os.path.join("scripts", "minimal_error_extension.py"),
+                          os.path.join(ROOT, "build", "minimal_error")], os.path.join(out, "minimal-error.log"),
+                         min(150, left()))  # fmt: skip
+        findings.append("a minimal extension's ValueError with an integer: " + (
+            "raised" if minimal == 0 else f"exit {minimal} (minimal-error.log)"))  # fmt: skip
     for cxx, cc in other_compilers():
         if left() < 360:
             findings.append("no time to rebuild with another compiler")
