@@ -13,10 +13,13 @@
 // every input value it loads feeds that many multiply-adds. The backward
 // keeps dL/dz in shared memory too, a channel group's four values side by
 // side, so that its weight and input gradients also take four channels per
-// load: one launch per conv block. A parameter item (a channel group's
-// weights at one tap, or its biases) sums over the tile in slices of its
-// rows when there are too few items to keep every thread busy (LeNet's
-// first block has 52); the slices are added in a fixed order, and each tile
+// load: one launch per conv block. For LeNet's kernel size the gradient
+// loops are blocked in registers besides: a weight item takes a filter row's
+// five taps, an input-gradient item a strip of seven values of a row. A
+// parameter item (a channel group's weights at one tap or one filter row,
+// or its biases) sums over the tile in slices of its rows when there are
+// too few items to keep every thread busy (LeNet's first block has 12); the
+// slices are added in a fixed order, and each tile
 // writes its own row of sums, which the program of tile_partial_sums.h adds
 // in a fixed order too: the gradients are bitwise repeatable.
 //
@@ -95,10 +98,20 @@ LENET_HOST_DEVICE int parameter_count(const ConvTileShape& s) {
   return s.out_channels * (s.in_channels * s.kernel * s.kernel + 1);
 }
 
-// The backward's parameter work items: per channel group, one per tap and
-// one for the biases, each summing kChannelsPerThread parameters.
+// The kernel size (LeNet's) whose backward loops are blocked in registers:
+// a weight item takes a filter row's taps, an input-gradient item a strip of
+// a row (conv_sigmoid_avgpool2d_tile_backward.h).
+constexpr int kBlockedKernel = 5;
+
+// The backward's parameter work items: per channel group, one for the
+// biases and, for kernel size kBlockedKernel, one per filter row (ci, kh),
+// its taps together; other sizes one per tap. An item sums
+// kChannelsPerThread parameters at each of its taps.
+LENET_HOST_DEVICE int parameter_taps_per_item(const ConvTileShape& s) {
+  return s.kernel == kBlockedKernel ? s.kernel : 1;
+}
 LENET_HOST_DEVICE int parameter_group_items(const ConvTileShape& s) {
-  return channel_groups(s) * (s.in_channels * s.kernel * s.kernel + 1);
+  return channel_groups(s) * (s.in_channels * s.kernel * s.kernel / parameter_taps_per_item(s) + 1);
 }
 
 // The layout for `tile` images per block; `threads` is the block size, which
@@ -112,10 +125,10 @@ inline ConvTileShape make_conv_tile_shape(const ConvPoolGeometry& g, int tile, i
   s.padded_h = s.height + 2 * s.padding, s.padded_w = s.width + 2 * s.padding;
   s.tile = tile;
   s.channel_stride = (s.out_channels + kChannelsPerThread - 1) / kChannelsPerThread * kChannelsPerThread;
-  const int items = parameter_group_items(s);
+  const int tap_items = parameter_group_items(s) * parameter_taps_per_item(s);
   const int rows = tile * s.ext_h;
-  // About two parameter items per thread, and never an empty slice.
-  const int wanted = (2 * backward_threads + items - 1) / items;
+  // About two taps' sums per thread, and never an empty slice.
+  const int wanted = (2 * backward_threads + tap_items - 1) / tap_items;
   s.slices = wanted < 1 ? 1 : wanted > rows ? rows : wanted;
   int at = 0;
   const auto take = [&](int floats) {

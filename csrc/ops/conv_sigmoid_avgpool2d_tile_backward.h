@@ -90,6 +90,40 @@ LENET_HOST_DEVICE void group_parameter_sums(const ConvTileShape& s, const float*
   }
 }
 
+// The sums of group_parameter_sums for a channel group's K taps (ci, kh, 0
+// .. K - 1) at once (K = kBlockedKernel): along a conv row, x's padded row
+// passes through a window of K values in registers, one new value per
+// position, and each dL/dz float4 feeds the K taps.
+template <int K>
+LENET_HOST_DEVICE void group_row_parameter_sums(const ConvTileShape& s, const float* smem, int group, int ci, int kh,
+                                                int begin, int end, float (&sum)[K][kChannelsPerThread]) {
+  LENET_UNROLL
+  for (int kw = 0; kw < K; ++kw) {
+    LENET_UNROLL
+    for (int c = 0; c < kChannelsPerThread; ++c) sum[kw][c] = 0.0f;
+  }
+  for (int row = begin; row < end; ++row) {
+    const int image = row / s.ext_h, oh = row % s.ext_h;
+    const float* dz = smem + dz_offset(s, image, group, oh, 0);
+    const float* x = smem + s.x_at + ((image * s.in_channels + ci) * s.padded_h + oh + kh) * s.padded_w;
+    float window[K];  // x[ow + kw] for kw < K
+    LENET_UNROLL
+    for (int kw = 0; kw + 1 < K; ++kw) window[kw + 1] = x[kw];
+    for (int ow = 0; ow < s.ext_w; ++ow) {
+      LENET_UNROLL
+      for (int kw = 0; kw + 1 < K; ++kw) window[kw] = window[kw + 1];
+      window[K - 1] = x[ow + K - 1];
+      float d[kChannelsPerThread];
+      load4(dz + ow * kChannelsPerThread, d);
+      LENET_UNROLL
+      for (int kw = 0; kw < K; ++kw) {
+        LENET_UNROLL
+        for (int c = 0; c < kChannelsPerThread; ++c) sum[kw][c] += d[c] * window[kw];
+      }
+    }
+  }
+}
+
 // Backward phase 2, part two: dL/dx at (ci, ih, iw) of one image, a gather
 // over the conv outputs that read it, a channel group's four at a time.
 LENET_HOST_DEVICE float input_grad(const ConvTileShape& s, const float* smem, int image, int ci, int ih, int iw) {
@@ -114,38 +148,107 @@ LENET_HOST_DEVICE float input_grad(const ConvTileShape& s, const float* smem, in
   return (sum[0] + sum[1]) + (sum[2] + sum[3]);
 }
 
-// Backward phase 2: the parameter slices first (each is long), then one item
-// per input element of the tile's `images` real images, into grad_x (the
-// tile's first image, in global or shared memory; null when not asked for).
-// With one slice the sums go straight to the tile's row of partials (null
-// when neither weight nor bias is asked for), weights (C_out, C_in, K, K)
-// first, then the biases.
+// dL/dx at (ci, ih, iw0 + t) of one image for t < S, kernel size K: the
+// same sums as input_grad, ordered so that each value of dL/dz that reaches
+// the strip is read once (S + K - 1 of them per channel group and filter
+// row) and each tap once, where input_grad reads both per four multiply-adds.
+template <int K, int S>
+LENET_HOST_DEVICE void input_grad_strip(const ConvTileShape& s, const float* smem, int image, int ci, int ih, int iw0,
+                                        float (&out)[S]) {
+  LENET_UNROLL
+  for (int t = 0; t < S; ++t) out[t] = 0.0f;
+  // dL/dz at ow reaches dL/dx at iw = ow - padding + kw: for the strip, ow
+  // runs over ow0 + j, j < S + K - 1, and reaches strip entry j - (K - 1) + kw.
+  const int ow0 = iw0 + s.padding - (K - 1);
+  for (int group = 0; group < channel_groups(s); ++group) {
+    const float* filter = smem + s.weight_at + ci * K * K * s.channel_stride + group * kChannelsPerThread;
+    for (int kh = 0; kh < K; ++kh) {
+      const int oh = ih + s.padding - kh;
+      if (oh < 0 || oh >= s.ext_h) continue;
+      float w[K][kChannelsPerThread];
+      LENET_UNROLL
+      for (int kw = 0; kw < K; ++kw) load4(filter + (kh * K + kw) * s.channel_stride, w[kw]);
+      const float* dz_row = smem + dz_offset(s, image, group, oh, 0);
+      LENET_UNROLL
+      for (int j = 0; j < S + K - 1; ++j) {
+        if (ow0 + j < 0 || ow0 + j >= s.ext_w) continue;
+        float d[kChannelsPerThread];
+        load4(dz_row + (ow0 + j) * kChannelsPerThread, d);
+        LENET_UNROLL
+        for (int kw = 0; kw < K; ++kw) {
+          const int t = j - (K - 1) + kw;
+          if (t < 0 || t >= S) continue;
+          LENET_UNROLL
+          for (int c = 0; c < kChannelsPerThread; ++c) out[t] += d[c] * w[kw][c];
+        }
+      }
+    }
+  }
+}
+
+// dL/dx values per input-gradient item for kernel size kBlockedKernel:
+// LeNet's input widths, 28 and 14, are whole strips.
+constexpr int kInputStrip = 7;
+
+// Backward phase 2: the parameter slices first (each is long), then the
+// input-gradient items of the tile's `images` real images, into grad_x (the
+// tile's first image, in global or shared memory; null when not asked for):
+// a strip of kInputStrip values of a row for kernel size kBlockedKernel, one value
+// otherwise. With one slice the sums go straight to the tile's row of
+// partials (null when neither weight nor bias is asked for), weights
+// (C_out, C_in, K, K) first, then the biases.
 LENET_HOST_DEVICE void gradients(const ConvTileShape& s, float* smem, float* grad_x, int images, float* partials,
                                  int tid, int threads) {
   const int items = partials ? parameter_group_items(s) : 0;
   const int slice_items = items * s.slices;
   const int taps = s.in_channels * s.kernel * s.kernel, weight_numel = s.out_channels * taps;
   const int rows = s.tile * s.ext_h;
-  const int plane = s.height * s.width;
-  const int inputs = grad_x ? images * s.in_channels * plane : 0;
+  const bool strips = s.kernel == kBlockedKernel;
+  const int row_items = strips ? (s.width + kInputStrip - 1) / kInputStrip : s.width;
+  const int inputs = grad_x ? images * s.in_channels * s.height * row_items : 0;
   for (int i = tid; i < slice_items + inputs; i += threads) {
     if (i < slice_items) {
-      // Neighbouring threads take neighbouring taps of one group: the same dL/dz, neighbouring inputs.
-      const int slice = i / items, group = i % items / (taps + 1), tap = i % items % (taps + 1);
-      float sum[kChannelsPerThread];
-      group_parameter_sums(s, smem, group, tap, slice * rows / s.slices, (slice + 1) * rows / s.slices, sum);
+      // Neighbouring threads take neighbouring items of one group: the same dL/dz, neighbouring inputs.
+      const int per_group = items / channel_groups(s), taps_per_item = parameter_taps_per_item(s);
+      const int slice = i / items, group = i % items / per_group, item = i % items % per_group;
+      const int begin = slice * rows / s.slices, end = (slice + 1) * rows / s.slices;
       float* out = s.slices == 1 ? partials : smem + s.slices_at + slice * parameter_count(s);
-      LENET_UNROLL
-      for (int c = 0; c < kChannelsPerThread; ++c) {
-        const int co = group * kChannelsPerThread + c;
-        if (co < s.out_channels) out[tap == taps ? weight_numel + co : co * taps + tap] = sum[c];
+      // The item's parameters of output channel co at its t-th tap (the bias: t = 0).
+      const bool is_bias = item == per_group - 1;
+      const auto put = [&](int t, const float (&sum)[kChannelsPerThread]) {
+        LENET_UNROLL
+        for (int c = 0; c < kChannelsPerThread; ++c) {
+          const int co = group * kChannelsPerThread + c;
+          if (co < s.out_channels) out[is_bias ? weight_numel + co : co * taps + item * taps_per_item + t] = sum[c];
+        }
+      };
+      if (taps_per_item == kBlockedKernel && !is_bias) {
+        float sums[kBlockedKernel][kChannelsPerThread];
+        group_row_parameter_sums<kBlockedKernel>(s, smem, group, item / s.kernel, item % s.kernel, begin, end, sums);
+        LENET_UNROLL
+        for (int t = 0; t < kBlockedKernel; ++t) put(t, sums[t]);
+      } else {
+        float sum[kChannelsPerThread];
+        group_parameter_sums(s, smem, group, is_bias ? taps : item, begin, end, sum);
+        put(0, sum);
       }
       continue;
     }
-    const int j = i - slice_items;
-    const int image = j / (s.in_channels * plane), ci = j / plane % s.in_channels;
-    const int ih = j % plane / s.width, iw = j % s.width;
-    grad_x[j] = input_grad(s, smem, image, ci, ih, iw);
+    // The input channel fastest: neighbouring threads read the same dL/dz
+    // (one broadcast load) and their own channel's weights.
+    const int j = i - slice_items, ci = j % s.in_channels, place = j / s.in_channels % row_items;
+    const int ih = j / (s.in_channels * row_items) % s.height, image = j / (s.in_channels * row_items * s.height);
+    float* grad_row = grad_x + ((image * s.in_channels + ci) * s.height + ih) * s.width;
+    if (!strips) {
+      grad_row[place] = input_grad(s, smem, image, ci, ih, place);
+      continue;
+    }
+    const int iw0 = place * kInputStrip;
+    float strip[kInputStrip];
+    input_grad_strip<kBlockedKernel, kInputStrip>(s, smem, image, ci, ih, iw0, strip);
+    LENET_UNROLL
+    for (int t = 0; t < kInputStrip; ++t)
+      if (iw0 + t < s.width) grad_row[iw0 + t] = strip[t];
   }
 }
 
