@@ -9,7 +9,9 @@ the profiler records are counted per step, by name, with their GPU time per
 step: the evidence for "inference is one launch", for how many a training
 step takes, and for where its GPU time goes, kernel by kernel. On the CPU (a
 check of the script) the calling thread's top-level operator calls are
-counted and timed instead.
+counted and timed instead. Then each step's wall time, and where its host
+time goes: the operators and CUDA runtime calls with the most self time,
+which is what a step that the GPU waits on is made of.
 """
 
 import argparse
@@ -19,6 +21,7 @@ import json
 import os
 import re
 import sys
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -63,6 +66,28 @@ def count(step, device):
     return {name: {"count": counts[name] / STEPS, "us": us / STEPS} for name, us in times.most_common()}
 
 
+def host_time(step, device, top=8):
+    """A step's wall time in microseconds (synchronised after each step), and, by name, the host
+    time per step that each operator and CUDA runtime call spends itself (self CPU time, all
+    threads), the `top` most: where a step that the GPU waits on spends its host time."""
+    for _ in range(2):
+        step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda device: None)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(STEPS):
+        step()
+        sync(device)
+    wall_us = (time.perf_counter() - start) / STEPS * 1e6
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(STEPS):
+            step()
+        sync(device)
+    averages = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    return wall_us, {e.key: e.self_cpu_time_total / STEPS for e in averages}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -71,9 +96,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     what = "GPU kernels, memsets and copies" if device.type == "cuda" else "operator calls"
-    results = {}
-    print(f"{what} per step, {device}; time: their sum, in microseconds\n")
-    print("| batch | mode | provider | per step | time | the most time |\n|---:|---|---|---:|---:|---|")
+    results, walls, host = {}, {}, {}
+    print(f"{what} per step, {device}; time: their sum, in microseconds; step: the wall time of a step\n")
+    print("| batch | mode | provider | per step | time | step | the most time |\n|---:|---|---|---:|---:|---:|---|")
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         torch.manual_seed(0)
         x = torch.rand(batch, 1, 28, 28, device=device)
@@ -86,14 +111,21 @@ def main(argv=None):
                 step = make(model, x) if mode == "inference" else make(model, x, target)
                 with torch.inference_mode() if mode == "inference" else contextlib.nullcontext():
                     counts = count(step, device)
+                    wall_us, host[(batch, mode, name)] = host_time(step, device)
                 results.setdefault(str(batch), {}).setdefault(mode, {})[name] = counts
+                walls.setdefault(str(batch), {}).setdefault(mode, {})[name] = wall_us
                 launches = sum(c["count"] for c in counts.values())
                 us = sum(c["us"] for c in counts.values())
                 top = ", ".join(f"{c['us']:.1f} us {c['count']:g}x {short_name(k)}" for k, c in list(counts.items())[:3])
-                print(f"| {batch} | {mode} | {name} | {launches:g} | {us:.1f} | {top} |")
+                print(f"| {batch} | {mode} | {name} | {launches:g} | {us:.1f} | {wall_us:.1f} | {top} |")
+    print("\nHost time per step, by operator or runtime call, self time in microseconds, the most first\n")
+    print("| batch | mode | provider | the most host time |\n|---:|---|---|---|")
+    for (batch, mode, name), by_call in host.items():
+        print(f"| {batch} | {mode} | {name} | " + ", ".join(f"{us:.1f} {k[:40]}" for k, us in by_call.items()) + " |")
     if args.output:
         with open(args.output, "w") as f:
-            json.dump({"device": str(device), "per_step": results}, f, indent=1)
+            host_us = {f"{b} {m} {n}": by_call for (b, m, n), by_call in host.items()}
+            json.dump({"device": str(device), "per_step": results, "step_us": walls, "host_us": host_us}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,11 @@ def test_count_launches_counts_and_times_each_step(tmp_path, capsys):
     inference = per_step["2"]["inference"]["lenet_ext"]
     assert list(inference) == ["lenet_ext::lenet_forward"] and inference["lenet_ext::lenet_forward"]["count"] == 1
     assert all(entry["us"] > 0 for entry in per_step["3"]["training"]["torch"].values())
-    assert "| 3 | training | lenet_ext |" in capsys.readouterr().out
+    written = json.loads(output.read_text())
+    assert written["step_us"]["3"]["training"]["lenet_ext"] > 0
+    assert "lenet_ext::lenet_forward" in written["host_us"]["2 inference lenet_ext"]
+    out = capsys.readouterr().out
+    assert "| 3 | training | lenet_ext |" in out and "Host time per step" in out
 
 
 @pytest.mark.parametrize("name", ["compute-sanitizer", "ncu", "surely-not-a-cuda-tool"])
