@@ -423,7 +423,7 @@ def main(argv=None):
     sizes = "256,8192" if has_gpu else "256"
     if wanted("launches"):
         code, stage.seconds = run([sys.executable, os.path.join("scripts", "count_launches.py"), "--batch-sizes",
-                                   sizes, "--output", launches], os.path.join(out, "launches.log"), min(60, left() - 60))  # fmt: skip
+                                   sizes, "--output", launches], os.path.join(out, "launches.log"), min(90, left() - 60))  # fmt: skip
         stage.status = "passed" if code == 0 else ("TIMED OUT" if code is None else "FAILED")
         stage.detail = f"launches.log: per step, at batch {sizes}" + ("" if has_gpu else " (operator calls on the CPU)")
 
@@ -513,7 +513,7 @@ def finish(stages, out, failure_tail):
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(table + "\n")
     if os.path.exists(os.path.join(out, "launches.log")):
-        print(tail(os.path.join(out, "launches.log"), 12))
+        print(tail(os.path.join(out, "launches.log"), 30))
     if os.path.exists(os.path.join(out, "tiles.log")):
         print(tail(os.path.join(out, "tiles.log"), 30))
     if os.path.exists(os.path.join(out, "ncu-summary.md")):
