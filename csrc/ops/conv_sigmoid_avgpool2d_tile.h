@@ -49,6 +49,37 @@ static_assert(kChannelsPerThread == 4, "a channel group's weights of one tap are
 #define LENET_UNROLL
 #endif
 
+// A thread's items i = first, first + stride, ... of a phase as coordinates
+// of a grid, coord[0] the outermost, coord[l] < sizes[l] for l > 0: each step
+// adds the stride's own coordinates with carries, where dividing i by sizes
+// known only at run time would cost the GPU about twenty instructions per
+// division and item.
+template <int Levels>
+struct IndexWalk {
+  int coord[Levels], step[Levels], size[Levels];
+
+  LENET_HOST_DEVICE IndexWalk(int first, int stride, const int (&sizes)[Levels]) {
+    LENET_UNROLL
+    for (int l = Levels - 1; l > 0; --l) {
+      size[l] = sizes[l];
+      coord[l] = first % size[l], first /= size[l];
+      step[l] = stride % size[l], stride /= size[l];
+    }
+    size[0] = 0, coord[0] = first, step[0] = stride;
+  }
+
+  LENET_HOST_DEVICE void advance() {
+    int carry = 0;
+    LENET_UNROLL
+    for (int l = Levels - 1; l > 0; --l) {
+      coord[l] += step[l] + carry;  // below 2 * size[l]: one carry at most
+      carry = coord[l] >= size[l] ? 1 : 0;
+      coord[l] -= carry * size[l];
+    }
+    coord[0] += step[0] + carry;
+  }
+};
+
 // Four floats at p, 16-byte aligned: one vector load on the GPU (a channel
 // group's weights of one tap or dL/dz at one position, four inputs of a
 // dense row).
@@ -180,24 +211,32 @@ namespace conv_tile_phases {
 LENET_HOST_DEVICE void stage_weights(const ConvTileShape& s, const float* weight, const float* bias, float* smem,
                                      int tid, int threads) {
   const int taps = s.in_channels * s.kernel * s.kernel;
-  for (int i = tid; i < taps * s.channel_stride; i += threads) {
-    const int tap = i / s.channel_stride, co = i % s.channel_stride;
+  IndexWalk<2> at(tid, threads, {0, s.channel_stride});  // (tap, co)
+  for (int i = tid; i < taps * s.channel_stride; i += threads, at.advance()) {
+    const int tap = at.coord[0], co = at.coord[1];
     smem[s.weight_at + i] = co < s.out_channels ? weight[co * taps + tap] : 0.0f;
   }
   for (int i = tid; i < s.channel_stride; i += threads)
     smem[s.bias_at + i] = bias && i < s.out_channels ? bias[i] : 0.0f;
 }
 
-// The tile's images inside their zero padding; images past the batch are all zeros.
+// The tile's images inside their zero padding; images past the batch are all
+// zeros. Four loads in flight per thread on the GPU: each waits on global memory.
 LENET_HOST_DEVICE void stage_images(const ConvTileShape& s, int64_t batch, const float* x, float* smem,
                                     int64_t tile_index, int tid, int threads) {
-  const int plane = s.padded_h * s.padded_w;
-  for (int i = tid; i < s.tile * s.in_channels * plane; i += threads) {
-    const int image = i / (s.in_channels * plane), ci = i / plane % s.in_channels;
-    const int y = i % plane / s.padded_w - s.padding, xx = i % s.padded_w - s.padding;
-    const int64_t n = tile_index * s.tile + image;
-    const bool inside = n < batch && y >= 0 && y < s.height && xx >= 0 && xx < s.width;
-    smem[s.x_at + i] = inside ? x[((n * s.in_channels + ci) * s.height + y) * s.width + xx] : 0.0f;
+  // A plane is one input channel of one image; the tile's real images have the first real_planes.
+  const int64_t first_image = tile_index * s.tile;
+  const int real_planes = tile_images(batch, first_image, s.tile) * s.in_channels;
+  const float* tile_x = x + first_image * s.in_channels * s.height * s.width;
+  IndexWalk<3> at(tid, threads, {0, s.padded_h, s.padded_w});  // (plane, padded row, padded column)
+#if defined(__CUDA_ARCH__)
+#pragma unroll 4
+#endif
+  for (int i = tid; i < s.tile * s.in_channels * s.padded_h * s.padded_w; i += threads) {
+    const int y = at.coord[1] - s.padding, xx = at.coord[2] - s.padding;
+    const bool inside = at.coord[0] < real_planes && y >= 0 && y < s.height && xx >= 0 && xx < s.width;
+    smem[s.x_at + i] = inside ? tile_x[(at.coord[0] * s.height + y) * s.width + xx] : 0.0f;
+    at.advance();
   }
 }
 
@@ -303,12 +342,16 @@ struct ChannelGroupItem {
 };
 
 LENET_HOST_DEVICE int channel_group_items(const ConvTileShape& s, int height, int width) {
-  return s.tile * ((s.out_channels + kChannelsPerThread - 1) / kChannelsPerThread) * height * width;
+  return s.tile * channel_groups(s) * height * width;
 }
 
-LENET_HOST_DEVICE ChannelGroupItem channel_group_item(const ConvTileShape& s, int height, int width, int i) {
-  const int groups = (s.out_channels + kChannelsPerThread - 1) / kChannelsPerThread, plane = height * width;
-  return {i / (groups * plane), i / plane % groups * kChannelsPerThread, i % plane / width, i % width};
+// Calls fn(item) for each of thread tid's channel-group items of a height x width plane.
+template <typename Fn>
+LENET_HOST_DEVICE void for_each_channel_group_item(const ConvTileShape& s, int height, int width, int tid,
+                                                   int threads, const Fn& fn) {
+  IndexWalk<4> at(tid, threads, {0, channel_groups(s), height, width});  // (image, group, row, column)
+  for (int i = tid; i < channel_group_items(s, height, width); i += threads, at.advance())
+    fn(ChannelGroupItem{at.coord[0], at.coord[1] * kChannelsPerThread, at.coord[2], at.coord[3]});
 }
 
 // The pooled outputs (ph, pw) of a channel group: the mean of sigmoid(z)
@@ -318,7 +361,8 @@ LENET_HOST_DEVICE void pooled_group(const ConvTileShape& s, const float* smem, i
   float sum[kChannelsPerThread] = {};
   window_z(s, smem, image, first, ph, pw, [&](int, int, const float (&z)[kChannelsPerThread]) {
     LENET_UNROLL
-    for (int c = 0; c < kChannelsPerThread; ++c) sum[c] += sigmoid(z[c]);
+    for (int c = 0; c < kChannelsPerThread; ++c)
+      if (first + c < s.out_channels) sum[c] += sigmoid(z[c]);  // no sigmoid for the channels callers drop
   });
   const float window = float(s.pool * s.pool);
   LENET_UNROLL
@@ -329,16 +373,16 @@ LENET_HOST_DEVICE void pooled_group(const ConvTileShape& s, const float* smem, i
 LENET_HOST_DEVICE void pooled_outputs(const ConvTileForwardParams& p, const float* smem, int64_t tile_index, int tid,
                                       int threads) {
   const ConvTileShape& s = p.s;
-  for (int i = tid; i < channel_group_items(s, s.out_h, s.out_w); i += threads) {
-    const auto [image, first, ph, pw] = channel_group_item(s, s.out_h, s.out_w, i);
+  for_each_channel_group_item(s, s.out_h, s.out_w, tid, threads, [&](const ChannelGroupItem& item) {
+    const auto [image, first, ph, pw] = item;
     const int64_t n = tile_index * s.tile + image;
-    if (n >= p.batch) continue;
+    if (n >= p.batch) return;
     float out[kChannelsPerThread];
     pooled_group(s, smem, image, first, ph, pw, out);
     LENET_UNROLL
     for (int c = 0; c < kChannelsPerThread; ++c)
       if (first + c < s.out_channels) p.out[((n * s.out_channels + first + c) * s.out_h + ph) * s.out_w + pw] = out[c];
-  }
+  });
 }
 
 }  // namespace conv_tile_phases

@@ -30,8 +30,8 @@ LENET_HOST_DEVICE int dz_offset(const ConvTileShape& s, int image, int group, in
 LENET_HOST_DEVICE void preactivation_grads(const ConvTileShape& s, const float* grad_out, int images, float* smem,
                                            int tid, int threads) {
   const float window = float(s.pool * s.pool);
-  for (int i = tid; i < channel_group_items(s, s.out_h, s.out_w); i += threads) {
-    const auto [image, first, ph, pw] = channel_group_item(s, s.out_h, s.out_w, i);
+  for_each_channel_group_item(s, s.out_h, s.out_w, tid, threads, [&](const ChannelGroupItem& item) {
+    const auto [image, first, ph, pw] = item;
     const int group = first / kChannelsPerThread;
     const auto dz = [&](int dy, int dx) {
       return smem + dz_offset(s, image, group, ph * s.pool + dy, pw * s.pool + dx);
@@ -40,7 +40,7 @@ LENET_HOST_DEVICE void preactivation_grads(const ConvTileShape& s, const float* 
     if (image >= images) {
       for (int dy = 0; dy < s.pool; ++dy)
         for (int dx = 0; dx < s.pool; ++dx) store4(dz(dy, dx), g);
-      continue;
+      return;
     }
     for (int c = 0; c < kChannelsPerThread && first + c < s.out_channels; ++c)
       g[c] = grad_out[((image * s.out_channels + first + c) * s.out_h + ph) * s.out_w + pw] / window;
@@ -53,7 +53,7 @@ LENET_HOST_DEVICE void preactivation_grads(const ConvTileShape& s, const float* 
       }
       store4(dz(dy, dx), value);
     });
-  }
+  });
 }
 
 // Backward phase 2, part one: one slice of the tile's sums for a channel

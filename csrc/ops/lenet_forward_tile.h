@@ -128,8 +128,9 @@ LENET_HOST_DEVICE void stage(const LeNetTileParams& p, float* smem, int64_t tile
 // group of one pooled output per item.
 LENET_HOST_DEVICE void conv_block1(const LeNetTileParams& p, float* smem, int64_t tile_index, int tid, int threads) {
   const ConvTileShape &c1 = p.s.conv1, &b1 = p.s.conv2;
-  for (int i = tid; i < conv_tile_phases::channel_group_items(c1, c1.out_h, c1.out_w); i += threads) {
-    const auto [image, first, ph, pw] = conv_tile_phases::channel_group_item(c1, c1.out_h, c1.out_w, i);
+  using conv_tile_phases::ChannelGroupItem;
+  const auto per_item = [&](const ChannelGroupItem& item) {
+    const auto [image, first, ph, pw] = item;
     float out[kChannelsPerThread];
     conv_tile_phases::pooled_group(c1, smem, image, first, ph, pw, out);
     const int64_t n = tile_index * p.s.tile + image;
@@ -139,15 +140,17 @@ LENET_HOST_DEVICE void conv_block1(const LeNetTileParams& p, float* smem, int64_
       if (p.block1 && n < p.batch)
         p.block1[((n * c1.out_channels + first + c) * c1.out_h + ph) * c1.out_w + pw] = out[c];
     }
-  }
+  };
+  conv_tile_phases::for_each_channel_group_item(c1, c1.out_h, c1.out_w, tid, threads, per_item);
 }
 
 // Phase 2: conv block 2, flattened as nn.Flatten orders it (c, h, w).
 LENET_HOST_DEVICE void conv_block2(const LeNetTileParams& p, float* smem, int64_t tile_index, int tid, int threads) {
   const LeNetTileShape& s = p.s;
   const ConvTileShape& c2 = s.conv2;
-  for (int i = tid; i < conv_tile_phases::channel_group_items(c2, c2.out_h, c2.out_w); i += threads) {
-    const auto [image, first, ph, pw] = conv_tile_phases::channel_group_item(c2, c2.out_h, c2.out_w, i);
+  using conv_tile_phases::ChannelGroupItem;
+  const auto per_item = [&](const ChannelGroupItem& item) {
+    const auto [image, first, ph, pw] = item;
     float out[kChannelsPerThread];
     conv_tile_phases::pooled_group(c2, smem, image, first, ph, pw, out);
     const int64_t n = tile_index * s.tile + image;
@@ -156,7 +159,8 @@ LENET_HOST_DEVICE void conv_block2(const LeNetTileParams& p, float* smem, int64_
       smem[s.block2_at + image * s.f0 + feature] = out[c];
       if (p.block2 && n < p.batch) p.block2[n * s.f0 + feature] = out[c];
     }
-  }
+  };
+  conv_tile_phases::for_each_channel_group_item(c2, c2.out_h, c2.out_w, tid, threads, per_item);
 }
 
 // Dense phase, part one, for groups of W inputs (4: float4 loads; 1: any
