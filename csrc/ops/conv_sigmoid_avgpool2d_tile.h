@@ -156,10 +156,16 @@ inline ConvTileShape make_conv_tile_shape(const ConvPoolGeometry& g, int tile, i
   s.padded_h = s.height + 2 * s.padding, s.padded_w = s.width + 2 * s.padding;
   s.tile = tile;
   s.channel_stride = (s.out_channels + kChannelsPerThread - 1) / kChannelsPerThread * kChannelsPerThread;
-  const int tap_items = parameter_group_items(s) * parameter_taps_per_item(s);
+  const int items = parameter_group_items(s), tap_items = items * parameter_taps_per_item(s);
   const int rows = tile * s.ext_h;
-  // About two taps' sums per thread, and never an empty slice.
-  const int wanted = (2 * backward_threads + tap_items - 1) / tap_items;
+  // About two taps' sums per thread and at least an item per thread, while
+  // the slices' sums take at most half the shared memory of dL/dz; never an
+  // empty slice.
+  const int for_taps = (2 * backward_threads + tap_items - 1) / tap_items;
+  const int for_threads = (backward_threads + items - 1) / items;
+  const int memory_cap = tile * s.channel_stride * s.ext_h * s.ext_w / (2 * parameter_count(s));
+  int wanted = for_taps > for_threads ? for_taps : for_threads;
+  wanted = wanted > memory_cap ? memory_cap : wanted;
   s.slices = wanted < 1 ? 1 : wanted > rows ? rows : wanted;
   int at = 0;
   const auto take = [&](int floats) {
