@@ -443,8 +443,9 @@ def main(argv=None):
         if left() < 30:
             stage.status, stage.detail = "skipped", "no time left"
             continue
+        # perf_hints: inductor's reasons for running a reduce-overhead graph without CUDA graphs, into the log.
         code, stage.seconds = run(bench + extra + ["--output-dir", os.path.join(out, name)],
-                                  os.path.join(out, f"{name}.log"), left())  # fmt: skip
+                                  os.path.join(out, f"{name}.log"), left(), env={"TORCH_LOGS": "perf_hints"})  # fmt: skip
         stage.status = "passed" if code == 0 else ("TIMED OUT" if code is None else "FAILED")
         stage.detail = f"{name}/: results.json" + (", throughput.png" if code == 0 else f"; see {name}.log")
 
