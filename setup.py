@@ -16,6 +16,7 @@ Build switches (environment variables):
 import glob
 import os
 import shutil
+import subprocess
 import sys
 import sysconfig
 
@@ -127,6 +128,20 @@ def extension():
     )
 
 
+def check_compiler():
+    """Stops with the fix when the C++ compiler is clang: the CPU kernels are written with GCC's
+    vector extensions (__builtin_shuffle) and target pragmas, which clang does not take, and its
+    errors would not say so."""
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return  # cpp_extension reports a compiler it cannot run
+    if "clang" in version.lower():
+        sys.exit(f"lenet_ext: the C++ compiler ({cxx}: {version.splitlines()[0]}) is clang; lenet_ext's CPU kernels "
+                 "need GCC. Build with it, e.g. CXX=g++ CC=gcc pip install --no-build-isolation .")
+
+
 class BuildExtension(cpp_extension.BuildExtension):
     """Also writes lenet_ext/_build_info.py: the torch this binary is built
     against, readable without loading the binary, so that a mismatch is
@@ -144,6 +159,7 @@ class BuildExtension(cpp_extension.BuildExtension):
         )
 
     def run(self):
+        check_compiler()
         print("lenet_ext: compiling the C++/CUDA kernels (a few minutes the first time; pip -v shows the compiler)",
               file=sys.stderr, flush=True)  # fmt: skip
         text = (

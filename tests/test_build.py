@@ -65,6 +65,19 @@ def test_setup_without_torch_stops_with_instructions():
     assert "pip install --no-build-isolation" in result.stderr
 
 
+def test_setup_with_clang_stops_with_the_fix(tmp_path):
+    """The CPU kernels need GCC; a clang CXX is refused before anything compiles."""
+    clang = tmp_path / "clang++"
+    clang.write_text("#!/bin/sh\necho 'Debian clang version 19.1.7'\n")
+    clang.chmod(0o755)
+    env = {**os.environ, "CXX": str(clang), "USE_CUDA": "0"}
+    result = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=ROOT, env=env,
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode != 0
+    assert "is clang; lenet_ext's CPU kernels need GCC" in result.stderr
+    assert "CXX=g++ CC=gcc pip install --no-build-isolation ." in result.stderr
+
+
 def test_cuda_kernel_switch_is_validated():
     """LENET_EXT_CUDA_KERNEL's names, switchable at run time like the CPU kernels (no GPU needed to check)."""
     before = lenet_ext._C.cuda_kernel()
