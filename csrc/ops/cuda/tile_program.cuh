@@ -9,11 +9,15 @@
 
 #include <c10/core/Device.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
 #include <limits>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "../cuda_kernel_choice.h"
 #include "../tile_partial_sums.h"
@@ -37,15 +41,45 @@ inline int multiprocessor_count(c10::DeviceIndex device) {
   return count;
 }
 
-// How many blocks of a program, with `bytes` of shared memory each, one
-// multiprocessor holds at once (registers and shared memory allowing).
+// What a call asks the runtime about a Program (an allowance, an occupancy)
+// is kept per device: each query costs host time on every call otherwise,
+// and a small batch's step is made of host time.
+//
+// Allows the Program's kernel `bytes` of dynamic shared memory on the
+// current device (past 48 KB a kernel must ask). The allowance only grows,
+// under a lock, so that no launch finds it lowered by another thread's
+// smaller one.
 template <typename Program>
-int resident_blocks(int bytes) {
+void allow_shared_memory(int bytes) {
+  static std::mutex mutex;
+  static std::map<c10::DeviceIndex, int> allowed;
+  const c10::DeviceIndex device = c10::cuda::current_device();
+  const std::lock_guard<std::mutex> lock(mutex);
+  int& current = allowed[device];
+  if (bytes <= current) return;
   C10_CUDA_CHECK(cudaFuncSetAttribute(tile_program_kernel<Program>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       bytes));
+  current = bytes;
+}
+
+// How many blocks of a program, with `bytes` of shared memory each, one
+// multiprocessor of the current device holds at once (registers and shared
+// memory allowing).
+template <typename Program>
+int resident_blocks(int bytes) {
+  static std::mutex mutex;
+  static std::map<std::pair<c10::DeviceIndex, int>, int> known;
+  const std::pair<c10::DeviceIndex, int> key{c10::cuda::current_device(), bytes};
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    if (const auto found = known.find(key); found != known.end()) return found->second;
+  }
+  allow_shared_memory<Program>(bytes);
   int blocks = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, tile_program_kernel<Program>,
                                                                kTileProgramThreads, bytes));
+  const std::lock_guard<std::mutex> lock(mutex);
+  known.emplace(key, blocks);
   return blocks;
 }
 
@@ -79,14 +113,12 @@ int choose_tile(int64_t batch, c10::DeviceIndex device, const FloatsFor& floats_
   return largest;
 }
 
-// Launches a program over `tiles` blocks on the current stream; past 48 KB
-// of shared memory a kernel must ask for it.
+// Launches a program over `tiles` blocks on the current stream.
 template <typename Program>
 void launch_tile_program(const typename Program::Params& p, int64_t tiles) {
   TORCH_CHECK(tiles <= std::numeric_limits<int32_t>::max(), "lenet_ext: ", tiles, " tiles exceed a CUDA grid");
   const int bytes = p.s.floats * static_cast<int>(sizeof(float));
-  C10_CUDA_CHECK(cudaFuncSetAttribute(tile_program_kernel<Program>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      bytes));
+  allow_shared_memory<Program>(bytes);
   tile_program_kernel<Program>
       <<<static_cast<unsigned>(tiles), kTileProgramThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
