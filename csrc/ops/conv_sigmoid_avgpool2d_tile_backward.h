@@ -193,9 +193,9 @@ constexpr int kInputStrip = 7;
 // Backward phase 2: the parameter slices first (each is long), then the
 // input-gradient items of the tile's `images` real images, into grad_x (the
 // tile's first image, in global or shared memory; null when not asked for):
-// a strip of kInputStrip values of a row for kernel size kBlockedKernel, one value
-// otherwise. With one slice the sums go straight to the tile's row of
-// partials (null when neither weight nor bias is asked for), weights
+// a strip of kInputStrip values of a row for kernel size kBlockedKernel,
+// one value otherwise. With one slice the sums go straight to the tile's row
+// of partials (null when neither weight nor bias is asked for), weights
 // (C_out, C_in, K, K) first, then the biases.
 LENET_HOST_DEVICE void gradients(const ConvTileShape& s, float* smem, float* grad_x, int images, float* partials,
                                  int tid, int threads) {
