@@ -284,7 +284,7 @@ def bad_input_stage(stage, out, left, build_env):
         preloaded, _ = run(list(BAD_INPUT_TESTS), os.path.join(out, "bad-input-preloaded.log"), min(120, left()),
                            env={"LD_PRELOAD": libstdcxx})  # fmt: skip
         findings.append(f"with {libstdcxx} preloaded: " + ("passed" if preloaded == 0 else f"exit {preloaded}"))
-    if debugger_backtrace(list(BAD_INPUT_TESTS), os.path.join(out, "crash-backtrace.log"), min(120, left())):
+    if debugger_backtrace(list(BAD_INPUT_TESTS), os.path.join(out, "crash-backtrace.log"), min(90, left())):
         findings.append("backtrace in crash-backtrace.log")
     if left() > 240:  # the same kind of error from a minimal extension: this toolchain and torch, or our code?
         minimal, _ = run([sys.executable, os.path.join("scripts", "minimal_error_extension.py"),
@@ -293,7 +293,7 @@ def bad_input_stage(stage, out, left, build_env):
         findings.append("a minimal extension's ValueError with an integer: " + (
             "raised" if minimal == 0 else f"exit {minimal} (minimal-error.log)"))  # fmt: skip
     for cxx, cc in other_compilers():
-        if left() < 360:
+        if left() < 300:  # a rebuild and its rerun take about a minute on 16 cores; the suite needs the rest
             findings.append("no time to rebuild with another compiler")
             break
         env = {**build_env, "CXX": cxx, **({"CC": cc} if cc else {})}

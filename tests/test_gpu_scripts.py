@@ -184,7 +184,7 @@ def test_a_crash_of_the_bad_input_tests_is_tried_with_libstdcxx_preloaded(tmp_pa
     monkeypatch.setattr(verify_cuda, "other_compilers", lambda: [("/usr/bin/g++-other", None)])
     stage = verify_cuda.Stage("bad-input")
     monkeypatch.setattr(verify_cuda, "run", counting_runs(verify_cuda.run, calls := []))
-    no_time_to_rebuild = lambda: 300  # noqa: E731
+    no_time_to_rebuild = lambda: 250  # noqa: E731
     assert verify_cuda.bad_input_stage(stage, str(tmp_path), no_time_to_rebuild, {}) is True
     assert stage.status == "FAILED"
     assert "crashed (signal 11)" in stage.detail
