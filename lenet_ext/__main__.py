@@ -22,7 +22,11 @@ def main(argv=None):
     summary.add_argument("--batch", type=int, default=1)
     args = parser.parse_args(argv)
     if args.command == "info":
-        for key, value in lenet_ext.build_info().items():
+        try:
+            info = lenet_ext.build_info()
+        except ValueError as e:  # a LENET_EXT_* variable with a value it does not take
+            parser.exit(2, f"python -m lenet_ext info: {e}\n")
+        for key, value in info.items():
             print(f"{key:20} {value}")
     elif args.command == "summary":
         net = lenet_ext.LeNet(args.num_classes, args.in_channels, args.image_size)

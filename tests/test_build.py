@@ -35,6 +35,18 @@ def test_info_command():
     assert "torch_built_against" in out and torch.__version__ in out and "cuda_kernels" in out
 
 
+@pytest.mark.parametrize("variable, value, expected", [
+    ("LENET_EXT_CUDA_TILE", "abc", "LENET_EXT_CUDA_TILE=abc: expected auto or a number of images per block from 1 to 64"),
+    ("LENET_EXT_CUDA_KERNEL", "fast", "LENET_EXT_CUDA_KERNEL=fast: expected fused or reference"),
+    ("LENET_EXT_CPU_KERNEL", "sse", "LENET_EXT_CPU_KERNEL=sse: expected one of"),
+])  # fmt: skip
+def test_info_command_names_a_bad_variable_without_a_traceback(variable, value, expected):
+    result = subprocess.run([sys.executable, "-m", "lenet_ext", "info"], capture_output=True, text=True,
+                            env={**os.environ, variable: value})  # fmt: skip
+    assert result.returncode == 2
+    assert f"python -m lenet_ext info: {expected}" in result.stderr and "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("record", ["build_info", "binary"])
 def test_mismatched_torch_names_both_versions_and_asks_for_a_rebuild(record, monkeypatch):
     """The plain-Python record is read before the binary loads; the binary's own record backs it up."""
