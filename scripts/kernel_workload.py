@@ -10,6 +10,7 @@ own):
   a training step's forward and backward  LeNetTileProgram (training),
   at batch 256 (one image per block,      LeNetBackwardTileProgram,
   latency-bound) and at batch 8192        ConvTileBackwardProgram,
+                                          DenseWeightGradsProgram,
                                           PartialSumsProgram
   the conv operator's forward and         ConvTileForwardProgram,
   backward at batch 8192 (a fuse()'d      ConvTileBackwardProgram,

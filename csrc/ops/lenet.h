@@ -6,8 +6,9 @@
 //   schemas, checks and the whole-batch implementation   lenet.cpp
 //   CPU: tiles of the batch, a chunk of tiles per thread  cpu/lenet_cpu.cpp
 //   CUDA: the forwards one launch of a tile program,      cuda/lenet_cuda.cu,
-//   the backward two programs, the partial sums and       lenet_forward_tile.h,
-//   three matrix products                                 lenet_backward_tile.h,
+//   the backward three programs and the partial sums      lenet_forward_tile.h,
+//                                                         lenet_backward_tile.h,
+//                                                         dense_weight_grads_tile.h,
 //                                                         lenet_backward_tile_call.cpp
 //
 // The first two are built from the steps declared here: the conv blocks run
@@ -19,6 +20,7 @@
 #include <c10/util/FunctionRef.h>
 
 #include "conv_sigmoid_avgpool2d.h"
+#include "dense_weight_grads_tile.h"
 #include "lenet_backward_tile.h"
 #include "lenet_forward_tile.h"
 #include "tile_partial_sums.h"
@@ -177,24 +179,27 @@ LeNetGrads lenet_backward_whole_batch(const at::Tensor& grad_logits, const at::T
 //      and conv block 2's backward;
 //   2. conv block 1's ConvTileBackwardProgram over conv1_tiles blocks (0:
 //      nothing below conv2 is asked for);
-//   3. the passes of PartialSumsProgram in `sums`: every bias and conv
-//      gradient asked for, from both programs' partial sums;
-//   4. finish(): the dense weight gradients as three matrix products of what
-//      program 1 wrote, and all the gradients in lenet_backward's order.
+//   3. DenseWeightGradsProgram over dense_blocks blocks (0: no dense weight
+//      gradient is asked for): the dense weight gradients' partial sums, from
+//      what program 1 wrote (dense_weight_grads_tile.h);
+//   4. the passes of PartialSumsProgram in `sums`: every gradient asked for
+//      but dL/dx, from the three programs' partial sums;
+//   5. finish(): all the gradients in lenet_backward's order.
 // A chooser picks a program's images per block from its shared memory
 // (floats for a tile of so many images); when either answers 0, or nothing
 // below fc3 is asked for, or the call is not float32, tiles is 0, nothing is
 // allocated and the caller runs lenet_backward_whole_batch.
 using TileChooser = c10::function_ref<int(c10::function_ref<int(int)>)>;
 struct LeNetBackwardTiles {
-  int64_t tiles = 0, conv1_tiles = 0;
+  int64_t tiles = 0, conv1_tiles = 0, dense_blocks = 0;
   LeNetBackwardTileParams params;
   ConvTileBackwardParams conv1_params;
+  DenseWeightGradsParams dense_params;
   PartialSumsPlan sums;
   LeNetGradMask mask;
   // Contiguous: grad_logits, fc2, fc1, block2, fc1..fc3 weights, block1, conv2 weight and bias.
   std::array<at::Tensor, 10> inputs;
-  at::Tensor g1, g2, partials, conv1_partials, grad_block1;
+  at::Tensor g1, g2, partials, conv1_partials, dense_partials, grad_block1;
   BackwardCall conv1;  // its tensors, kept alive for program 2
   LeNetGradArray grads;
 

@@ -8,7 +8,7 @@
 //
 // What it writes to global memory: the gradients of fc1's and fc2's
 // pre-activations (N, f1) and (N, f2), which the dense weight gradients are
-// matrix products of; dL/d(block 1) when anything below conv2 is asked for,
+// made of (dense_weight_grads_tile.h); dL/d(block 1) when anything below conv2 is asked for,
 // which conv block 1's backward program (conv_sigmoid_avgpool2d_tile_backward.h)
 // reads; and one row of partial sums per tile, [fc1 bias | fc2 bias | fc3
 // bias | conv2 weight | conv2 bias] (the conv2 part only when conv2 runs),

@@ -1,6 +1,5 @@
 // The host side of lenet_backward's tile programs (lenet.h lists the steps):
-// checks, the tensors the programs read and write, the programs' parameters,
-// and the dense weight gradients at the end. CUDA runs it
+// checks, the tensors the programs read and write, the programs' parameters. CUDA runs it
 // (cuda/lenet_cuda.cu), and so does the CPU emulation for the tests
 // (tile_emulation.cpp).
 #include <ATen/ATen.h>
@@ -82,19 +81,34 @@ LeNetBackwardTiles prepare_backward_tiles(const at::Tensor& grad_logits, const a
     add_sum(kConv1W, r.conv1_partials, 0, weights);
     add_sum(kConv1B, r.conv1_partials, weights, static_cast<int>(g1.out_channels));
   }
+  // y = a W^T: dL/dW = g^T a, with g the gradient of y and a the layer's input.
+  DenseWeightGrad layers[kMaxDenseLayers];
+  LeNetGrad layer_grads[kMaxDenseLayers];
+  int count = 0;
+  const auto add_layer = [&](LeNetGrad i, const at::Tensor& g, const at::Tensor& a) {
+    if (!mask[i]) return;
+    layers[count] = DenseWeightGrad{g.const_data_ptr<float>(), a.const_data_ptr<float>(), static_cast<int>(g.size(1)),
+                                    static_cast<int>(a.size(1)), 0};
+    layer_grads[count++] = i;
+  };
+  add_layer(kFc3W, r.inputs[0], r.inputs[1]);
+  add_layer(kFc2W, r.g2, r.inputs[2]);
+  add_layer(kFc1W, r.g1, r.inputs[3].view({batch, -1}));
+  if (count > 0) {
+    int splits = 0;
+    r.dense_params = dense_weight_grads_params(layers, count, batch, threads, &splits);
+    r.dense_blocks = int64_t(splits) * r.dense_params.blocks_per_split;
+    r.dense_partials = at::empty({splits, r.dense_params.row_length}, x.options());
+    r.dense_params.partials = r.dense_partials.mutable_data_ptr<float>();
+    for (int k = 0; k < count; ++k) {
+      const DenseWeightGrad& layer = r.dense_params.layers[k];
+      add_sum(layer_grads[k], r.dense_partials, layer.column, layer.rows * layer.cols);
+    }
+  }
   r.sums = plan_partial_sums(std::move(sums), x.options());
   return r;
 }
 
-LeNetGrads LeNetBackwardTiles::finish() {
-  // y = a W^T: dL/dW = g^T a, with g the gradient of y and a the layer's input.
-  const auto weight_grad = [&](LeNetGrad i, const at::Tensor& g, const at::Tensor& a) {
-    if (mask[i]) at::mm_out(grads[i], g.t(), a);
-  };
-  weight_grad(kFc3W, inputs[0], inputs[1]);
-  weight_grad(kFc2W, g2, inputs[2]);
-  weight_grad(kFc1W, g1, inputs[3]);
-  return as_tuple(grads);
-}
+LeNetGrads LeNetBackwardTiles::finish() { return as_tuple(grads); }
 
 }  // namespace lenet_ext

@@ -4,7 +4,8 @@
 //   _lenet_train_forward_tile_emulated               lenet_forward_tile.h
 //   _conv_sigmoid_avgpool2d_tile_emulated            conv_sigmoid_avgpool2d_tile.h
 //   _conv_sigmoid_avgpool2d_backward_tile_emulated   conv_sigmoid_avgpool2d_tile_backward.h
-//   _lenet_backward_tile_emulated                    lenet_backward_tile.h, tile_partial_sums.h
+//   _lenet_backward_tile_emulated                    lenet_backward_tile.h, dense_weight_grads_tile.h,
+//                                                    tile_partial_sums.h
 //   _tile_partial_sums_emulated                      tile_partial_sums.h
 // They check the programs' index math, shared-memory layouts and partial last
 // tiles without a GPU; the phase functions are the CUDA kernels' own.
@@ -145,12 +146,14 @@ LeNetGrads lenet_backward_tile_emulated(const at::Tensor& grad_logits, const at:
       [&](c10::function_ref<int(int)>) { return images; }, [&](c10::function_ref<int(int)>) { return conv1_images; });
   if (call.tiles == 0) return lenet_backward_whole_batch(grad_logits, x, saved, p, output_mask);
   // The programs must write every partial sum and every gradient they are given: NaN shows one they do not.
-  for (at::Tensor* t : {&call.partials, &call.conv1_partials, &call.g1, &call.g2, &call.grad_block1})
+  for (at::Tensor* t : {&call.partials, &call.conv1_partials, &call.dense_partials, &call.g1, &call.g2,
+                        &call.grad_block1})
     if (t->defined()) t->fill_(std::nanf(""));
   for (at::Tensor& grad : call.grads)
     if (grad.defined()) grad.fill_(std::nanf(""));
   emulate_tile_program<LeNetBackwardTileProgram>(op, call.params, call.tiles, threads);
   if (call.conv1_tiles > 0) emulate_tile_program<ConvTileBackwardProgram>(op, call.conv1_params, call.conv1_tiles, threads);
+  if (call.dense_blocks > 0) emulate_tile_program<DenseWeightGradsProgram>(op, call.dense_params, call.dense_blocks, threads);
   emulate_partial_sums(op, call.sums, threads);
   return call.finish();
 }

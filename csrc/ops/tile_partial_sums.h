@@ -27,7 +27,7 @@ namespace lenet_ext {
 constexpr int kSumColumns = 32;
 constexpr int kSumRowGroups = 8;
 constexpr int kSumRowsPerBlock = 512;
-constexpr int kMaxColumnSums = 8;
+constexpr int kMaxColumnSums = 16;
 
 // out[c] = the sum over r < rows of partials[r * row_length + column + c],
 // for c < columns. With more than kSumRowsPerBlock rows, block of rows b

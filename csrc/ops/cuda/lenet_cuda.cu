@@ -2,9 +2,9 @@
 // whole forward in one launch, each thread block running the tile program of
 // ../lenet_forward_tile.h for a tile of images with every activation in
 // shared memory; training also writes the activations lenet_backward reads.
-// lenet_backward: two tile programs (../lenet_backward_tile.h, then conv
-// block 1's backward), one launch adding their partial sums
-// (../tile_partial_sums.h) and three matrix products (cuBLAS), as
+// lenet_backward: three tile programs (../lenet_backward_tile.h, conv block
+// 1's backward, the dense weight gradients of ../dense_weight_grads_tile.h)
+// and one launch adding their partial sums (../tile_partial_sums.h), as
 // ../lenet_backward_tile_call.cpp prepares them. LENET_EXT_CUDA_KERNEL=
 // reference, float64 and sizes the programs do not take run the layers one
 // by one instead (../lenet.cpp's whole-batch implementation, the conv
@@ -66,6 +66,7 @@ LeNetGrads lenet_backward_cuda(const at::Tensor& grad_logits, const at::Tensor& 
   if (call.tiles == 0) return lenet_backward_whole_batch(grad_logits, x, saved, p, output_mask);
   launch_tile_program<LeNetBackwardTileProgram>(call.params, call.tiles);
   if (call.conv1_tiles > 0) launch_tile_program<ConvTileBackwardProgram>(call.conv1_params, call.conv1_tiles);
+  if (call.dense_blocks > 0) launch_tile_program<DenseWeightGradsProgram>(call.dense_params, call.dense_blocks);
   launch_partial_sums(call.sums);
   return call.finish();
 }

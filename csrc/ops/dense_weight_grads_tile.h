@@ -1,0 +1,114 @@
+// lenet_backward's dense weight gradients, dL/dW = g^T a for each of the
+// three layers (g the gradient of the layer's output, (N, rows); a its
+// input, (N, cols)), as one program where three matrix products took five
+// launches: a thread sums 4 x 4 outputs over one split of the batch, in
+// image order, into its split's row of partial sums, which the program of
+// tile_partial_sums.h adds in a fixed order with the backward's other sums.
+// The gradients are bitwise repeatable.
+//
+// Like the other tile programs, its phase is __host__ __device__ over the
+// thread's coordinates: cuda/lenet_cuda.cu launches it, tile_emulation.cpp
+// runs it on the CPU for the tests. float32 only.
+#pragma once
+
+#include <cstdint>
+
+#include "conv_sigmoid_avgpool2d_tile.h"  // LENET_UNROLL
+
+namespace lenet_ext {
+
+// Outputs of a thread: a block of kWeightGradSide rows by kWeightGradSide columns.
+constexpr int kWeightGradSide = 4;
+constexpr int kMaxDenseLayers = 3;
+// Images per split at most, and splits at most: enough blocks to fill a GPU
+// at large batches, while the partial sums stay a few megabytes.
+constexpr int kImagesPerSplit = 256;
+constexpr int kMaxWeightGradSplits = 32;
+
+struct DenseWeightGrad {
+  const float *g, *a;  // (N, rows) and (N, cols)
+  int rows, cols;
+  int column;          // where the layer's rows * cols sums start in a row of partials
+};
+
+struct DenseWeightGradsParams {
+  struct {
+    int floats;  // shared memory: none
+  } s;
+  int64_t batch, images_per_split;
+  int count;                                // layers in use
+  DenseWeightGrad layers[kMaxDenseLayers];
+  int first_item[kMaxDenseLayers + 1];      // layer k's items: [first_item[k], first_item[k + 1])
+  int blocks_per_split;
+  int row_length;                           // of partials: every layer's rows * cols
+  float* partials;                          // (splits, row_length)
+};
+
+LENET_HOST_DEVICE int weight_grad_blocks(int n) { return (n + kWeightGradSide - 1) / kWeightGradSide; }
+
+// Host side: the parameters for these layers over a batch, and the splits
+// (rows of partials) they write.
+inline DenseWeightGradsParams dense_weight_grads_params(const DenseWeightGrad* layers, int count, int64_t batch,
+                                                        int threads, int* splits) {
+  DenseWeightGradsParams p{};
+  p.count = count;
+  p.batch = batch;
+  p.first_item[0] = 0;
+  int column = 0;
+  for (int k = 0; k < count; ++k) {
+    p.layers[k] = layers[k];
+    p.layers[k].column = column;
+    column += layers[k].rows * layers[k].cols;
+    p.first_item[k + 1] = p.first_item[k] + weight_grad_blocks(layers[k].rows) * weight_grad_blocks(layers[k].cols);
+  }
+  p.row_length = column;
+  p.blocks_per_split = (p.first_item[count] + threads - 1) / threads;
+  const int64_t wanted = (batch + kImagesPerSplit - 1) / kImagesPerSplit;
+  *splits = static_cast<int>(wanted < 1 ? 1 : wanted > kMaxWeightGradSplits ? kMaxWeightGradSplits : wanted);
+  p.images_per_split = (batch + *splits - 1) / *splits;
+  return p;
+}
+
+struct DenseWeightGradsProgram {
+  using Params = DenseWeightGradsParams;
+  static constexpr int kPhases = 1;
+
+  // Block b: split b / blocks_per_split, and its share of the items; an item
+  // is one layer's block of 4 x 4 outputs, neighbouring threads taking
+  // neighbouring column blocks (a warp reads consecutive floats of a).
+  static LENET_HOST_DEVICE void run_phase(int, const Params& p, float*, int64_t block, int tid, int threads) {
+    const int64_t split = block / p.blocks_per_split;
+    const int item = static_cast<int>(block % p.blocks_per_split) * threads + tid;
+    if (item >= p.first_item[p.count]) return;
+    int k = 0;
+    while (k + 1 < p.count && item >= p.first_item[k + 1]) ++k;
+    const DenseWeightGrad& layer = p.layers[k];
+    const int local = item - p.first_item[k], col_blocks = weight_grad_blocks(layer.cols);
+    const int r0 = local / col_blocks * kWeightGradSide, c0 = local % col_blocks * kWeightGradSide;
+    const int64_t begin = split * p.images_per_split;
+    const int64_t end = p.batch - begin < p.images_per_split ? p.batch : begin + p.images_per_split;
+    float sum[kWeightGradSide][kWeightGradSide] = {};
+    for (int64_t n = begin; n < end; ++n) {
+      float g[kWeightGradSide], a[kWeightGradSide];
+      LENET_UNROLL
+      for (int i = 0; i < kWeightGradSide; ++i) {
+        g[i] = r0 + i < layer.rows ? layer.g[n * layer.rows + r0 + i] : 0.0f;
+        a[i] = c0 + i < layer.cols ? layer.a[n * layer.cols + c0 + i] : 0.0f;
+      }
+      LENET_UNROLL
+      for (int i = 0; i < kWeightGradSide; ++i) {
+        LENET_UNROLL
+        for (int j = 0; j < kWeightGradSide; ++j) sum[i][j] += g[i] * a[j];
+      }
+    }
+    float* row = p.partials + split * p.row_length + layer.column;
+    LENET_UNROLL
+    for (int i = 0; i < kWeightGradSide; ++i) {
+      LENET_UNROLL
+      for (int j = 0; j < kWeightGradSide; ++j)
+        if (r0 + i < layer.rows && c0 + j < layer.cols) row[(r0 + i) * layer.cols + c0 + j] = sum[i][j];
+    }
+  }
+};
+
+}  // namespace lenet_ext
