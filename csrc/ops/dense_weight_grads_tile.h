@@ -75,7 +75,9 @@ struct DenseWeightGradsProgram {
 
   // Block b: split b / blocks_per_split, and its share of the items; an item
   // is one layer's block of 4 x 4 outputs, neighbouring threads taking
-  // neighbouring column blocks (a warp reads consecutive floats of a).
+  // neighbouring row blocks: a warp reads the same floats of a and
+  // consecutive floats of g, and a thread block a few columns of a, which
+  // stay in L1 over its split's images.
   static LENET_HOST_DEVICE void run_phase(int, const Params& p, float*, int64_t block, int tid, int threads) {
     const int64_t split = block / p.blocks_per_split;
     const int item = static_cast<int>(block % p.blocks_per_split) * threads + tid;
@@ -83,8 +85,8 @@ struct DenseWeightGradsProgram {
     int k = 0;
     while (k + 1 < p.count && item >= p.first_item[k + 1]) ++k;
     const DenseWeightGrad& layer = p.layers[k];
-    const int local = item - p.first_item[k], col_blocks = weight_grad_blocks(layer.cols);
-    const int r0 = local / col_blocks * kWeightGradSide, c0 = local % col_blocks * kWeightGradSide;
+    const int local = item - p.first_item[k], row_blocks = weight_grad_blocks(layer.rows);
+    const int r0 = local % row_blocks * kWeightGradSide, c0 = local / row_blocks * kWeightGradSide;
     const int64_t begin = split * p.images_per_split;
     const int64_t end = p.batch - begin < p.images_per_split ? p.batch : begin + p.images_per_split;
     float sum[kWeightGradSide][kWeightGradSide] = {};
