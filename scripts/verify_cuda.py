@@ -270,6 +270,7 @@ def bad_input_stage(stage, out, left, build_env):
     a debugger (crash-backtrace.log), builds and runs scripts/minimal_error_extension.py (the same
     kind of error without lenet_ext's code), then rebuilds with each other GNU compiler here until
     one passes; the rest of the run uses the last build. Returns whether the crash is still there."""
+    start = time.monotonic()
     log = os.path.join(out, "bad-input.log")
     code, stage.seconds = run(list(BAD_INPUT_TESTS), log, min(120, left()))
     crashed = code is not None and code < 0
@@ -312,6 +313,7 @@ def bad_input_stage(stage, out, left, build_env):
             crashed = False
             break
     stage.detail = "; ".join(findings)
+    stage.seconds = time.monotonic() - start  # the diagnosis's runs too
     return crashed
 
 

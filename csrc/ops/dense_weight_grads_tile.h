@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "conv_sigmoid_avgpool2d_tile.h"  // LENET_UNROLL
+#include "tile_partial_sums.h"             // range_holding
 
 namespace lenet_ext {
 
@@ -36,6 +37,7 @@ struct DenseWeightGradsParams {
     int floats;  // shared memory: none
   } s;
   int64_t batch, images_per_split;
+  int splits;                               // of the batch: rows of partials
   int count;                                // layers in use
   DenseWeightGrad layers[kMaxDenseLayers];
   int first_item[kMaxDenseLayers + 1];      // layer k's items: [first_item[k], first_item[k + 1])
@@ -46,10 +48,10 @@ struct DenseWeightGradsParams {
 
 LENET_HOST_DEVICE int weight_grad_blocks(int n) { return (n + kWeightGradSide - 1) / kWeightGradSide; }
 
-// Host side: the parameters for these layers over a batch, and the splits
-// (rows of partials) they write.
+// Host side: the parameters for these layers over a batch; the caller sets
+// partials, (splits, row_length) floats.
 inline DenseWeightGradsParams dense_weight_grads_params(const DenseWeightGrad* layers, int count, int64_t batch,
-                                                        int threads, int* splits) {
+                                                        int threads) {
   DenseWeightGradsParams p{};
   p.count = count;
   p.batch = batch;
@@ -64,8 +66,8 @@ inline DenseWeightGradsParams dense_weight_grads_params(const DenseWeightGrad* l
   p.row_length = column;
   p.blocks_per_split = (p.first_item[count] + threads - 1) / threads;
   const int64_t wanted = (batch + kImagesPerSplit - 1) / kImagesPerSplit;
-  *splits = static_cast<int>(wanted < 1 ? 1 : wanted > kMaxWeightGradSplits ? kMaxWeightGradSplits : wanted);
-  p.images_per_split = (batch + *splits - 1) / *splits;
+  p.splits = static_cast<int>(wanted < 1 ? 1 : wanted > kMaxWeightGradSplits ? kMaxWeightGradSplits : wanted);
+  p.images_per_split = (batch + p.splits - 1) / p.splits;
   return p;
 }
 
@@ -82,11 +84,10 @@ struct DenseWeightGradsProgram {
     const int64_t split = block / p.blocks_per_split;
     const int item = static_cast<int>(block % p.blocks_per_split) * threads + tid;
     if (item >= p.first_item[p.count]) return;
-    int k = 0;
-    while (k + 1 < p.count && item >= p.first_item[k + 1]) ++k;
+    const int k = range_holding(p.first_item, p.count, item);
     const DenseWeightGrad& layer = p.layers[k];
-    const int local = item - p.first_item[k], row_blocks = weight_grad_blocks(layer.rows);
-    const int r0 = local % row_blocks * kWeightGradSide, c0 = local / row_blocks * kWeightGradSide;
+    const int local = item - p.first_item[k], layer_row_blocks = weight_grad_blocks(layer.rows);
+    const int r0 = local % layer_row_blocks * kWeightGradSide, c0 = local / layer_row_blocks * kWeightGradSide;
     const int64_t begin = split * p.images_per_split;
     const int64_t end = p.batch - begin < p.images_per_split ? p.batch : begin + p.images_per_split;
     float sum[kWeightGradSide][kWeightGradSide] = {};

@@ -47,6 +47,15 @@ LENET_HOST_DEVICE int64_t row_blocks(const ColumnSum& sum) {
   return sum.rows > kSumRowsPerBlock ? (sum.rows + kSumRowsPerBlock - 1) / kSumRowsPerBlock : 1;
 }
 
+// k such that first[k] <= item < first[k + 1], for an item below
+// first[count]: which of a program's few ranges of blocks or items holds it.
+template <typename Index>
+LENET_HOST_DEVICE int range_holding(const Index* first, int count, Index item) {
+  int k = 0;
+  while (k + 1 < count && item >= first[k + 1]) ++k;
+  return k;
+}
+
 struct PartialSumsParams {
   struct {
     int floats;  // shared memory: a value per (column, row group)
@@ -79,8 +88,7 @@ struct PartialSumsProgram {
   // block's row of the output.
   static LENET_HOST_DEVICE void run_phase(int phase, const Params& p, float* smem, int64_t block, int tid,
                                           int threads) {
-    int k = 0;
-    while (k + 1 < p.count && block >= p.first_block[k + 1]) ++k;
+    const int k = range_holding(p.first_block, p.count, block);
     const ColumnSum& sum = p.sums[k];
     const int64_t local = block - p.first_block[k];
     const int64_t row_block = local / column_blocks(sum);
