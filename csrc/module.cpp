@@ -2,11 +2,15 @@
 // and CUDA kernel choices. Loading it registers the operators: each file in ops/
 // defines its operators' schemas (TORCH_LIBRARY_FRAGMENT), and the files in
 // ops/cpu and ops/cuda register their kernels.
+#define PY_SSIZE_T_CLEAN  // Py_ssize_t lengths for the "#" formats
 #include <Python.h>
 #include <c10/util/Exception.h>
 
 #include "ops/cpu/simd/simd_kernels.h"
 #include "ops/cuda_kernel_choice.h"
+#ifdef LENET_EXT_WITH_CUDA
+#include "ops/cuda/phase_clocks.h"
+#endif
 
 #ifndef LENET_EXT_TORCH_VERSION
 #error "setup.py defines LENET_EXT_TORCH_VERSION"
@@ -81,6 +85,43 @@ PyObject* cuda_tile(PyObject*, PyObject*) {
   });
 }
 
+#ifdef LENET_EXT_WITH_CUDA
+// _C.record_phase_clocks(on): stamps the tile programs' later launches
+// phase by phase (ops/cuda/phase_clocks.h), or stops.
+PyObject* record_phase_clocks(PyObject*, PyObject* on) {
+  const int truth = PyObject_IsTrue(on);
+  if (truth < 0) return nullptr;
+  lenet_ext::record_phase_clocks(truth == 1);
+  Py_RETURN_NONE;
+}
+
+// _C.take_phase_clocks(): the launches stamped since the last call, in
+// order, as (program, phase names, tiles, stamps): stamps is the bytes of a
+// tiles x (phases + 1) int64 array of clock64() values.
+PyObject* take_phase_clocks(PyObject*, PyObject*) {
+  return python_errors([]() -> PyObject* {
+    const std::vector<lenet_ext::PhaseClocks> taken = lenet_ext::take_phase_clocks();
+    PyObject* launches = PyList_New(0);
+    for (size_t k = 0; launches != nullptr && k < taken.size(); ++k) {
+      const lenet_ext::PhaseClocks& launch = taken[k];
+      PyObject* names = PyTuple_New(static_cast<Py_ssize_t>(launch.phases.size()));
+      for (size_t i = 0; names != nullptr && i < launch.phases.size(); ++i) {
+        PyObject* name = PyUnicode_FromString(launch.phases[i].c_str());
+        if (name == nullptr) Py_CLEAR(names);
+        else PyTuple_SET_ITEM(names, static_cast<Py_ssize_t>(i), name);
+      }
+      PyObject* entry = names == nullptr ? nullptr
+                        : Py_BuildValue("(sNLy#)", launch.program.c_str(), names, static_cast<long long>(launch.tiles),
+                                        reinterpret_cast<const char*>(launch.stamps.data()),
+                                        static_cast<Py_ssize_t>(launch.stamps.size() * sizeof(long long)));
+      if (entry == nullptr || PyList_Append(launches, entry) < 0) Py_CLEAR(launches);
+      Py_XDECREF(entry);
+    }
+    return launches;
+  });
+}
+#endif
+
 // _C.unchanged(types, entries, empty): whether type(o) is t for each pair
 // (o, t) of the flat tuple `types`, d.get(k) is v for each triple (d, k, v)
 // of `entries` (d a dict), and every dict of `empty` is empty. LeNet.forward
@@ -124,6 +165,12 @@ PyMethodDef module_methods[] = {
     {"cuda_tile", cuda_tile, METH_NOARGS, "The images per thread block asked of the CUDA tile programs, or auto."},
     {"set_cuda_tile", set_cuda_tile, METH_O,
      "Asks the CUDA tile programs' later calls for this many images per thread block (a str), or auto."},
+#ifdef LENET_EXT_WITH_CUDA
+    {"record_phase_clocks", record_phase_clocks, METH_O,
+     "Stamps the CUDA tile programs' later launches phase by phase (True), or stops (False)."},
+    {"take_phase_clocks", take_phase_clocks, METH_NOARGS,
+     "The launches stamped since the last call: (program, phase names, tiles, int64 stamps as bytes)."},
+#endif
     {"cpu_kernel", cpu_kernel, METH_NOARGS, "The CPU kernels float32 calls run on now."},
     {"unchanged", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(unchanged)), METH_FASTCALL,
      "unchanged(types, entries, empty): type(o) is t for each (o, t), d.get(k) is v for each (d, k, v), "

@@ -8,7 +8,9 @@ what changes it: libstdc++ preloaded, a debugger's backtrace, a minimal
 extension raising the same kind of error, the other GNU compilers on the
 machine), then the whole test suite, runs compute-sanitizer (memcheck, racecheck, synccheck,
 initcheck) over scripts/cuda_sanitizer_workload.py, counts and times the
-kernels of an inference call and a training step (scripts/count_launches.py), and runs
+kernels of an inference call and a training step (scripts/count_launches.py),
+stamps each tile program's phases (scripts/phase_profile.py, into
+phases.log: where each one's time goes, ncu or not), and runs
 benchmarks/bench.py on CUDA; with the time left, each tile program at each
 tile size (scripts/tile_sweep.py, into tiles.log), Nsight Compute (ncu) over
 scripts/kernel_workload.py, each tile program's duration, throughput and
@@ -49,9 +51,9 @@ import xml.etree.ElementTree as ET
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
-STAGES = ("build", "bad-input", "tests", *SANITIZER_TOOLS, "launches", "bench-no-compile", "bench", "tiles", "ncu",
-          "bench-reference")  # fmt: skip
-TIMING_STAGES = ("launches", "bench-no-compile", "bench", "tiles", "ncu", "bench-reference")
+STAGES = ("build", "bad-input", "tests", *SANITIZER_TOOLS, "launches", "phases", "bench-no-compile", "bench", "tiles",
+          "ncu", "bench-reference")  # fmt: skip
+TIMING_STAGES = ("launches", "phases", "bench-no-compile", "bench", "tiles", "ncu", "bench-reference")
 PYTEST = (sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider")  # the suite's, and a crashed test's rerun
 
 
@@ -75,6 +77,11 @@ def run(cmd, log_path, timeout, env=None):
             code = None
             log.write(f"\n[verify_cuda] stopped after {timeout:.0f} s\n")
     return code, time.monotonic() - start
+
+
+def outcome(code):
+    """A stage's status from its command's exit code (None: stopped at its time limit)."""
+    return "passed" if code == 0 else ("TIMED OUT" if code is None else "FAILED")
 
 
 def tail(path, lines=15):
@@ -274,7 +281,7 @@ def bad_input_stage(stage, out, left, build_env):
     log = os.path.join(out, "bad-input.log")
     code, stage.seconds = run(list(BAD_INPUT_TESTS), log, min(120, left()))
     crashed = code is not None and code < 0
-    stage.status = "passed" if code == 0 else ("TIMED OUT" if code is None else "FAILED")
+    stage.status = outcome(code)
     stage.detail = "tests/test_bad_input.py" if code == 0 else f"exit {code}; see bad-input.log"
     if not crashed:
         return False
@@ -375,7 +382,7 @@ def main(argv=None):
         command, env = pytest_command(junit, restarts=64 if still_crashes else 8)
         command += tests_ignored
         code, stage.seconds = run(command, os.path.join(out, "tests.log"), min(240, left() - 120), env=env)
-        stage.status = "passed" if code == 0 else ("TIMED OUT" if code is None else "FAILED")
+        stage.status = outcome(code)
     if stage.status != "skipped" and os.path.exists(junit):
         suite = ET.parse(junit).getroot()
         suite = suite if suite.tag == "testsuite" else suite[0]
@@ -426,8 +433,20 @@ def main(argv=None):
     if wanted("launches"):
         code, stage.seconds = run([sys.executable, os.path.join("scripts", "count_launches.py"), "--batch-sizes",
                                    sizes, "--output", launches], os.path.join(out, "launches.log"), min(90, left() - 60))  # fmt: skip
-        stage.status = "passed" if code == 0 else ("TIMED OUT" if code is None else "FAILED")
+        stage.status = outcome(code)
         stage.detail = f"launches.log: per step, at batch {sizes}" + ("" if has_gpu else " (operator calls on the CPU)")
+
+    # Each tile program's phases, from clocks its blocks record: where its time goes, with or without ncu.
+    stage = stages["phases"]
+    if wanted("phases"):
+        if not facts["cuda"]:
+            stage.status, stage.detail = "unavailable", "torch without CUDA: built without CUDA"
+        else:
+            code, stage.seconds = run([sys.executable, os.path.join("scripts", "phase_profile.py"), "--output",
+                                       os.path.join(out, "phases.json")], os.path.join(out, "phases.log"),
+                                      min(60, left() - 60))  # fmt: skip
+            stage.status = outcome(code)
+            stage.detail = "phases.log: each program's phases, share of its cycles" if has_gpu else "the script on the CPU"
 
     # The benchmark, with what time is left: first without the torch.compile
     # providers (quick, so that lenet_ext against eager always comes back),
@@ -448,7 +467,7 @@ def main(argv=None):
         # perf_hints: inductor's reasons for running a reduce-overhead graph without CUDA graphs, into the log.
         code, stage.seconds = run(bench + extra + ["--output-dir", os.path.join(out, name)],
                                   os.path.join(out, f"{name}.log"), left(), env={"TORCH_LOGS": "perf_hints"})  # fmt: skip
-        stage.status = "passed" if code == 0 else ("TIMED OUT" if code is None else "FAILED")
+        stage.status = outcome(code)
         stage.detail = f"{name}/: results.json" + (", throughput.png" if code == 0 else f"; see {name}.log")
 
     # Each tile program at each tile size: what choose_tile should pick.
@@ -460,7 +479,7 @@ def main(argv=None):
             code, stage.seconds = run([sys.executable, os.path.join("scripts", "tile_sweep.py"), "--output",
                                        os.path.join(out, "tiles.json")], os.path.join(out, "tiles.log"),
                                       min(120, left() - 30))  # fmt: skip
-            stage.status = "passed" if code == 0 else ("TIMED OUT" if code is None else "FAILED")
+            stage.status = outcome(code)
             stage.detail = "tiles.log: GPU time per program and tile" if has_gpu else "the script on the CPU"
 
     # Nsight Compute over one call of each tile program: where each one's time goes.
@@ -500,7 +519,7 @@ def main(argv=None):
         code, stage.seconds = run(bench + ["--no-compile", "--output-dir", os.path.join(out, "bench-reference")],
                                   os.path.join(out, "bench-reference.log"), left(),
                                   env={"LENET_EXT_CUDA_KERNEL": "reference"})  # fmt: skip
-        stage.status = "passed" if code == 0 else ("TIMED OUT" if code is None else "FAILED")
+        stage.status = outcome(code)
         stage.detail = "bench-reference/: the simple kernels"
     else:
         stage.status, stage.detail = "skipped", "no GPU" if not has_gpu else "no time left"
@@ -517,6 +536,8 @@ def finish(stages, out, failure_tail):
         f.write(table + "\n")
     if os.path.exists(os.path.join(out, "launches.log")):
         print(tail(os.path.join(out, "launches.log"), 30))
+    if os.path.exists(os.path.join(out, "phases.log")):
+        print(tail(os.path.join(out, "phases.log"), 40))
     if os.path.exists(os.path.join(out, "tiles.log")):
         print(tail(os.path.join(out, "tiles.log"), 30))
     if os.path.exists(os.path.join(out, "ncu-summary.md")):

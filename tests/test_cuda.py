@@ -334,3 +334,30 @@ def test_every_tile_size_gives_the_reference_results(batch, cuda_tile):
         lenet_ext._C.set_cuda_kernel(before)
     for got, want in zip(fused, layers):
         torch.testing.assert_close(got, want, atol=1e-5 * batch**0.5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [1, 70])
+def test_phase_clocks_stamp_every_block_of_every_program(batch, cuda_tile):
+    """_C.record_phase_clocks: a training step's tile programs each leave, per block, a stamp at
+    its start and after each phase, in order; with recording off, launches leave none."""
+    net = LeNet().cuda()
+    x = torch.rand(batch, 1, 28, 28, device="cuda")
+    target = torch.randint(0, 10, (batch,), device="cuda")
+    lenet_ext._C.take_phase_clocks()
+    lenet_ext._C.record_phase_clocks(True)
+    try:
+        torch.autograd.grad(F.cross_entropy(net(x), target), list(net.parameters()))
+    finally:
+        lenet_ext._C.record_phase_clocks(False)
+    launches = lenet_ext._C.take_phase_clocks()
+    programs = [program for program, *_ in launches]
+    assert programs[0] == "LeNetTileProgram" and "LeNetBackwardTileProgram" in programs
+    assert {"ConvTileBackwardProgram", "DenseWeightGradsProgram", "PartialSumsProgram"} <= set(programs)
+    tiles_asked_or_halved = [cuda_tile >> k for k in range(cuda_tile.bit_length())]
+    assert any(launches[0][2] == -(-batch // tile) for tile in tiles_asked_or_halved)
+    for program, phases, tiles, stamps in launches:
+        clocks = torch.frombuffer(bytearray(stamps), dtype=torch.int64).view(tiles, len(phases) + 1)
+        assert len(set(phases)) == len(phases) > 0 and tiles > 0, program
+        assert (clocks[:, 0] != 0).all() and (clocks[:, 1:] >= clocks[:, :-1]).all(), program
+    net(x)
+    assert lenet_ext._C.take_phase_clocks() == []

@@ -7,6 +7,7 @@ import shutil
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -14,6 +15,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import count_launches  # noqa: E402
 import kernel_workload  # noqa: E402
 import minimal_error_extension  # noqa: E402
+import phase_profile  # noqa: E402
 import tile_sweep  # noqa: E402
 import verify_cuda  # noqa: E402
 
@@ -74,6 +76,28 @@ def test_tile_sweep_times_every_workload_at_every_tile(tmp_path, capsys):
     assert set(times) == {"inference 3", "inference 16", "training 3", "training 16", "conv operator 16"}
     assert all(set(by_tile) == {"auto", "2"} and all(by_tile.values()) for by_tile in times.values())
     assert "| training 16 | whole step |" in capsys.readouterr().out
+
+
+def test_phase_profile_summarises_a_launch_phase_by_phase():
+    # Two blocks, three phases: block 0 takes 10, 30, 60 cycles, block 1 30, 30, 0.
+    stamps = torch.tensor([[100, 110, 140, 200], [5, 35, 65, 65]], dtype=torch.int64)
+    summary = phase_profile.launch_summary("P", ("a", "b", "c"), 2, stamps.numpy().tobytes())
+    assert summary["blocks"] == 2 and summary["max_block_cycles"] == 100
+    assert summary["median_block_cycles"] == 60  # torch.median of two values: the lower
+    assert summary["phases"] == pytest.approx({"a": 25.0, "b": 37.5, "c": 37.5})
+
+
+@pytest.mark.skipif(not lenet_ext._C.with_cuda, reason="the phase clocks are a CUDA build's")
+def test_phase_profile_runs_every_workload_on_the_cpu(tmp_path, capsys):
+    """On the CPU no tile program runs: the script's workloads and tables, with no launch stamped."""
+    output = tmp_path / "phases.json"
+    before = lenet_ext._C.cuda_tile()
+    phase_profile.main(["--device", "cpu", "--tiles", "auto,2", "--output", str(output)])
+    assert lenet_ext._C.cuda_tile() == before
+    launches = json.loads(output.read_text())["launches"]
+    assert set(launches) == {"inference 3", "inference 16", "training 3", "training 16", "conv operator 16"}
+    assert all(by_tile == {"auto": [], "2": []} for by_tile in launches.values())
+    assert "0 tile-program launches stamped on cpu" in capsys.readouterr().out
 
 
 def test_count_launches_counts_and_times_each_step(tmp_path, capsys):

@@ -397,7 +397,9 @@ LENET_HOST_DEVICE void pooled_outputs(const ConvTileForwardParams& p, const floa
 // CPU emulation (tile_emulation.cpp) run it.
 struct ConvTileForwardProgram {
   using Params = ConvTileForwardParams;
+  static constexpr const char* kName = "ConvTileForwardProgram";
   static constexpr int kPhases = 2;
+  static constexpr const char* kPhaseNames[kPhases] = {"stage", "pooled outputs"};
 
   // One phase for thread tid of `threads`.
   static LENET_HOST_DEVICE void run_phase(int phase, const Params& p, float* smem, int64_t tile_index, int tid,

@@ -270,7 +270,9 @@ LENET_HOST_DEVICE void add_slices(const ConvTileShape& s, const float* smem, flo
 // CPU emulation (tile_emulation.cpp) run it.
 struct ConvTileBackwardProgram {
   using Params = ConvTileBackwardParams;
+  static constexpr const char* kName = "ConvTileBackwardProgram";
   static constexpr int kPhases = 4;
+  static constexpr const char* kPhaseNames[kPhases] = {"stage", "dL/dz", "gradients", "slices added"};
 
   // One phase for thread tid of `threads`.
   static LENET_HOST_DEVICE void run_phase(int phase, const Params& p, float* smem, int64_t tile_index, int tid,

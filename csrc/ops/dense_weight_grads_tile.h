@@ -73,7 +73,9 @@ inline DenseWeightGradsParams dense_weight_grads_params(const DenseWeightGrad* l
 
 struct DenseWeightGradsProgram {
   using Params = DenseWeightGradsParams;
+  static constexpr const char* kName = "DenseWeightGradsProgram";
   static constexpr int kPhases = 1;
+  static constexpr const char* kPhaseNames[kPhases] = {"weight sums"};
 
   // Block b: split b / blocks_per_split, and its share of the items; an item
   // is one layer's block of 4 x 4 outputs, neighbouring threads taking

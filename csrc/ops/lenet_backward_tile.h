@@ -160,7 +160,11 @@ LENET_HOST_DEVICE void block2_grads_and_bias_sums(const LeNetBackwardTileParams&
 // emulation (tile_emulation.cpp) run it.
 struct LeNetBackwardTileProgram {
   using Params = LeNetBackwardTileParams;
+  static constexpr const char* kName = "LeNetBackwardTileProgram";
   static constexpr int kPhases = 7;
+  static constexpr const char* kPhaseNames[kPhases] = {
+      "stage",       "fc2 dL/dz",       "fc1 dL/dz",         "block 2 grads, bias sums",
+      "conv2 dL/dz", "conv2 gradients", "conv2 slices added"};
 
   // One phase for thread tid of `threads`.
   static LENET_HOST_DEVICE void run_phase(int phase, const Params& p, float* smem, int64_t tile_index, int tid,

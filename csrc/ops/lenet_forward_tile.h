@@ -236,7 +236,10 @@ LENET_HOST_DEVICE void dense_finish(const TileDenseLayer& layer, const float* sl
 // emulation (tile_emulation.cpp) run it.
 struct LeNetTileProgram {
   using Params = LeNetTileParams;
+  static constexpr const char* kName = "LeNetTileProgram";
   static constexpr int kPhases = 9;
+  static constexpr const char* kPhaseNames[kPhases] = {"stage", "conv block 1", "conv block 2", "fc1 slices", "fc1",
+                                                      "fc2 slices", "fc2", "fc3 slices", "logits"};
 
   // One phase for thread tid of `threads`.
   static LENET_HOST_DEVICE void run_phase(int phase, const Params& p, float* smem, int64_t tile_index, int tid,

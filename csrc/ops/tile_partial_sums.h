@@ -81,7 +81,9 @@ inline PartialSumsParams partial_sums_params(const ColumnSum* sums, int count) {
 
 struct PartialSumsProgram {
   using Params = PartialSumsParams;
+  static constexpr const char* kName = "PartialSumsProgram";
   static constexpr int kPhases = 2;
+  static constexpr const char* kPhaseNames[kPhases] = {"row groups", "groups added"};
 
   // Phase 0: each (column, row group) item's sum over the block's rows into
   // shared memory; phase 1: the groups of each column added, into the

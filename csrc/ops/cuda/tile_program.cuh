@@ -2,9 +2,9 @@
 // ../conv_sigmoid_avgpool2d_tile.h, ../conv_sigmoid_avgpool2d_tile_backward.h):
 // a thread block per tile of images, the program's phases in turn with a
 // barrier after each. A Program names its Params (whose s.floats is the
-// block's shared memory), its kPhases, and run_phase(phase, params, smem,
-// tile_index, tid, threads); tile_emulation.cpp runs the same programs on
-// the CPU.
+// block's shared memory), its kName, kPhases and kPhaseNames, and
+// run_phase(phase, params, smem, tile_index, tid, threads);
+// tile_emulation.cpp runs the same programs on the CPU.
 #pragma once
 
 #include <c10/core/Device.h>
@@ -21,17 +21,36 @@
 
 #include "../cuda_kernel_choice.h"
 #include "../tile_partial_sums.h"
+#include "phase_clocks.h"
 
 namespace lenet_ext {
 
 constexpr int kTileProgramThreads = 256;
 
+// Stamp `stamp` of this block (phase_clocks.h), by thread 0 when recording.
+// The thread and block indices are read again at each stamp (volatile asm
+// is neither hoisted nor shared between stamps), so that nothing of it
+// holds a register across the phases: the programs have none to spare.
+template <int Stamps>
+__device__ __forceinline__ void stamp_phase_clock(long long* phase_clocks, int stamp) {
+  if (phase_clocks == nullptr) return;
+  unsigned thread, block;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(thread));
+  asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(block));
+  if (thread == 0) phase_clocks[int64_t(block) * Stamps + stamp] = clock64();
+}
+
+// phase_clocks: null, or the blocks' clock64() stamps (phase_clocks.h).
 template <typename Program>
-__global__ void __launch_bounds__(kTileProgramThreads) tile_program_kernel(const typename Program::Params p) {
+__global__ void __launch_bounds__(kTileProgramThreads)
+    tile_program_kernel(const typename Program::Params p, long long* phase_clocks) {
   extern __shared__ __align__(16) float smem[];  // 16: the programs read float4s
+  constexpr int kStamps = Program::kPhases + 1;
+  stamp_phase_clock<kStamps>(phase_clocks, 0);
   for (int phase = 0; phase < Program::kPhases; ++phase) {
     Program::run_phase(phase, p, smem, blockIdx.x, threadIdx.x, blockDim.x);
     __syncthreads();
+    stamp_phase_clock<kStamps>(phase_clocks, phase + 1);
   }
 }
 
@@ -119,8 +138,9 @@ void launch_tile_program(const typename Program::Params& p, int64_t tiles) {
   TORCH_CHECK(tiles <= std::numeric_limits<int32_t>::max(), "lenet_ext: ", tiles, " tiles exceed a CUDA grid");
   const int bytes = p.s.floats * static_cast<int>(sizeof(float));
   allow_shared_memory<Program>(bytes);
+  long long* clocks = phase_clock_buffer(Program::kName, Program::kPhaseNames, Program::kPhases, tiles);
   tile_program_kernel<Program>
-      <<<static_cast<unsigned>(tiles), kTileProgramThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(p);
+      <<<static_cast<unsigned>(tiles), kTileProgramThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(p, clocks);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
