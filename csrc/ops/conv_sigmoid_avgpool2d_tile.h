@@ -213,11 +213,15 @@ namespace conv_tile_phases {
 
 // The weights and biases (0 without one) of a conv block, tap-major,
 // [C_in * K * K][channel_stride], zero past C_out: a channel group's four
-// weights of one tap are one 16-byte load.
+// weights of one tap are one 16-byte load. Four loads in
+// flight per thread on the GPU, as for the images.
 LENET_HOST_DEVICE void stage_weights(const ConvTileShape& s, const float* weight, const float* bias, float* smem,
                                      int tid, int threads) {
   const int taps = s.in_channels * s.kernel * s.kernel;
   IndexWalk<2> at(tid, threads, {0, s.channel_stride});  // (tap, co)
+#if defined(__CUDA_ARCH__)
+#pragma unroll 4
+#endif
   for (int i = tid; i < taps * s.channel_stride; i += threads, at.advance()) {
     const int tap = at.coord[0], co = at.coord[1];
     smem[s.weight_at + i] = co < s.out_channels ? weight[co * taps + tap] : 0.0f;

@@ -29,6 +29,10 @@ namespace lenet_ext {
 // keeps the sums of kDenseImages images in registers.
 constexpr int kDenseSlices = 8;
 constexpr int kDenseImages = 8;
+// A slice loads the weights of this many of its groups before it uses any:
+// their trips to L2 overlap, where one load at a time made each of the
+// slice's dozen groups wait for its own (the whole phase, at small tiles).
+constexpr int kDenseWeightLoads = 4;
 
 // Sizes of one call and where each of the tile's buffers sits in shared
 // memory (offsets in floats). Computed once on the host by make_tile_shape.
@@ -170,23 +174,34 @@ template <int W>
 LENET_HOST_DEVICE void dense_slice(const TileDenseLayer& layer, const float* in, int tile, int j, int slice, int first,
                                    float (&sum)[kDenseImages]) {
   const float* row = layer.weight + static_cast<int64_t>(j) * layer.in_features;
-  for (int group = slice; group < layer.in_features / W; group += kDenseSlices) {
-    float w[4];
-    if (W == 4)
-      load4(row + 4 * group, w);
-    else
-      w[0] = row[group];
+  const int groups = layer.in_features / W;
+  for (int base = slice; base < groups; base += kDenseWeightLoads * kDenseSlices) {
+    float w[kDenseWeightLoads][4] = {};
     LENET_UNROLL
-    for (int m = 0; m < kDenseImages; ++m) {
-      if (first + m >= tile) continue;
-      const float* v = in + (first + m) * layer.in_features + W * group;
-      float value[4];
+    for (int u = 0; u < kDenseWeightLoads; ++u) {
+      const int group = base + u * kDenseSlices;
+      if (group >= groups) continue;
       if (W == 4)
-        load4(v, value);
+        load4(row + 4 * group, w[u]);
       else
-        value[0] = v[0];
+        w[u][0] = row[group];
+    }
+    LENET_UNROLL
+    for (int u = 0; u < kDenseWeightLoads; ++u) {
+      const int group = base + u * kDenseSlices;
+      if (group >= groups) continue;
       LENET_UNROLL
-      for (int k = 0; k < W; ++k) sum[m] += value[k] * w[k];
+      for (int m = 0; m < kDenseImages; ++m) {
+        if (first + m >= tile) continue;
+        const float* v = in + (first + m) * layer.in_features + W * group;
+        float value[4];
+        if (W == 4)
+          load4(v, value);
+        else
+          value[0] = v[0];
+        LENET_UNROLL
+        for (int k = 0; k < W; ++k) sum[m] += value[k] * w[u][k];
+      }
     }
   }
 }
