@@ -117,14 +117,21 @@ def crashed_tests(log_path):
         return re.findall(r"worker '\w+' crashed while running '([^']+)'", f.read())
 
 
+# After a crash: the backtrace, then the faulting instruction, where it is (symbol, source line),
+# the stack pointer (a misaligned one faults on aligned vector moves) and the faulting address.
+CRASH_FACTS = ("bt 40", "x/6i $pc", "info symbol $pc", "info line *$pc", "info registers rip rsp rbp",
+               "p $_siginfo._sifields._sigfault.si_addr")  # fmt: skip
+
+
 def debugger_backtrace(command, log_path, timeout):
     """Runs command under gdb (else the CUDA toolkit's cuda-gdb), which prints the C++ backtrace
-    of a crash into log_path; False when neither is there."""
+    of a crash and CRASH_FACTS into log_path; False when neither debugger is there."""
     debugger = shutil.which("gdb") or find_cuda_tool("cuda-gdb")
     if debugger is None:
         return False
-    run([debugger, "-q", "-batch", "-ex", "set pagination off", "-ex", "run", "-ex", "bt 40", "--args", *command],
-        log_path, timeout)  # fmt: skip
+    facts = [arg for fact in CRASH_FACTS for arg in ("-ex", fact)]
+    run([debugger, "-q", "-batch", "-ex", "set pagination off", "-ex", "run", *facts, "--args", *command], log_path,
+        timeout)  # fmt: skip
     return True
 
 
@@ -545,7 +552,9 @@ def finish(stages, out, failure_tail):
     if os.path.exists(os.path.join(out, "crash-backtrace.log")):
         with open(os.path.join(out, "crash-backtrace.log"), errors="replace") as f:
             log = f.read()
-        print(log[log.find("received signal"):][:3000])
+        print(log[log.find("received signal"):][:2500])
+        if "=> 0x" in log:  # CRASH_FACTS: the faulting instruction onwards
+            print(log[log.find("=> 0x"):][:1500])
     for log in ("bench.log", "bench-no-compile.log"):
         if os.path.exists(os.path.join(out, log)):
             print(tail(os.path.join(out, log), 60))

@@ -171,6 +171,8 @@ def test_debugger_backtrace_of_a_crashing_process(tmp_path):
     assert verify_cuda.debugger_backtrace(crash, str(log), 120)
     text = log.read_text()
     assert "SIGSEGV" in text and "#0" in text
+    # The faulting instruction, the stack pointer and the faulting address (null here).
+    assert "=> 0x" in text and "rsp" in text and "$1 = (void *) 0x0" in text
 
 
 def test_linkage_names_the_libraries_and_the_unversioned_std_imports(tmp_path):
