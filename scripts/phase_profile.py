@@ -1,6 +1,6 @@
 """Where each CUDA tile program's time goes, phase by phase, from clocks its own blocks record.
 
-    python scripts/phase_profile.py [--tiles auto,4] [--output phases.json]
+    python scripts/phase_profile.py [--tiles auto,5] [--output phases.json]
 
 For tile_sweep.py's workloads (LeNet inference at batch 256, 8192 and 65536,
 a training step at 256 and 8192, the conv operator at 8192) and each tile
@@ -61,7 +61,7 @@ def profile_step(step, device):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tiles", default="auto,4", help="comma-separated tiles to ask for (default auto,4)")
+    parser.add_argument("--tiles", default="auto,5", help="comma-separated tiles to ask for (default auto,5)")
     parser.add_argument("--output", help="write the summaries to this JSON file")
     args = parser.parse_args(argv)
     if not hasattr(lenet_ext._C, "record_phase_clocks"):

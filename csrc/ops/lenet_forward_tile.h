@@ -118,13 +118,15 @@ inline LeNetTileShape retile(const LeNetTileShape& s, int tile) {
 namespace tile_phases {
 
 // Phase 0: both conv blocks' weights and biases, and the tile's images with
-// their zero padding; block 1's padded buffer is zeroed (phase 1 fills its interior).
+// their zero padding; block 1's padded buffer is zeroed when conv2 pads
+// (phase 1 fills its interior, which without padding is all of it).
 LENET_HOST_DEVICE void stage(const LeNetTileParams& p, float* smem, int64_t tile_index, int tid, int threads) {
   const LeNetTileShape& s = p.s;
   conv_tile_phases::stage_weights(s.conv1, p.conv1_w, p.conv1_b, smem, tid, threads);
   conv_tile_phases::stage_weights(s.conv2, p.conv2_w, p.conv2_b, smem, tid, threads);
   conv_tile_phases::stage_images(s.conv1, p.batch, p.x, smem, tile_index, tid, threads);
   const ConvTileShape& b1 = s.conv2;  // block 1's output, as conv2 reads it
+  if (b1.padding == 0) return;
   for (int i = tid; i < s.tile * b1.in_channels * b1.padded_h * b1.padded_w; i += threads) smem[b1.x_at + i] = 0.0f;
 }
 
