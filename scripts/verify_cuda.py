@@ -448,6 +448,8 @@ def main(argv=None):
     if wanted("phases"):
         if not facts["cuda"]:
             stage.status, stage.detail = "unavailable", "torch without CUDA: built without CUDA"
+        elif left() < 90:
+            stage.status, stage.detail = "skipped", "no time left"
         else:
             code, stage.seconds = run([sys.executable, os.path.join("scripts", "phase_profile.py"), "--output",
                                        os.path.join(out, "phases.json")], os.path.join(out, "phases.log"),

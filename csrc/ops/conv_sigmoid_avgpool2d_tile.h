@@ -213,8 +213,8 @@ namespace conv_tile_phases {
 
 // The weights and biases (0 without one) of a conv block, tap-major,
 // [C_in * K * K][channel_stride], zero past C_out: a channel group's four
-// weights of one tap are one 16-byte load. Four loads in
-// flight per thread on the GPU, as for the images.
+// weights of one tap are one 16-byte load. Four loads in flight per thread
+// on the GPU, as for the images.
 LENET_HOST_DEVICE void stage_weights(const ConvTileShape& s, const float* weight, const float* bias, float* smem,
                                      int tid, int threads) {
   const int taps = s.in_channels * s.kernel * s.kernel;

@@ -29,7 +29,7 @@ long long* phase_clock_buffer(const char* program, const char* const* phase_name
   Recorded r{{program, std::vector<std::string>(phase_names, phase_names + phases), tiles, {}}, 0, nullptr};
   const size_t bytes = static_cast<size_t>(tiles) * (phases + 1) * sizeof(long long);
   C10_CUDA_CHECK(cudaGetDevice(&r.device));
-  C10_CUDA_CHECK(cudaMalloc(&r.buffer, bytes > 0 ? bytes : 1));
+  C10_CUDA_CHECK(cudaMalloc(&r.buffer, bytes));
   C10_CUDA_CHECK(cudaMemset(r.buffer, 0, bytes));
   C10_CUDA_CHECK(cudaDeviceSynchronize());  // the memset done before the launch, on whatever stream it runs
   const std::lock_guard<std::mutex> lock(mutex);

@@ -5,7 +5,7 @@
 // writes the multiprocessor's clock64() as the block starts and after each
 // phase's barrier. Off (the default), launches pass null and write nothing.
 // Recording allocates and waits for the device: not for timed runs or
-// CUDA graph captures.
+// CUDA graph captures. The buffers live until take_phase_clocks.
 #pragma once
 
 #include <cstdint>
