@@ -117,9 +117,11 @@ def crashed_tests(log_path):
         return re.findall(r"worker '\w+' crashed while running '([^']+)'", f.read())
 
 
-# After a crash: the backtrace, then the faulting instruction, where it is (symbol, source line),
-# the stack pointer (a misaligned one faults on aligned vector moves) and the faulting address.
-CRASH_FACTS = ("bt 40", "x/6i $pc", "info symbol $pc", "info line *$pc", "info registers rip rsp rbp",
+# After a crash: the symbols of every library loaded (cuda-gdb had read none of them, and named no
+# frame of the extension), the backtrace, then the faulting instruction, where it is (symbol,
+# source line), the stack pointer (a misaligned one faults on aligned vector moves) and the
+# faulting address.
+CRASH_FACTS = ("sharedlibrary", "bt 40", "x/6i $pc", "info symbol $pc", "info line *$pc", "info registers rip rsp rbp",
                "p $_siginfo._sifields._sigfault.si_addr")  # fmt: skip
 
 
