@@ -83,6 +83,47 @@ def measure_peak_gflops(device, args) -> float:
     return 2 * n**3 / median / 1e9
 
 
+# An elementwise kernel (compiled at run time by torch's jiterator) whose
+# every element runs FMA_CHAINS independent chains of FMA_STEPS fused
+# multiply-adds: the GPU's FP32 FMA rate, which the speed targets are set
+# against, rather than cuBLAS's matmul rate. The chains tend to 1 (no
+# overflow, no denormals), and the sum keeps the compiler from dropping any.
+FMA_CHAINS, FMA_STEPS = 8, 1024
+FMA_CODE = """
+template <typename T> T fma_chains(T x) {
+  T a[8];
+  #pragma unroll
+  for (int k = 0; k < 8; ++k) a[k] = x + T(k);
+  const T m = T(0.9999), c = T(0.0001);
+  #pragma unroll 16
+  for (int i = 0; i < 1024; ++i) {
+    #pragma unroll
+    for (int k = 0; k < 8; ++k) a[k] = a[k] * m + c;
+  }
+  T sum = T(0);
+  #pragma unroll
+  for (int k = 0; k < 8; ++k) sum += a[k];
+  return sum;
+}
+"""
+
+
+def measure_fma_peak_gflops(device, args):
+    """The FP32 FMA rate of a CUDA device in GFLOP/s; None on the CPU, or if the kernel cannot be
+    built here (the benchmark then reports against the matmul peak alone)."""
+    if device.type != "cuda":
+        return None
+    try:
+        fma_chains = torch.cuda.jiterator._create_jit_fn(FMA_CODE)
+        x = torch.rand(1 << 22, device=device)
+        fma_chains(x)
+        median, _ = time_interleaved({"fma": lambda: (fma_chains(x), synchronize(device))}, args)["fma"]
+    except (RuntimeError, AttributeError) as e:
+        print(f"bench: no FMA peak on {device}: {e}", file=sys.stderr)
+        return None
+    return 2 * FMA_CHAINS * FMA_STEPS * x.numel() / median / 1e9
+
+
 def time_interleaved(steps, args):
     """name -> (median, IQR) in seconds of each step, timed in turn.
 
@@ -291,20 +332,28 @@ def add_speedups(rows):
         r["speedup_vs_eager"] = eager[(r["device"], r["mode"], r["batch"])] / r["median_s"]
 
 
-def write_results(output_dir, env, peaks, rows):
+def add_fma_peak_fractions(rows, fma_peaks):
+    for r in rows:
+        if fma_peaks.get(r["device"]):
+            r["fma_peak_fraction"] = r["gflops"] / fma_peaks[r["device"]]
+
+
+def write_results(output_dir, env, peaks, fma_peaks, rows):
     """results.json with the rows so far: a run stopped part-way keeps what it measured."""
     if not output_dir:
         return
     add_speedups(rows)
+    add_fma_peak_fractions(rows, fma_peaks)
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump(dict(environment=env, peak_gflops=peaks, rows=rows), f, indent=1)
+        json.dump(dict(environment=env, peak_gflops=peaks, fma_peak_gflops=fma_peaks, rows=rows), f, indent=1)
 
 
-def markdown_table(rows, peaks):
+def markdown_table(rows, peaks, fma_peaks):
     lines = []
     for device in dict.fromkeys(r["device"] for r in rows):
-        lines.append(f"\n### {device} (float32 matmul peak measured in this run: {peaks[device]:.1f} GFLOP/s)\n")
+        fma = f"; FP32 FMA peak: {fma_peaks[device]:.1f} GFLOP/s" if fma_peaks.get(device) else ""
+        lines.append(f"\n### {device} (float32 matmul peak measured in this run: {peaks[device]:.1f} GFLOP/s{fma})\n")
         lines.append(
             "| mode | batch | provider | images/s | median | IQR | vs eager | GFLOP/s | % of peak "
             "| saved/sample | peak memory | step memory | first 2 calls |"
@@ -448,12 +497,13 @@ def main(argv=None):
         total += per_batch * len(args.batch_sizes)
     progress = tqdm(total=total, disable=args.quiet, unit="row", file=sys.stderr)
 
-    rows, peaks = [], {}
+    rows, peaks, fma_peaks = [], {}, {}
     torch.manual_seed(0)
     for device_name in args.devices:
         device = torch.device(device_name)
         progress.set_description(f"{device_name} matmul peak")
         peaks[device_name] = measure_peak_gflops(device, args)
+        fma_peaks[device_name] = measure_fma_peak_gflops(device, args)
         reference = reference_lenet().to(device)
         flops = lenet_forward_flops(reference)
         for mode in model_modes:
@@ -463,14 +513,15 @@ def main(argv=None):
                 providers = {k: v for k, v in providers.items() if "compile" not in k}
             for batch in args.batch_sizes:
                 rows += run_model_rows(device, mode, batch, providers, reference, flops, peaks[device_name], args, progress)
-                write_results(args.output_dir, env, peaks, rows)
+                write_results(args.output_dir, env, peaks, fma_peaks, rows)
         if "layer" in args.modes:
             for batch in args.batch_sizes:
                 rows += run_layer_rows(device, batch, peaks[device_name], args, progress)
-                write_results(args.output_dir, env, peaks, rows)
+                write_results(args.output_dir, env, peaks, fma_peaks, rows)
     progress.close()
     add_speedups(rows)
-    print(markdown_table(rows, peaks))
+    add_fma_peak_fractions(rows, fma_peaks)
+    print(markdown_table(rows, peaks, fma_peaks))
     if args.output_dir:
         if plot(rows, os.path.join(args.output_dir, "throughput.png")):
             print(f"\nwrote {args.output_dir}/results.json and {args.output_dir}/throughput.png")

@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+from conftest import requires_cuda
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -28,6 +30,7 @@ def test_bench_smoke(tmp_path):
     assert env["tf32"] == {"matmul": False, "cudnn": False}
     assert env["threads"] == 1 and env["rounds"] == 2
     assert data["peak_gflops"]["cpu"] > 0
+    assert data["fma_peak_gflops"] == {"cpu": None}  # a CUDA measurement only
     providers = {r["provider"] for r in data["rows"]}
     assert {"torch", "torch.compile", "lenet_ext", "lenet_ext+compile"} <= providers
     # The peers join the CPU inference rows when installed, checked against the reference like the rest.
@@ -72,3 +75,18 @@ def test_bench_stops_on_a_mismatch():
     bench = _import_bench()
     with pytest.raises(SystemExit, match="does not match the eager reference"):
         bench.check("broken", torch.zeros(3), torch.ones(3), "inference output")
+
+
+@requires_cuda
+def test_fma_peak_kernel_computes_its_chains_and_is_timed():
+    """The FMA-rate kernel builds on this GPU, its chains reach the value the recurrence gives
+    (a_n = 1 + (a_0 - 1) m^n, m = 0.9999), and bench measures a rate from it."""
+    bench = _import_bench()
+    x = torch.rand(1000, device="cuda")
+    got = torch.cuda.jiterator._create_jit_fn(bench.FMA_CODE)(x).double()
+    start = x.double()[:, None] + torch.arange(bench.FMA_CHAINS, device="cuda", dtype=torch.float64)
+    want = (1 + (start - 1) * 0.9999**bench.FMA_STEPS).sum(dim=1)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    args = argparse.Namespace(rounds=2, min_run_time=0.05, threads=1)
+    assert bench.measure_fma_peak_gflops(torch.device("cuda"), args) > 0
+    assert bench.measure_fma_peak_gflops(torch.device("cpu"), args) is None
