@@ -71,6 +71,11 @@ inline DenseWeightGradsParams dense_weight_grads_params(const DenseWeightGrad* l
   return p;
 }
 
+// The program's blocks: none for default parameters (no layer asked for).
+inline int64_t dense_weight_grads_blocks(const DenseWeightGradsParams& p) {
+  return int64_t(p.splits) * p.blocks_per_split;
+}
+
 struct DenseWeightGradsProgram {
   using Params = DenseWeightGradsParams;
   static constexpr const char* kName = "DenseWeightGradsProgram";

@@ -179,8 +179,8 @@ LeNetGrads lenet_backward_whole_batch(const at::Tensor& grad_logits, const at::T
 //      and conv block 2's backward;
 //   2. conv block 1's ConvTileBackwardProgram over conv1_tiles blocks (0:
 //      nothing below conv2 is asked for);
-//   3. DenseWeightGradsProgram over dense_blocks blocks (0: no dense weight
-//      gradient is asked for): the dense weight gradients' partial sums, from
+//   3. DenseWeightGradsProgram over dense_weight_grads_blocks(dense_params)
+//      blocks (0: no dense weight gradient is asked for): the dense weight gradients' partial sums, from
 //      what program 1 wrote (dense_weight_grads_tile.h);
 //   4. the passes of PartialSumsProgram in `sums`: every gradient asked for
 //      but dL/dx, from the three programs' partial sums;
@@ -191,10 +191,10 @@ LeNetGrads lenet_backward_whole_batch(const at::Tensor& grad_logits, const at::T
 // allocated and the caller runs lenet_backward_whole_batch.
 using TileChooser = c10::function_ref<int(c10::function_ref<int(int)>)>;
 struct LeNetBackwardTiles {
-  int64_t tiles = 0, conv1_tiles = 0, dense_blocks = 0;
+  int64_t tiles = 0, conv1_tiles = 0;
   LeNetBackwardTileParams params;
   ConvTileBackwardParams conv1_params;
-  DenseWeightGradsParams dense_params;
+  DenseWeightGradsParams dense_params{};  // zero blocks unless a dense weight gradient is asked for
   PartialSumsPlan sums;
   LeNetGradMask mask;
   // Contiguous: grad_logits, fc2, fc1, block2, fc1..fc3 weights, block1, conv2 weight and bias.

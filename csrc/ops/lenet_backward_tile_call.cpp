@@ -96,7 +96,6 @@ LeNetBackwardTiles prepare_backward_tiles(const at::Tensor& grad_logits, const a
   add_layer(kFc1W, r.g1, r.inputs[3].view({batch, -1}));
   if (count > 0) {
     r.dense_params = dense_weight_grads_params(layers, count, batch, threads);
-    r.dense_blocks = int64_t(r.dense_params.splits) * r.dense_params.blocks_per_split;
     r.dense_partials = at::empty({r.dense_params.splits, r.dense_params.row_length}, x.options());
     r.dense_params.partials = r.dense_partials.mutable_data_ptr<float>();
     for (int k = 0; k < count; ++k) {

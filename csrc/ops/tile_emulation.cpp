@@ -154,7 +154,8 @@ LeNetGrads lenet_backward_tile_emulated(const at::Tensor& grad_logits, const at:
     if (grad.defined()) grad.fill_(std::nanf(""));
   emulate_tile_program<LeNetBackwardTileProgram>(op, call.params, call.tiles, threads);
   if (call.conv1_tiles > 0) emulate_tile_program<ConvTileBackwardProgram>(op, call.conv1_params, call.conv1_tiles, threads);
-  if (call.dense_blocks > 0) emulate_tile_program<DenseWeightGradsProgram>(op, call.dense_params, call.dense_blocks, threads);
+  if (const int64_t blocks = dense_weight_grads_blocks(call.dense_params); blocks > 0)
+    emulate_tile_program<DenseWeightGradsProgram>(op, call.dense_params, blocks, threads);
   emulate_partial_sums(op, call.sums, threads);
   return call.finish();
 }

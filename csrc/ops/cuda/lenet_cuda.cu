@@ -66,7 +66,8 @@ LeNetGrads lenet_backward_cuda(const at::Tensor& grad_logits, const at::Tensor& 
   if (call.tiles == 0) return lenet_backward_whole_batch(grad_logits, x, saved, p, output_mask);
   launch_tile_program<LeNetBackwardTileProgram>(call.params, call.tiles);
   if (call.conv1_tiles > 0) launch_tile_program<ConvTileBackwardProgram>(call.conv1_params, call.conv1_tiles);
-  if (call.dense_blocks > 0) launch_tile_program<DenseWeightGradsProgram>(call.dense_params, call.dense_blocks);
+  if (const int64_t blocks = dense_weight_grads_blocks(call.dense_params); blocks > 0)
+    launch_tile_program<DenseWeightGradsProgram>(call.dense_params, blocks);
   launch_partial_sums(call.sums);
   return call.finish();
 }
