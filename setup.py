@@ -97,6 +97,41 @@ if CUDA_HOME is not None:
     cpp_extension.CUDA_HOME = CUDA_HOME
 
 
+def shared_libstdcxx_link_args():
+    """The shared libstdc++ that torch runs with, as a link input, when the C++ compiler
+    would link its static libstdc++.a instead (a relocated GCC that ships no libstdc++.so).
+
+    A static copy gives the extension a second C++ runtime beside torch's: a std::ostream
+    built by torch then looks up its number formatter in the other copy's table of locale
+    facets, so formatting an integer into an error message prints nothing or crashes. Named
+    before the compiler's own -lstdc++, the shared library resolves every std:: symbol.
+    """
+    cxx = os.environ.get("CXX", "c++")
+
+    def print_file_name(name):
+        try:
+            found = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return None  # cpp_extension reports a compiler it cannot run
+        path = found.stdout.strip()
+        return path if os.path.isabs(path) and os.path.exists(path) else None
+
+    if print_file_name("libstdc++.so") or not print_file_name("libstdc++.a"):
+        return []
+    loaded = set()
+    if os.path.exists("/proc/self/maps"):  # importing torch loaded the shared libstdc++
+        with open("/proc/self/maps") as maps:
+            loaded = {line.split()[-1] for line in maps if "/libstdc++.so" in line}
+    if not loaded:
+        sys.exit(f"lenet_ext: the C++ compiler ({cxx}) has only a static libstdc++.a, which would give the "
+                 "extension a C++ runtime of its own beside torch's, and no shared libstdc++ is loaded to link "
+                 "instead. Build with a compiler that has libstdc++.so, e.g. CXX=g++ CC=gcc.")
+    libstdcxx = sorted(loaded)[0]
+    print(f"lenet_ext: {cxx} has only a static libstdc++.a; linking torch's shared {libstdcxx} instead",
+          file=sys.stderr, flush=True)  # fmt: skip
+    return [libstdcxx]
+
+
 def extension():
     debug = env_flag("LENET_EXT_DEBUG")
     sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
@@ -104,7 +139,7 @@ def extension():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # -fopenmp: at::parallel_for is inlined here and runs serially without it.
     extra_compile_args = {"cxx": opt + ["-fopenmp"]}
-    extra_link_args = ["-fopenmp"]
+    extra_link_args = ["-fopenmp"] + shared_libstdcxx_link_args()
     if env_flag("LENET_EXT_SANITIZE"):
         # Every UB report is an error (no recovery). vptr is left out: it
         # checks the dynamic types of torch's classes, whose type info lives

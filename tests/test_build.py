@@ -90,6 +90,26 @@ def test_setup_with_clang_stops_with_the_fix(tmp_path):
     assert "CXX=g++ CC=gcc pip install --no-build-isolation ." in result.stderr
 
 
+def test_setup_links_the_shared_libstdcxx_when_the_compiler_has_only_the_static_one(tmp_path):
+    """A GCC that ships only libstdc++.a would put a second C++ runtime in the extension (its
+    error messages then lose their numbers, or crash): setup.py links torch's shared one instead."""
+    static = tmp_path / "libstdc++.a"
+    static.write_text("")
+    gxx = tmp_path / "g++"
+    gxx.write_text("#!/bin/sh\n"
+                   f'case "$1" in -print-file-name=libstdc++.a) echo {static};; -print-file-name=*) echo "${{1#*=}}";; '
+                   "*) echo 'g++ (GCC) 13.3.0';; esac\n")  # fmt: skip
+    gxx.chmod(0o755)
+    for cxx, links in ((str(gxx), True), (os.environ.get("CXX", "c++"), False)):
+        result = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, capture_output=True, text=True,
+                                env={**os.environ, "CXX": cxx, "USE_CUDA": "0"})  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        message = re.search(r"has only a static libstdc\+\+\.a; linking torch's shared (\S+) instead", result.stderr)
+        assert bool(message) == links, (cxx, result.stderr[-2000:])
+        if links:
+            assert os.path.exists(message[1]) and "libstdc++.so" in os.path.basename(message[1])
+
+
 def test_cuda_kernel_switch_is_validated():
     """LENET_EXT_CUDA_KERNEL's names, switchable at run time like the CPU kernels (no GPU needed to check)."""
     before = lenet_ext._C.cuda_kernel()
