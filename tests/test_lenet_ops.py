@@ -106,14 +106,22 @@ def test_lenet_forward_operator(device):
 
 
 @requires_cuda
-def test_cuda_backward_runs_each_conv_block_once():
-    """On CUDA the batch is not cut into the CPU's 64-image tiles: one conv backward per block."""
+@pytest.mark.parametrize("batch", [130, 1030])
+def test_cuda_backward_is_not_cut_into_the_cpu_tiles(batch):
+    """On CUDA the batch is not cut into the CPU's 64-image tiles: lenet_backward is a handful of
+    launches at any batch (tiled like the CPU, 1030 images would take over a hundred)."""
     net = LeNet().cuda()
-    x = torch.rand(130, 1, 28, 28, device="cuda", requires_grad=True)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        net(x).sum().backward()
-    calls = [e.count for e in prof.key_averages() if e.key == "lenet_ext::conv_sigmoid_avgpool2d_backward"]
-    assert calls == [2]
+    x = torch.rand(batch, 1, 28, 28, device="cuda", requires_grad=True)
+    loss = net(x).sum()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+        loss.backward()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    assert sum(e.count for e in events if e.key == "lenet_ext::lenet_backward") == 1
+    assert sum(e.count for e in events if e.key == "lenet_ext::conv_sigmoid_avgpool2d_backward") <= 2
+    launches = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    assert 1 <= launches <= 12, [(e.key, e.count) for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
 # --- bad input to the whole-network operators ----------------------------------
