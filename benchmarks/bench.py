@@ -240,6 +240,8 @@ def run_model_rows(device, mode, batch, providers, reference, flops_per_image, p
     for name, model in providers.items():
         progress.set_description(f"{device.type} {mode} batch {batch} {name}")
         start = time.perf_counter()
+        synchronize(device)
+        allocated_before_warmup = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         if mode == "inference":
             with torch.inference_mode():
                 check(name, model(x), reference(x), "inference output")
@@ -249,6 +251,7 @@ def run_model_rows(device, mode, batch, providers, reference, flops_per_image, p
             twin = reference_lenet().to(device)
             twin.load_state_dict(getattr(model, "_orig_mod", model).state_dict())
             check_training(name, model, twin, x, target)
+            del twin
             step = training_step(model, x, target)
         with mode_context():
             for _ in range(2):  # warm-up (and, for compiled providers, compilation for this shape)
@@ -260,15 +263,19 @@ def run_model_rows(device, mode, batch, providers, reference, flops_per_image, p
         if mode == "training":
             row["saved_bytes_per_sample"] = saved_bytes_per_sample(step, batch, params_of(model))
             if device.type == "cuda":
-                # The peak counts everything allocated (other providers' CUDA-graph pools too); the
-                # step's own memory is the rise above what was allocated before it.
+                # Step memory: the rise above what was allocated before the step. Peak memory: what
+                # the step peaks at with this provider alone, its inputs and weights, what it keeps
+                # from its warm-up (a reduce-overhead provider's CUDA-graph pool) and the step memory;
+                # the other providers' state, allocated in the same process, is left out.
                 synchronize(device)
                 before = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
                 step()
                 synchronize(device)
-                row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
-                row["step_memory_bytes"] = row["peak_memory_bytes"] - before
+                row["step_memory_bytes"] = torch.cuda.max_memory_allocated(device) - before
+                inputs_and_weights = x.nbytes + target.nbytes + sum(p.nbytes for p in params_of(model))
+                kept = max(0, before - allocated_before_warmup)
+                row["peak_memory_bytes"] = inputs_and_weights + kept + row["step_memory_bytes"]
         steps[name] = lambda step=step: (step(), synchronize(device))
         rows_by_name[name] = row
     progress.set_description(f"{device.type} {mode} batch {batch} timing")
@@ -370,9 +377,10 @@ def markdown_table(rows, peaks, fma_peaks):
                 f"{r['gflops']:.1f} | {100 * r['peak_fraction']:.1f}% | {saved} | {peak_memory} | {step_memory} | {first} |"
             )
     lines.append(
-        "\npeak memory: torch.cuda.max_memory_allocated over a training step on CUDA: everything allocated,"
-        " inputs, weights and the other providers' state included. step memory: its rise above what was"
-        " allocated before the step, the memory the step itself needs."
+        "\nstep memory: the rise of torch.cuda.max_memory_allocated over a training step on CUDA above what was"
+        " allocated before it, the memory the step itself needs. peak memory: what the step peaks at with the"
+        " provider alone: the inputs, the weights, what the provider keeps from its warm-up (CUDA-graph pools)"
+        " and the step memory."
         "\nfirst 2 calls: the warm-up, including compilation for the compiled providers, excluded from the timings."
     )
     return "\n".join(lines)

@@ -49,6 +49,10 @@ def test_bench_smoke(tmp_path):
             assert row[key] >= 0
         if row["mode"] == "training":
             assert row["saved_bytes_per_sample"] > 0
+        if row["mode"] == "training" and row["device"] == "cuda":
+            # The peak alone: at least the step's rise, the inputs (2 images) and the weights (61,706 floats).
+            assert row["step_memory_bytes"] > 0
+            assert row["peak_memory_bytes"] >= row["step_memory_bytes"] + 61_706 * 4 + 2 * 784 * 4
     assert (tmp_path / "throughput.png").stat().st_size > 0
 
 
