@@ -172,8 +172,8 @@ def test_lenet_backward_tile_programs_compute_what_is_asked(asked):
 
 def test_lenet_backward_tile_programs_over_more_tiles_than_one_pass_of_sums_adds():
     """520 tiles of one image: more rows of partial sums than a block adds (512), so the
-    bias and conv gradients take two passes; the dense weight gradients, three splits of
-    the batch."""
+    bias and conv gradients take two passes; the dense weight gradients, 31 splits of the
+    batch, the last one short."""
     args = random_lenet_args(520)
     inputs = backward_inputs(args)
     mask = [False] + [True] * 10

@@ -21,9 +21,12 @@ namespace lenet_ext {
 // Outputs of a thread: a block of kWeightGradSide rows by kWeightGradSide columns.
 constexpr int kWeightGradSide = 4;
 constexpr int kMaxDenseLayers = 3;
-// Images per split at most, and splits at most: enough blocks to fill a GPU
-// at large batches, while the partial sums stay a few megabytes.
-constexpr int kImagesPerSplit = 256;
+// The batch is cut into as many splits as give each at least
+// kMinImagesPerSplit images, up to kMaxWeightGradSplits: a split is only
+// about 15 blocks (LeNet's 3,693 items over 256 threads), so a small batch
+// needs many splits to occupy a GPU, and a thread's images run one after
+// another; the cap keeps the partial sums a few megabytes.
+constexpr int kMinImagesPerSplit = 16;
 constexpr int kMaxWeightGradSplits = 32;
 
 struct DenseWeightGrad {
@@ -65,9 +68,10 @@ inline DenseWeightGradsParams dense_weight_grads_params(const DenseWeightGrad* l
   }
   p.row_length = column;
   p.blocks_per_split = (p.first_item[count] + threads - 1) / threads;
-  const int64_t wanted = (batch + kImagesPerSplit - 1) / kImagesPerSplit;
+  const int64_t wanted = (batch + kMinImagesPerSplit - 1) / kMinImagesPerSplit;
   p.splits = static_cast<int>(wanted < 1 ? 1 : wanted > kMaxWeightGradSplits ? kMaxWeightGradSplits : wanted);
   p.images_per_split = (batch + p.splits - 1) / p.splits;
+  if (p.images_per_split > 0) p.splits = static_cast<int>((batch + p.images_per_split - 1) / p.images_per_split);
   return p;
 }
 
