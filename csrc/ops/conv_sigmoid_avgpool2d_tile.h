@@ -404,6 +404,8 @@ struct ConvTileForwardProgram {
   static constexpr const char* kName = "ConvTileForwardProgram";
   static constexpr int kPhases = 2;
   static constexpr const char* kPhaseNames[kPhases] = {"stage", "pooled outputs"};
+  // Images per block that choose_tile (cuda/tile_program.cuh) tries, in order.
+  static constexpr int kTileCandidates[] = {8, 4, 2, 1};
 
   // One phase for thread tid of `threads`.
   static LENET_HOST_DEVICE void run_phase(int phase, const Params& p, float* smem, int64_t tile_index, int tid,

@@ -273,6 +273,8 @@ struct ConvTileBackwardProgram {
   static constexpr const char* kName = "ConvTileBackwardProgram";
   static constexpr int kPhases = 4;
   static constexpr const char* kPhaseNames[kPhases] = {"stage", "dL/dz", "gradients", "slices added"};
+  // Images per block that choose_tile (cuda/tile_program.cuh) tries, in order.
+  static constexpr int kTileCandidates[] = {8, 4, 2, 1};
 
   // One phase for thread tid of `threads`.
   static LENET_HOST_DEVICE void run_phase(int phase, const Params& p, float* smem, int64_t tile_index, int tid,

@@ -165,6 +165,8 @@ struct LeNetBackwardTileProgram {
   static constexpr const char* kPhaseNames[kPhases] = {
       "stage",       "fc2 dL/dz",       "fc1 dL/dz",         "block 2 grads, bias sums",
       "conv2 dL/dz", "conv2 gradients", "conv2 slices added"};
+  // Images per block that choose_tile (cuda/tile_program.cuh) tries, in order.
+  static constexpr int kTileCandidates[] = {8, 4, 2, 1};
 
   // One phase for thread tid of `threads`.
   static LENET_HOST_DEVICE void run_phase(int phase, const Params& p, float* smem, int64_t tile_index, int tid,

@@ -102,13 +102,14 @@ int resident_blocks(int bytes) {
   return blocks;
 }
 
-// Images per block for a Program: the most (8, 4, 2 or 1) whose buffers,
-// floats_for(tile) floats, fit one block's shared memory while the batch
-// still gives every multiprocessor two blocks, and of those, the most that
-// leave room for two resident blocks per multiprocessor: with one, every
-// barrier idles the multiprocessor until the block's slowest warp arrives.
-// A tile asked for (LENET_EXT_CUDA_TILE) replaces the rule: it, or the
-// largest half of it that fits. 0 when not even one image fits.
+// Images per block for a Program: the first of its kTileCandidates (most
+// images first) whose buffers, floats_for(tile) floats, fit one block's
+// shared memory while the batch still gives every multiprocessor two
+// blocks, and that leaves room for two resident blocks per multiprocessor:
+// with one, every barrier idles the multiprocessor until the block's slowest
+// warp arrives; else the first that fits and fills. A tile asked for
+// (LENET_EXT_CUDA_TILE) replaces the rule: it, or the largest half of it
+// that fits. 0 when not even one image fits.
 template <typename Program, typename FloatsFor>
 int choose_tile(int64_t batch, c10::DeviceIndex device, const FloatsFor& floats_for) {
   int max_bytes = 0;
@@ -121,15 +122,15 @@ int choose_tile(int64_t batch, c10::DeviceIndex device, const FloatsFor& floats_
     return 0;
   }
   const int64_t multiprocessors = multiprocessor_count(device);
-  int largest = 0;
-  for (int tile = 8; tile >= 1; tile /= 2) {
+  int first_fitting = 0;
+  for (const int tile : Program::kTileCandidates) {
     const int64_t bytes = int64_t(floats_for(tile)) * int64_t(sizeof(float));
     const bool fills_gpu = tile == 1 || (batch + tile - 1) / tile >= 2 * multiprocessors;
     if (!fits(tile) || !fills_gpu) continue;
-    if (largest == 0) largest = tile;
+    if (first_fitting == 0) first_fitting = tile;
     if (resident_blocks<Program>(static_cast<int>(bytes)) >= 2) return tile;
   }
-  return largest;
+  return first_fitting;
 }
 
 // Launches a program over `tiles` blocks on the current stream.
