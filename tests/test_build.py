@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -108,6 +109,15 @@ def test_setup_links_the_shared_libstdcxx_when_the_compiler_has_only_the_static_
         assert bool(message) == links, (cxx, result.stderr[-2000:])
         if links:
             assert os.path.exists(message[1]) and "libstdc++.so" in os.path.basename(message[1])
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs binutils' nm")
+def test_extension_carries_no_libstdcxx_of_its_own():
+    """The built extension uses the process's shared libstdc++: a static copy would define the
+    C++ runtime's own functions, std::locale::classic() among them."""
+    symbols = subprocess.run(["nm", "-D", "--defined-only", lenet_ext._C.__file__], capture_output=True, text=True,
+                             check=True).stdout  # fmt: skip
+    assert "_ZNSt6locale7classicEv" not in symbols
 
 
 def test_cuda_kernel_switch_is_validated():
