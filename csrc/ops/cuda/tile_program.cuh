@@ -8,6 +8,7 @@
 #pragma once
 
 #include <c10/core/Device.h>
+#include <c10/util/ArrayRef.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
@@ -102,8 +103,8 @@ int resident_blocks(int bytes) {
   return blocks;
 }
 
-// Images per block for a Program: the first of its kTileCandidates (most
-// images first) whose buffers, floats_for(tile) floats, fit one block's
+// Images per block for a Program: the first of `candidates` (its
+// kTileCandidates unless the caller names others) whose buffers, floats_for(tile) floats, fit one block's
 // shared memory while the batch still gives every multiprocessor two
 // blocks, and that leaves room for two resident blocks per multiprocessor:
 // with one, every barrier idles the multiprocessor until the block's slowest
@@ -111,7 +112,8 @@ int resident_blocks(int bytes) {
 // (LENET_EXT_CUDA_TILE) replaces the rule: it, or the largest half of it
 // that fits. 0 when not even one image fits.
 template <typename Program, typename FloatsFor>
-int choose_tile(int64_t batch, c10::DeviceIndex device, const FloatsFor& floats_for) {
+int choose_tile(int64_t batch, c10::DeviceIndex device, const FloatsFor& floats_for,
+                c10::ArrayRef<int> candidates = Program::kTileCandidates) {
   int max_bytes = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   const auto fits = [&](int tile) { return int64_t(floats_for(tile)) * int64_t(sizeof(float)) <= max_bytes; };
@@ -123,7 +125,7 @@ int choose_tile(int64_t batch, c10::DeviceIndex device, const FloatsFor& floats_
   }
   const int64_t multiprocessors = multiprocessor_count(device);
   int first_fitting = 0;
-  for (const int tile : Program::kTileCandidates) {
+  for (const int tile : candidates) {
     const int64_t bytes = int64_t(floats_for(tile)) * int64_t(sizeof(float));
     const bool fills_gpu = tile == 1 || (batch + tile - 1) / tile >= 2 * multiprocessors;
     if (!fits(tile) || !fills_gpu) continue;
