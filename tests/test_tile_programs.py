@@ -192,6 +192,24 @@ def test_lenet_backward_tile_programs_are_bitwise_repeatable_and_match_lenet_bac
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4)
 
 
+def misaligned(t):
+    """t's values in a tensor whose data starts one float past a 16-byte boundary."""
+    out = torch.empty(t.numel() + 1, dtype=t.dtype)[1:].view(t.shape)
+    return out.copy_(t)
+
+
+def test_lenet_backward_tile_programs_take_misaligned_inputs():
+    """Saved activations and gradients one float off a 16-byte boundary: the programs read them
+    without vector loads (the emulation stops at a misaligned one, where the GPU would fault)."""
+    args = random_lenet_args(7)
+    grad_logits, x, block1, block2, fc1, fc2 = backward_inputs(args)
+    inputs = (misaligned(grad_logits), x, misaligned(block1), misaligned(block2), misaligned(fc1), misaligned(fc2))
+    assert all(t.data_ptr() % 16 != 0 for t in inputs[2:])
+    mask = [True] * 11
+    got = BACKWARD_EMULATED(*inputs, *args[1:], mask, 2, 2, 64)
+    assert_grads_match(got, reference_grads(inputs, args, mask), mask)
+
+
 def test_lenet_backward_tile_programs_empty_batch_and_bad_input():
     args = random_lenet_args(0)
     inputs = backward_inputs(args)

@@ -33,6 +33,7 @@
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
 
 #include "conv_sigmoid_avgpool2d_math.h"
 
@@ -80,6 +81,15 @@ struct IndexWalk {
   }
 };
 
+#if !defined(__CUDA_ARCH__)
+// The GPU faults on a misaligned vector access; the CPU emulation of the
+// programs (tile_emulation.cpp) stops there too, so that its tests catch it.
+inline void check_vector_alignment(const void* p) {
+  if (reinterpret_cast<std::uintptr_t>(p) % 16 != 0)
+    throw std::logic_error("lenet_ext: a tile program's 16-byte access is misaligned");
+}
+#endif
+
 // Four floats at p, 16-byte aligned: one vector load on the GPU (a channel
 // group's weights of one tap or dL/dz at one position, four inputs of a
 // dense row).
@@ -88,6 +98,7 @@ LENET_HOST_DEVICE void load4(const float* p, float (&out)[4]) {
   const float4 v = *reinterpret_cast<const float4*>(p);
   out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
 #else
+  check_vector_alignment(p);
   for (int c = 0; c < 4; ++c) out[c] = p[c];
 #endif
 }
@@ -97,6 +108,7 @@ LENET_HOST_DEVICE void store4(float* p, const float (&in)[4]) {
 #if defined(__CUDA_ARCH__)
   *reinterpret_cast<float4*>(p) = make_float4(in[0], in[1], in[2], in[3]);
 #else
+  check_vector_alignment(p);
   for (int c = 0; c < 4; ++c) p[c] = in[c];
 #endif
 }

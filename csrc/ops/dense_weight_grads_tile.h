@@ -13,13 +13,14 @@
 
 #include <cstdint>
 
-#include "conv_sigmoid_avgpool2d_tile.h"  // LENET_UNROLL
+#include "conv_sigmoid_avgpool2d_tile.h"  // LENET_UNROLL, load4
 #include "tile_partial_sums.h"             // range_holding
 
 namespace lenet_ext {
 
 // Outputs of a thread: a block of kWeightGradSide rows by kWeightGradSide columns.
 constexpr int kWeightGradSide = 4;
+static_assert(kWeightGradSide == 4, "a thread's floats of g and of a in an image are one load4");
 constexpr int kMaxDenseLayers = 3;
 // The batch is cut into as many splits as give each at least
 // kMinImagesPerSplit images, up to kMaxWeightGradSplits: a split is only
@@ -33,6 +34,9 @@ struct DenseWeightGrad {
   const float *g, *a;  // (N, rows) and (N, cols)
   int rows, cols;
   int column;          // where the layer's rows * cols sums start in a row of partials
+  // Whether a thread's four floats of g (of a) in an image are one aligned
+  // vector: rows (cols) a multiple of four and the tensor 16-byte aligned.
+  bool g_vectors, a_vectors;
 };
 
 struct DenseWeightGradsParams {
@@ -60,9 +64,14 @@ inline DenseWeightGradsParams dense_weight_grads_params(const DenseWeightGrad* l
   p.batch = batch;
   p.first_item[0] = 0;
   int column = 0;
+  const auto vectors = [](const float* data, int width) {
+    return width % kWeightGradSide == 0 && reinterpret_cast<std::uintptr_t>(data) % (kWeightGradSide * sizeof(float)) == 0;
+  };
   for (int k = 0; k < count; ++k) {
     p.layers[k] = layers[k];
     p.layers[k].column = column;
+    p.layers[k].g_vectors = vectors(layers[k].g, layers[k].rows);
+    p.layers[k].a_vectors = vectors(layers[k].a, layers[k].cols);
     column += layers[k].rows * layers[k].cols;
     p.first_item[k + 1] = p.first_item[k] + weight_grad_blocks(layers[k].rows) * weight_grad_blocks(layers[k].cols);
   }
@@ -107,10 +116,17 @@ struct DenseWeightGradsProgram {
 #endif
     for (int64_t n = begin; n < end; ++n) {
       float g[kWeightGradSide], a[kWeightGradSide];
-      LENET_UNROLL
-      for (int i = 0; i < kWeightGradSide; ++i) {
-        g[i] = r0 + i < layer.rows ? layer.g[n * layer.rows + r0 + i] : 0.0f;
-        a[i] = c0 + i < layer.cols ? layer.a[n * layer.cols + c0 + i] : 0.0f;
+      if (layer.g_vectors) {
+        load4(layer.g + n * layer.rows + r0, g);
+      } else {
+        LENET_UNROLL
+        for (int i = 0; i < kWeightGradSide; ++i) g[i] = r0 + i < layer.rows ? layer.g[n * layer.rows + r0 + i] : 0.0f;
+      }
+      if (layer.a_vectors) {
+        load4(layer.a + n * layer.cols + c0, a);
+      } else {
+        LENET_UNROLL
+        for (int i = 0; i < kWeightGradSide; ++i) a[i] = c0 + i < layer.cols ? layer.a[n * layer.cols + c0 + i] : 0.0f;
       }
       LENET_UNROLL
       for (int i = 0; i < kWeightGradSide; ++i) {
