@@ -114,7 +114,8 @@ def test_cuda_backward_is_not_cut_into_the_cpu_tiles(batch):
     x = torch.rand(batch, 1, 28, 28, device="cuda", requires_grad=True)
     loss = net(x).sum()
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
         loss.backward()
         torch.cuda.synchronize()
     events = prof.key_averages()
