@@ -372,6 +372,10 @@ def main(argv=None):
                               min(240, left()), env=build_env)  # fmt: skip
     stage.status = "passed" if code == 0 else "FAILED"
     stage.detail = "arch " + build_env["TORCH_CUDA_ARCH_LIST"] if has_gpu else "setup.py's default archs (no GPU)"
+    with open(os.path.join(out, "build.log"), errors="replace") as f:  # setup.py's shared_libstdcxx_link_args
+        linked = re.search(r"has only a static libstdc\+\+\.a; linking torch's shared (\S+) instead", f.read())
+    if linked:
+        stage.detail += f"; the compiler has only a static libstdc++: linked {linked[1]}"
     if code != 0:
         return finish(stages, out, tail(os.path.join(out, "build.log")))
     write_linkage(os.path.join(out, "extension-linkage.txt"))
