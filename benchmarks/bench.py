@@ -333,14 +333,11 @@ def run_layer_rows(device, batch, peak, args, progress):
     return rows
 
 
-def add_speedups(rows):
+def add_ratios(rows, fma_peaks):
+    """Each row's speed-up over eager and, where the run measured one, its fraction of the FMA peak."""
     eager = {(r["device"], r["mode"], r["batch"]): r["median_s"] for r in rows if r["provider"] == "torch"}
     for r in rows:
         r["speedup_vs_eager"] = eager[(r["device"], r["mode"], r["batch"])] / r["median_s"]
-
-
-def add_fma_peak_fractions(rows, fma_peaks):
-    for r in rows:
         if fma_peaks.get(r["device"]):
             r["fma_peak_fraction"] = r["gflops"] / fma_peaks[r["device"]]
 
@@ -349,8 +346,7 @@ def write_results(output_dir, env, peaks, fma_peaks, rows):
     """results.json with the rows so far: a run stopped part-way keeps what it measured."""
     if not output_dir:
         return
-    add_speedups(rows)
-    add_fma_peak_fractions(rows, fma_peaks)
+    add_ratios(rows, fma_peaks)
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "results.json"), "w") as f:
         json.dump(dict(environment=env, peak_gflops=peaks, fma_peak_gflops=fma_peaks, rows=rows), f, indent=1)
@@ -527,8 +523,7 @@ def main(argv=None):
                 rows += run_layer_rows(device, batch, peaks[device_name], args, progress)
                 write_results(args.output_dir, env, peaks, fma_peaks, rows)
     progress.close()
-    add_speedups(rows)
-    add_fma_peak_fractions(rows, fma_peaks)
+    add_ratios(rows, fma_peaks)
     print(markdown_table(rows, peaks, fma_peaks))
     if args.output_dir:
         if plot(rows, os.path.join(args.output_dir, "throughput.png")):
