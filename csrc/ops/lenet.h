@@ -180,8 +180,9 @@ LeNetGrads lenet_backward_whole_batch(const at::Tensor& grad_logits, const at::T
 //   2. conv block 1's ConvTileBackwardProgram over conv1_tiles blocks (0:
 //      nothing below conv2 is asked for);
 //   3. DenseWeightGradsProgram over dense_weight_grads_blocks(dense_params)
-//      blocks (0: no dense weight gradient is asked for): the dense weight gradients' partial sums, from
-//      what program 1 wrote (dense_weight_grads_tile.h);
+//      blocks (0: no dense weight gradient is asked for): the dense weight
+//      gradients' partial sums, from what program 1 wrote
+//      (dense_weight_grads_tile.h);
 //   4. the passes of PartialSumsProgram in `sums`: every gradient asked for
 //      but dL/dx, from the three programs' partial sums;
 //   5. finish(): all the gradients in lenet_backward's order.
