@@ -196,17 +196,32 @@ def inference_step(model, x):
     return lambda: model(x)
 
 
+# A training step's parts, in order (scripts/count_launches.py times each).
+TRAINING_STEP_PARTS = ("forward", "loss", "grad", "update")
+
+
 def training_step(model, x, target, lr=0.01):
+    """Forward, cross-entropy, autograd.grad and an SGD update. saved_only
+    stops after the forward; mark, when given, is called with each part's
+    name as that part ends."""
     params = params_of(model)
 
-    def step(saved_only=False):
+    def step(saved_only=False, mark=None):
         out = model(x)
         if saved_only:
             return out
+        if mark:
+            mark("forward")
         loss = F.cross_entropy(out, target)
+        if mark:
+            mark("loss")
         grads = torch.autograd.grad(loss, params)
+        if mark:
+            mark("grad")
         with torch.no_grad():
             torch._foreach_add_(params, grads, alpha=-lr)
+        if mark:
+            mark("update")
         return out, grads
 
     return step

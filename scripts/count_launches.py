@@ -12,10 +12,21 @@ check of the script) the calling thread's top-level operator calls are
 counted and timed instead. Then each step's wall time, and where its host
 time goes: the operators and CUDA runtime calls with the most self time,
 which is what a step that the GPU waits on is made of.
+
+Last, a training step's parts (bench.py's TRAINING_STEP_PARTS: forward,
+loss, grad, update), each timed on the host as it runs, and the wait for
+the GPU at the step's end. Nothing in a step waits for the GPU before that
+(CUDA-graph capture of a step proves it), so on CUDA a part's time is the
+host's cost of issuing it, and the wait is the GPU work still queued when
+the host is done: a step with little wait is host-bound, and its parts
+say where. The same parts for a model of one Linear layer (the "floor"
+row) are the step's cost without LeNet: what no LeNet can go below in this
+step on this machine.
 """
 
 import argparse
 import collections
+import statistics
 import contextlib
 import json
 import os
@@ -27,11 +38,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-from bench import inference_step, training_step  # noqa: E402
+from bench import TRAINING_STEP_PARTS, inference_step, training_step  # noqa: E402
 
 from lenet_ext import LeNet, reference_lenet  # noqa: E402
 
 STEPS = 5
+PART_STEPS = 50  # steps whose parts are timed; medians
 
 
 def short_name(kernel):
@@ -88,6 +100,35 @@ def host_time(step, device, top=8):
     return wall_us, {e.key: e.self_cpu_time_total / STEPS for e in averages}
 
 
+def step_parts(step, device):
+    """Median microseconds of each of a training step's parts on the host, and of the
+    wait for the GPU at its end ("GPU wait"), over PART_STEPS steps."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda device: None)
+    times = collections.defaultdict(list)
+    last = 0.0
+
+    def mark(part):
+        nonlocal last
+        now = time.perf_counter()
+        times[part].append((now - last) * 1e6)
+        last = now
+
+    for _ in range(2):
+        step()
+    sync(device)
+    for _ in range(PART_STEPS):
+        last = time.perf_counter()
+        step(mark=mark)
+        sync(device)
+        mark("GPU wait")
+    return {part: statistics.median(us) for part, us in times.items()}
+
+
+def floor_model(x):
+    """The least model a LeNet step could be: one Linear layer from the image to 10 classes."""
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(x[0].numel(), 10)).to(x.device)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -96,7 +137,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     what = "GPU kernels, memsets and copies" if device.type == "cuda" else "operator calls"
-    results, walls, host = {}, {}, {}
+    results, walls, host, parts = {}, {}, {}, {}
     print(f"{what} per step, {device}; time: their sum, in microseconds; step: the wall time of a step\n")
     print("| batch | mode | provider | per step | time | step | the most time |\n|---:|---|---|---:|---:|---:|---|")
     for batch in (int(b) for b in args.batch_sizes.split(",")):
@@ -118,14 +159,24 @@ def main(argv=None):
                 us = sum(c["us"] for c in counts.values())
                 top = ", ".join(f"{c['us']:.1f} us {c['count']:g}x {short_name(k)}" for k, c in list(counts.items())[:3])
                 print(f"| {batch} | {mode} | {name} | {launches:g} | {us:.1f} | {wall_us:.1f} | {top} |")
+        for name, model in {**providers, "floor": floor_model(x)}.items():
+            parts[(batch, name)] = step_parts(training_step(model, x, target), device)
     print("\nHost time per step, by operator or runtime call, self time in microseconds, the most first\n")
     print("| batch | mode | provider | the most host time |\n|---:|---|---|---|")
     for (batch, mode, name), by_call in host.items():
         print(f"| {batch} | {mode} | {name} | " + ", ".join(f"{us:.1f} {k[:40]}" for k, us in by_call.items()) + " |")
+    columns = (*TRAINING_STEP_PARTS, "GPU wait")
+    print("\nA training step's parts: host microseconds each (medians), then the wait for the GPU at its end;"
+          " floor: the step with one Linear layer for a model\n")
+    print("| batch | provider | " + " | ".join(columns) + " | sum |\n|---:|---|" + "---:|" * (len(columns) + 1))
+    for (batch, name), us in parts.items():
+        print(f"| {batch} | {name} | " + " | ".join(f"{us[c]:.1f}" for c in columns) + f" | {sum(us.values()):.1f} |")
     if args.output:
         with open(args.output, "w") as f:
             host_us = {f"{b} {m} {n}": by_call for (b, m, n), by_call in host.items()}
-            json.dump({"device": str(device), "per_step": results, "step_us": walls, "host_us": host_us}, f, indent=1)
+            parts_us = {f"{b} {n}": us for (b, n), us in parts.items()}
+            json.dump({"device": str(device), "per_step": results, "step_us": walls, "host_us": host_us,
+                       "training_parts_us": parts_us}, f, indent=1)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -550,7 +550,7 @@ def finish(stages, out, failure_tail):
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(table + "\n")
     if os.path.exists(os.path.join(out, "launches.log")):
-        print(tail(os.path.join(out, "launches.log"), 30))
+        print(tail(os.path.join(out, "launches.log"), 45))
     if os.path.exists(os.path.join(out, "phases.log")):
         print(tail(os.path.join(out, "phases.log"), 40))
     if os.path.exists(os.path.join(out, "tiles.log")):

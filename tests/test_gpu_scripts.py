@@ -111,8 +111,13 @@ def test_count_launches_counts_and_times_each_step(tmp_path, capsys):
     written = json.loads(output.read_text())
     assert written["step_us"]["3"]["training"]["lenet_ext"] > 0
     assert "lenet_ext::lenet_forward" in written["host_us"]["2 inference lenet_ext"]
+    parts = written["training_parts_us"]
+    assert set(parts) == {f"{b} {n}" for b in (2, 3) for n in ("torch", "lenet_ext", "floor")}
+    assert all(list(us) == ["forward", "loss", "grad", "update", "GPU wait"] for us in parts.values())
+    assert all(us["forward"] > 0 and us["grad"] > 0 for us in parts.values())
     out = capsys.readouterr().out
     assert "| 3 | training | lenet_ext |" in out and "Host time per step" in out
+    assert "| 3 | floor |" in out
 
 
 @pytest.mark.parametrize("name", ["compute-sanitizer", "ncu", "surely-not-a-cuda-tool"])
