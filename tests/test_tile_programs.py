@@ -1,7 +1,7 @@
-"""The CUDA tile programs, run on the CPU: lenet_forward's (csrc/ops/lenet_forward_tile.h),
-lenet_backward's (csrc/ops/lenet_backward_tile.h, with conv block 1's backward and the
-partial sums of csrc/ops/tile_partial_sums.h), and the conv operator's forward and
-backward (csrc/ops/conv_sigmoid_avgpool2d_tile.h).
+"""The CUDA tile programs, run on the CPU: lenet_forward's (csrc/ops/tile/lenet_forward_tile.h),
+lenet_backward's (csrc/ops/tile/lenet_backward_tile.h, with conv block 1's backward and the
+partial sums of csrc/ops/tile/tile_partial_sums.h), and the conv operator's forward and
+backward (csrc/ops/tile/conv_sigmoid_avgpool2d_tile.h).
 
 The lenet_ext::_*_tile_emulated operators run a kernel's phases thread by
 thread; each phase runs twice, its threads in opposite orders, and fails if

@@ -6,7 +6,7 @@
 //
 //   schema and checks   conv_sigmoid_avgpool2d.cpp
 //   per-element math    conv_sigmoid_avgpool2d_math.h
-//   CUDA tile programs  conv_sigmoid_avgpool2d_tile.h, conv_sigmoid_avgpool2d_tile_backward.h
+//   CUDA tile programs  tile/conv_sigmoid_avgpool2d_tile.h, tile/conv_sigmoid_avgpool2d_tile_backward.h
 //   kernels             cpu/conv_sigmoid_avgpool2d_cpu.cpp, cuda/conv_sigmoid_avgpool2d_cuda.cu
 #pragma once
 
@@ -18,8 +18,8 @@
 #include <vector>
 
 #include "conv_sigmoid_avgpool2d_math.h"
-#include "conv_sigmoid_avgpool2d_tile.h"
-#include "tile_partial_sums.h"
+#include "tile/conv_sigmoid_avgpool2d_tile.h"
+#include "tile/tile_partial_sums.h"
 
 namespace lenet_ext {
 
@@ -89,7 +89,7 @@ struct BackwardCall {
 // The sum over dim 0 of per-chunk partial sums, added in chunk order, so
 // that the result does not depend on how the chunks were scheduled. The CPU
 // kernels' and CUDA's reference kernels' reductions go through here (the
-// CUDA tile programs' through tile_partial_sums.h). On the CPU a plain loop:
+// CUDA tile programs' through tile/tile_partial_sums.h). On the CPU a plain loop:
 // at::sum would open a parallel region for a few thousand numbers.
 at::Tensor sum_partials(const at::Tensor& partials);
 
@@ -97,7 +97,7 @@ BackwardCall prepare_backward(const at::Tensor& grad_out, const at::Tensor& x,
                               const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               int64_t padding, int64_t pool, std::array<bool, 3> output_mask);
 
-// --- the tile programs (conv_sigmoid_avgpool2d_tile.h) -----------------------
+// --- the tile programs (tile/conv_sigmoid_avgpool2d_tile.h) -----------------------
 
 // Whether the tile programs take a call: float32, and 32-bit offsets inside a
 // tile. Whether a tile fits a block's shared memory is the launcher's test.
@@ -116,7 +116,7 @@ struct ConvTileBackward {
 };
 ConvTileBackward prepare_tile_backward(const BackwardCall& call, int tile, int threads);
 
-// The passes of PartialSumsProgram (tile_partial_sums.h) that add `sums`, to
+// The passes of PartialSumsProgram (tile/tile_partial_sums.h) that add `sums`, to
 // be launched in order over blocks[i] blocks: none without sums, one when no
 // sum has more than kSumRowsPerBlock rows; each further pass adds the rows
 // the one before wrote into scratch.

@@ -5,11 +5,12 @@
 //
 //   schemas, checks and the whole-batch implementation   lenet.cpp
 //   CPU: tiles of the batch, a chunk of tiles per thread  cpu/lenet_cpu.cpp
-//   CUDA: the forwards one launch of a tile program,      cuda/lenet_cuda.cu,
-//   the backward three programs and the partial sums      lenet_forward_tile.h,
-//                                                         lenet_backward_tile.h,
-//                                                         dense_weight_grads_tile.h,
-//                                                         lenet_backward_tile_call.cpp
+//   CUDA: the forwards one launch of a tile program,      cuda/lenet_cuda.cu
+//   the backward three programs and the partial sums
+//   the tile programs, run by CUDA and, for the tests,    tile/lenet_forward_tile.h,
+//   by the CPU emulation (tile/tile_emulation.cpp)        tile/lenet_backward_tile.h,
+//                                                         tile/dense_weight_grads_tile.h,
+//                                                         tile/lenet_backward_tile_call.cpp
 //
 // The first two are built from the steps declared here: the conv blocks run
 // the fused operator (conv_sigmoid_avgpool2d.h), the dense block addmm with an
@@ -20,10 +21,10 @@
 #include <c10/util/FunctionRef.h>
 
 #include "conv_sigmoid_avgpool2d.h"
-#include "dense_weight_grads_tile.h"
-#include "lenet_backward_tile.h"
-#include "lenet_forward_tile.h"
-#include "tile_partial_sums.h"
+#include "tile/dense_weight_grads_tile.h"
+#include "tile/lenet_backward_tile.h"
+#include "tile/lenet_forward_tile.h"
+#include "tile/tile_partial_sums.h"
 
 #include <array>
 #include <optional>
@@ -115,7 +116,7 @@ struct LeNetSizes {
 };
 LeNetSizes check_lenet_args(const at::Tensor& x, const LeNetParams& p, const char* op);
 
-// --- the forward as one tile program (lenet_forward_tile.h) -------------------
+// --- the forward as one tile program (tile/lenet_forward_tile.h) -------------------
 
 // A checked call of lenet_forward (train false) or lenet_train_forward (train
 // true) for the tile program: its tensors made contiguous and kept alive, the
@@ -171,7 +172,7 @@ LeNetGrads lenet_backward_whole_batch(const at::Tensor& grad_logits, const at::T
                                       const LeNetActivations& saved, const LeNetParams& p,
                                       const LeNetGradMask& output_mask);
 
-// --- lenet_backward as tile programs (lenet_backward_tile.h) ------------------
+// --- lenet_backward as tile programs (tile/lenet_backward_tile.h) ------------------
 
 // A checked lenet_backward call prepared for CUDA's tile programs, run in
 // this order on one stream:
@@ -182,7 +183,7 @@ LeNetGrads lenet_backward_whole_batch(const at::Tensor& grad_logits, const at::T
 //   3. DenseWeightGradsProgram over dense_weight_grads_blocks(dense_params)
 //      blocks (0: no dense weight gradient is asked for): the dense weight
 //      gradients' partial sums, from what program 1 wrote
-//      (dense_weight_grads_tile.h);
+//      (tile/dense_weight_grads_tile.h);
 //   4. the passes of PartialSumsProgram in `sums`: every gradient asked for
 //      but dL/dx, from the three programs' partial sums;
 //   5. finish(): all the gradients in lenet_backward's order.

@@ -1,8 +1,8 @@
 // CUDA kernels of the fused conv -> sigmoid -> avgpool operator.
 //
-// float32 runs the tile programs of ../conv_sigmoid_avgpool2d_tile.h through
+// float32 runs the tile programs of ../tile/conv_sigmoid_avgpool2d_tile.h through
 // tile_program.cuh's kernel: one launch for the forward, one for the backward
-// (plus one adding its per-tile partial sums, ../tile_partial_sums.h), every
+// (plus one adding its per-tile partial sums, ../tile/tile_partial_sums.h), every
 // intermediate in shared memory.
 // float64, sizes whose tile does not fit a block's shared memory, and
 // LENET_EXT_CUDA_KERNEL=reference run the reference kernels below: one thread
@@ -19,7 +19,7 @@
 
 #include "../conv_sigmoid_avgpool2d.h"
 #include "../conv_sigmoid_avgpool2d_math.h"
-#include "../conv_sigmoid_avgpool2d_tile_backward.h"
+#include "../tile/conv_sigmoid_avgpool2d_tile_backward.h"
 #include "../cuda_kernel_choice.h"
 #include "tile_program.cuh"
 

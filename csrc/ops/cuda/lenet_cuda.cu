@@ -1,11 +1,11 @@
 // LeNet's three operators on CUDA. lenet_forward and lenet_train_forward: the
 // whole forward in one launch, each thread block running the tile program of
-// ../lenet_forward_tile.h for a tile of images with every activation in
+// ../tile/lenet_forward_tile.h for a tile of images with every activation in
 // shared memory; training also writes the activations lenet_backward reads.
-// lenet_backward: three tile programs (../lenet_backward_tile.h, conv block
-// 1's backward, the dense weight gradients of ../dense_weight_grads_tile.h)
-// and one launch adding their partial sums (../tile_partial_sums.h), as
-// ../lenet_backward_tile_call.cpp prepares them. LENET_EXT_CUDA_KERNEL=
+// lenet_backward: three tile programs (../tile/lenet_backward_tile.h, conv block
+// 1's backward, the dense weight gradients of ../tile/dense_weight_grads_tile.h)
+// and one launch adding their partial sums (../tile/tile_partial_sums.h), as
+// ../tile/lenet_backward_tile_call.cpp prepares them. LENET_EXT_CUDA_KERNEL=
 // reference, float64 and sizes the programs do not take run the layers one
 // by one instead (../lenet.cpp's whole-batch implementation, the conv
 // operator's CUDA kernels).

@@ -1,10 +1,10 @@
-// The one CUDA kernel of every tile program (../lenet_forward_tile.h,
-// ../conv_sigmoid_avgpool2d_tile.h, ../conv_sigmoid_avgpool2d_tile_backward.h):
+// The one CUDA kernel of every tile program (../tile/lenet_forward_tile.h,
+// ../tile/conv_sigmoid_avgpool2d_tile.h, ../tile/conv_sigmoid_avgpool2d_tile_backward.h):
 // a thread block per tile of images, the program's phases in turn with a
 // barrier after each. A Program names its Params (whose s.floats is the
 // block's shared memory), its kName, kPhases and kPhaseNames, and
 // run_phase(phase, params, smem, tile_index, tid, threads);
-// tile_emulation.cpp runs the same programs on the CPU.
+// ../tile/tile_emulation.cpp runs the same programs on the CPU.
 #pragma once
 
 #include <c10/core/Device.h>
@@ -21,7 +21,7 @@
 #include <utility>
 
 #include "../cuda_kernel_choice.h"
-#include "../tile_partial_sums.h"
+#include "../tile/tile_partial_sums.h"
 #include "phase_clocks.h"
 
 namespace lenet_ext {

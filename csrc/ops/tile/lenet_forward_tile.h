@@ -10,9 +10,9 @@
 //
 // The phases are __host__ __device__ and take the thread's coordinates as
 // arguments, so the same code runs in two places:
-//   cuda/lenet_cuda.cu            the kernel: one thread block per tile
-//   tile_emulation.cpp            the CPU, thread by thread and phase by
-//                                 phase, for the tests (see there)
+//   ../cuda/lenet_cuda.cu   the kernel: one thread block per tile
+//   tile_emulation.cpp      the CPU, thread by thread and phase by phase,
+//                           for the tests (see there)
 // float32 only; the index math inside a tile is 32-bit.
 #pragma once
 
@@ -249,7 +249,7 @@ LENET_HOST_DEVICE void dense_finish(const TileDenseLayer& layer, const float* sl
 
 }  // namespace tile_phases
 
-// The program, as the CUDA kernel (cuda/tile_program.cuh) and the CPU
+// The program, as the CUDA kernel (../cuda/tile_program.cuh) and the CPU
 // emulation (tile_emulation.cpp) run it.
 struct LeNetTileProgram {
   using Params = LeNetTileParams;
@@ -257,7 +257,7 @@ struct LeNetTileProgram {
   static constexpr int kPhases = 9;
   static constexpr const char* kPhaseNames[kPhases] = {"stage", "conv block 1", "conv block 2", "fc1 slices", "fc1",
                                                       "fc2 slices", "fc2", "fc3 slices", "logits"};
-  // Images per block that choose_tile (cuda/tile_program.cuh) tries, in order.
+  // Images per block that choose_tile (../cuda/tile_program.cuh) tries, in order.
   // 5 before 8: LeNet's conv block 2 has 100 items per image, so a tile of 5
   // gives its phase two whole rounds of 256 threads where 8 leaves the fourth
   // round an eighth full, and its smaller buffers leave room for a third

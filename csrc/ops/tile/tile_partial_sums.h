@@ -10,17 +10,17 @@
 // the groups in group order. A sum with more rows than one block takes is
 // added in passes: the first writes one row per block of rows into scratch
 // memory, the next adds those rows (plan_partial_sums in
-// conv_sigmoid_avgpool2d.h plans them). The order never depends on the block
+// ../conv_sigmoid_avgpool2d.h plans them). The order never depends on the block
 // size or on scheduling, so the gradients are bitwise repeatable.
 //
 // Like the other tile programs, its phases are __host__ __device__ over the
-// thread's coordinates: cuda/tile_program.cuh runs it, tile_emulation.cpp
+// thread's coordinates: ../cuda/tile_program.cuh runs it, tile_emulation.cpp
 // runs it on the CPU for the tests.
 #pragma once
 
 #include <cstdint>
 
-#include "conv_sigmoid_avgpool2d_math.h"
+#include "../conv_sigmoid_avgpool2d_math.h"
 
 namespace lenet_ext {
 

@@ -23,9 +23,9 @@
 #include <cstring>
 #include <vector>
 
-#include "conv_sigmoid_avgpool2d.h"
+#include "../conv_sigmoid_avgpool2d.h"
 #include "conv_sigmoid_avgpool2d_tile_backward.h"
-#include "lenet.h"
+#include "../lenet.h"
 
 TORCH_LIBRARY_FRAGMENT(lenet_ext, m) {
   m.def("_lenet_forward_tile_emulated(Tensor x, " LENET_PARAMS_SCHEMA ", int tile, int threads) -> Tensor");
@@ -49,7 +49,7 @@ namespace lenet_ext {
 
 namespace {
 
-// Runs a Program (see cuda/tile_program.cuh) over `tiles` blocks of
+// Runs a Program (see ../cuda/tile_program.cuh) over `tiles` blocks of
 // `threads` threads, as the CUDA kernel would.
 template <typename Program>
 void emulate_tile_program(const char* op, const typename Program::Params& params, int64_t tiles, int64_t threads) {
@@ -130,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_tile_emulated(
   return {call.grad_x, sums.grad_weight, sums.grad_bias};
 }
 
-// lenet_backward as CUDA runs it (cuda/lenet_cuda.cu): the same steps, each
+// lenet_backward as CUDA runs it (../cuda/lenet_cuda.cu): the same steps, each
 // program emulated; the calls the programs do not take run the whole batch.
 LeNetGrads lenet_backward_tile_emulated(const at::Tensor& grad_logits, const at::Tensor& x, const at::Tensor& block1,
                                         const at::Tensor& block2, const at::Tensor& fc1, const at::Tensor& fc2,

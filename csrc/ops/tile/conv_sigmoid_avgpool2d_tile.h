@@ -24,7 +24,7 @@
 // in a fixed order too: the gradients are bitwise repeatable.
 //
 // Like lenet_forward_tile.h, the phases are __host__ __device__ over the
-// thread's coordinates: cuda/conv_sigmoid_avgpool2d_cuda.cu launches them, and
+// thread's coordinates: ../cuda/conv_sigmoid_avgpool2d_cuda.cu launches them, and
 // tile_emulation.cpp runs them on the CPU thread by thread for the tests.
 // This file: the layout, the staging, the conv arithmetic and the forward;
 // conv_sigmoid_avgpool2d_tile_backward.h: the backward's phases.
@@ -35,7 +35,7 @@
 #include <cstdint>
 #include <stdexcept>
 
-#include "conv_sigmoid_avgpool2d_math.h"
+#include "../conv_sigmoid_avgpool2d_math.h"
 
 namespace lenet_ext {
 
@@ -409,14 +409,14 @@ LENET_HOST_DEVICE void pooled_outputs(const ConvTileForwardParams& p, const floa
 
 }  // namespace conv_tile_phases
 
-// The forward program, as the CUDA kernel (cuda/tile_program.cuh) and the
+// The forward program, as the CUDA kernel (../cuda/tile_program.cuh) and the
 // CPU emulation (tile_emulation.cpp) run it.
 struct ConvTileForwardProgram {
   using Params = ConvTileForwardParams;
   static constexpr const char* kName = "ConvTileForwardProgram";
   static constexpr int kPhases = 2;
   static constexpr const char* kPhaseNames[kPhases] = {"stage", "pooled outputs"};
-  // Images per block that choose_tile (cuda/tile_program.cuh) tries, in order.
+  // Images per block that choose_tile (../cuda/tile_program.cuh) tries, in order.
   static constexpr int kTileCandidates[] = {8, 4, 2, 1};
 
   // One phase for thread tid of `threads`.

@@ -266,14 +266,14 @@ LENET_HOST_DEVICE void add_slices(const ConvTileShape& s, const float* smem, flo
 
 }  // namespace conv_tile_phases
 
-// The backward program, as the CUDA kernel (cuda/tile_program.cuh) and the
+// The backward program, as the CUDA kernel (../cuda/tile_program.cuh) and the
 // CPU emulation (tile_emulation.cpp) run it.
 struct ConvTileBackwardProgram {
   using Params = ConvTileBackwardParams;
   static constexpr const char* kName = "ConvTileBackwardProgram";
   static constexpr int kPhases = 4;
   static constexpr const char* kPhaseNames[kPhases] = {"stage", "dL/dz", "gradients", "slices added"};
-  // Images per block that choose_tile (cuda/tile_program.cuh) tries, in order.
+  // Images per block that choose_tile (../cuda/tile_program.cuh) tries, in order.
   static constexpr int kTileCandidates[] = {8, 4, 2, 1};
 
   // One phase for thread tid of `threads`.

@@ -1,10 +1,10 @@
-// The host side of lenet_backward's tile programs (lenet.h lists the steps):
+// The host side of lenet_backward's tile programs (../lenet.h lists the steps):
 // checks, the tensors the programs read and write, the programs' parameters. CUDA runs it
-// (cuda/lenet_cuda.cu), and so does the CPU emulation for the tests
+// (../cuda/lenet_cuda.cu), and so does the CPU emulation for the tests
 // (tile_emulation.cpp).
 #include <ATen/ATen.h>
 
-#include "lenet.h"
+#include "../lenet.h"
 
 namespace lenet_ext {
 

@@ -15,7 +15,7 @@
 // which tile_partial_sums.h adds. The host side is in lenet_backward_tile_call.cpp.
 //
 // Like the forward's (lenet_forward_tile.h), the phases are __host__
-// __device__ over the thread's coordinates: cuda/lenet_cuda.cu launches them,
+// __device__ over the thread's coordinates: ../cuda/lenet_cuda.cu launches them,
 // tile_emulation.cpp runs them on the CPU for the tests. float32 only.
 #pragma once
 
@@ -156,7 +156,7 @@ LENET_HOST_DEVICE void block2_grads_and_bias_sums(const LeNetBackwardTileParams&
 
 }  // namespace backward_tile_phases
 
-// The program, as the CUDA kernel (cuda/tile_program.cuh) and the CPU
+// The program, as the CUDA kernel (../cuda/tile_program.cuh) and the CPU
 // emulation (tile_emulation.cpp) run it.
 struct LeNetBackwardTileProgram {
   using Params = LeNetBackwardTileParams;
@@ -165,7 +165,7 @@ struct LeNetBackwardTileProgram {
   static constexpr const char* kPhaseNames[kPhases] = {
       "stage",       "fc2 dL/dz",       "fc1 dL/dz",         "block 2 grads, bias sums",
       "conv2 dL/dz", "conv2 gradients", "conv2 slices added"};
-  // Images per block that choose_tile (cuda/tile_program.cuh) tries, in order.
+  // Images per block that choose_tile (../cuda/tile_program.cuh) tries, in order.
   static constexpr int kTileCandidates[] = {8, 4, 2, 1};
 
   // One phase for thread tid of `threads`.

@@ -7,7 +7,7 @@
 // The gradients are bitwise repeatable.
 //
 // Like the other tile programs, its phase is __host__ __device__ over the
-// thread's coordinates: cuda/lenet_cuda.cu launches it, tile_emulation.cpp
+// thread's coordinates: ../cuda/lenet_cuda.cu launches it, tile_emulation.cpp
 // runs it on the CPU for the tests. float32 only.
 #pragma once
 
