@@ -130,6 +130,22 @@ def test_compile_reduce_overhead_captures_lenet():
             torch.testing.assert_close(compiled(x).clone(), ref(x), **LENET_TOLERANCES[torch.float32])
 
 
+def test_sigmoid_rounds_as_the_division_does(cuda_kernel):
+    """The tile programs' sigmoid, whose reciprocal is the approximation and one Newton step, is
+    correctly rounded where the division is, and the reference kernels' is the division."""
+    from test_tile_programs import SIGMOID_ARGUMENTS, check_tile_sigmoid
+
+    z = SIGMOID_ARGUMENTS.reshape(1, 1, 1, -1).cuda().requires_grad_()
+    pooled = conv_sigmoid_avgpool2d(z, torch.ones(1, 1, 1, 1, device="cuda"), None, 0, 1)
+    (grad_z,) = torch.autograd.grad(pooled.sum(), z)
+    check_tile_sigmoid(pooled.detach().cpu(), grad_z.cpu(), SIGMOID_ARGUMENTS)
+    # Against torch.sigmoid on the same GPU, a division after the same expf: equal, or an ulp apart
+    # where the two expf builds differ.
+    normal = SIGMOID_ARGUMENTS >= -87
+    torch.testing.assert_close(pooled.detach().cpu().flatten()[normal], torch.sigmoid(z.detach()).cpu().flatten()[normal],
+                               rtol=1.2e-7, atol=0)  # fmt: skip
+
+
 def test_operator_runs_on_the_current_stream(cuda_kernel):
     """Work queued on a side stream is ordered by that stream alone: no implicit default-stream use."""
     gen = torch.Generator().manual_seed(0)

@@ -259,6 +259,31 @@ def test_conv_backward_tile_program_computes_what_is_asked(mask):
             torch.testing.assert_close(g, w, **TOLERANCES[torch.float32])
 
 
+# z from -100 to 100, with the edges of the tile programs' sigmoid: below
+# -87 it is 0, where the sigmoid is under 1.7e-38 (tile_sigmoid in
+# conv_sigmoid_avgpool2d_tile.h).
+SIGMOID_ARGUMENTS = torch.cat([torch.linspace(-100, 100, 2001), torch.tensor([-87.01, -87.0, -86.99, 88.5, 89.0])])
+
+
+def check_tile_sigmoid(pooled, grad_z, z):
+    """pooled: the conv operator's output for a 1x1 kernel of weight 1, no bias and no pooling (sigmoid(z) itself);
+    grad_z: its backward for a gradient of ones (s * (1 - s) with s that output). Both against float64: within
+    float32 rounding (expf's few ulps) for z >= -87, and under 1.7e-38 below. Where s rounds to 1, 1 - s keeps
+    only its absolute accuracy."""
+    want = torch.sigmoid(z.double())
+    torch.testing.assert_close(pooled.double().flatten(), want, rtol=4e-7, atol=1.7e-38)
+    torch.testing.assert_close(grad_z.double().flatten(), want * (1 - want), rtol=1e-6, atol=2e-7)
+
+
+def test_tile_programs_sigmoid_rounds_as_the_division_does():
+    z = SIGMOID_ARGUMENTS.reshape(1, 1, 1, -1)
+    weight = torch.ones(1, 1, 1, 1)
+    pooled = CONV_EMULATED(z, weight, None, 0, 1, 2, 64)
+    grad_z = CONV_BACKWARD_EMULATED(torch.ones_like(pooled), z, weight, None, 0, 1, [True, False, False], 2, 64)[0]
+    check_tile_sigmoid(pooled, grad_z, SIGMOID_ARGUMENTS)
+    assert (pooled.flatten()[SIGMOID_ARGUMENTS < -87] == 0).all()
+
+
 def test_conv_tile_programs_empty_batch_and_bad_input():
     x, weight, bias, padding, pool = make_inputs(CASES["batch0"], torch.float32, "cpu")
     assert CONV_EMULATED(x, weight, bias, padding, pool, 4, 32).shape == (0, 6, 14, 14)

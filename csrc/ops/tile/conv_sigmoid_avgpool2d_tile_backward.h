@@ -48,7 +48,7 @@ LENET_HOST_DEVICE void preactivation_grads(const ConvTileShape& s, const float* 
       float value[kChannelsPerThread];
       LENET_UNROLL
       for (int c = 0; c < kChannelsPerThread; ++c) {
-        const float a = sigmoid(z[c]);
+        const float a = tile_sigmoid(z[c]);
         value[c] = g[c] * a * (1.0f - a);
       }
       store4(dz(dy, dx), value);

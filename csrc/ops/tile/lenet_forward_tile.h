@@ -241,7 +241,7 @@ LENET_HOST_DEVICE void dense_finish(const TileDenseLayer& layer, const float* sl
     const float* parts = slices + (image * features + j) * kDenseSlices;
     float z = layer.bias ? layer.bias[j] : 0.0f;
     for (int slice = 0; slice < kDenseSlices; ++slice) z += parts[slice];
-    const float out = apply_sigmoid ? sigmoid(z) : z;
+    const float out = apply_sigmoid ? tile_sigmoid(z) : z;
     if (smem_out) smem_out[i] = out;
     if (global_out && image < images) global_out[(first + image) * features + j] = out;
   }
