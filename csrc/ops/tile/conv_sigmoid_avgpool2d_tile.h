@@ -143,6 +143,7 @@ struct ConvTileShape {
   int tile;                // images per thread block
   int channel_stride;      // C_out rounded up to whole channel groups: the weights' row length
   int slices;              // backward: parts of the tile's (image, conv row) rows per parameter sum
+  float inverse_window;    // 1 / (pool * pool) when that is a power of two, else 0 (window_mean)
   // dz (backward): dL/dz as (image, channel group, ext_h, ext_w, kChannelsPerThread), so
   // that a group's four channels at one position are one 16-byte load, zero past C_out.
   int weight_at, bias_at, x_at, dz_at, slices_at;  // the last two: backward only
@@ -150,6 +151,14 @@ struct ConvTileShape {
 };
 
 LENET_HOST_DEVICE int channel_groups(const ConvTileShape& s) { return s.channel_stride / kChannelsPerThread; }
+
+// value / (pool * pool): the mean of a pooling window's sum, and its share of
+// the pooled output's gradient. When pool * pool is a power of two (LeNet's
+// 4) a multiplication by its exact inverse, which rounds as the division
+// does, without the division's dozen instructions and slow-path branch.
+LENET_HOST_DEVICE float window_mean(const ConvTileShape& s, float value) {
+  return s.inverse_window != 0.0f ? value * s.inverse_window : value / float(s.pool * s.pool);
+}
 
 // The real images of the tile whose first image is `first` (the last tile
 // of a batch may be partial).
@@ -189,6 +198,8 @@ inline ConvTileShape make_conv_tile_shape(const ConvPoolGeometry& g, int tile, i
   s.padded_h = s.height + 2 * s.padding, s.padded_w = s.width + 2 * s.padding;
   s.tile = tile;
   s.channel_stride = (s.out_channels + kChannelsPerThread - 1) / kChannelsPerThread * kChannelsPerThread;
+  const int window = s.pool * s.pool;
+  s.inverse_window = (window & (window - 1)) == 0 ? 1.0f / float(window) : 0.0f;
   const int items = parameter_group_items(s), tap_items = items * parameter_taps_per_item(s);
   const int rows = tile * s.ext_h;
   // About two taps' sums per thread and at least an item per thread, while
@@ -407,9 +418,8 @@ LENET_HOST_DEVICE void pooled_group(const ConvTileShape& s, const float* smem, i
     for (int c = 0; c < kChannelsPerThread; ++c)
       if (first + c < s.out_channels) sum[c] += tile_sigmoid(z[c]);  // none for the channels callers drop
   });
-  const float window = float(s.pool * s.pool);
   LENET_UNROLL
-  for (int c = 0; c < kChannelsPerThread; ++c) out[c] = sum[c] / window;
+  for (int c = 0; c < kChannelsPerThread; ++c) out[c] = window_mean(s, sum[c]);
 }
 
 // Forward phase 1: the pooled outputs.

@@ -29,7 +29,6 @@ LENET_HOST_DEVICE int dz_offset(const ConvTileShape& s, int image, int group, in
 // C_out, H_out, W_out), in global or in shared memory.
 LENET_HOST_DEVICE void preactivation_grads(const ConvTileShape& s, const float* grad_out, int images, float* smem,
                                            int tid, int threads) {
-  const float window = float(s.pool * s.pool);
   for_each_channel_group_item(s, s.out_h, s.out_w, tid, threads, [&](const ChannelGroupItem& item) {
     const auto [image, first, ph, pw] = item;
     const int group = first / kChannelsPerThread;
@@ -43,7 +42,7 @@ LENET_HOST_DEVICE void preactivation_grads(const ConvTileShape& s, const float* 
       return;
     }
     for (int c = 0; c < kChannelsPerThread && first + c < s.out_channels; ++c)
-      g[c] = grad_out[((image * s.out_channels + first + c) * s.out_h + ph) * s.out_w + pw] / window;
+      g[c] = window_mean(s, grad_out[((image * s.out_channels + first + c) * s.out_h + ph) * s.out_w + pw]);
     window_z(s, smem, image, first, ph, pw, [&](int dy, int dx, const float (&z)[kChannelsPerThread]) {
       float value[kChannelsPerThread];
       LENET_UNROLL

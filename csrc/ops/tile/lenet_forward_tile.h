@@ -139,12 +139,17 @@ LENET_HOST_DEVICE void conv_block1(const LeNetTileParams& p, float* smem, int64_
     const auto [image, first, ph, pw] = item;
     float out[kChannelsPerThread];
     conv_tile_phases::pooled_group(c1, smem, image, first, ph, pw, out);
+    // Channel first + c's output is c planes on, in shared memory and in p.block1.
+    float* to_smem = smem + b1.x_at +
+                     ((image * b1.in_channels + first) * b1.padded_h + ph + b1.padding) * b1.padded_w + pw + b1.padding;
     const int64_t n = tile_index * p.s.tile + image;
-    for (int c = 0; c < kChannelsPerThread && first + c < c1.out_channels; ++c) {
-      smem[b1.x_at + ((image * b1.in_channels + first + c) * b1.padded_h + ph + b1.padding) * b1.padded_w + pw +
-           b1.padding] = out[c];
-      if (p.block1 && n < p.batch)
-        p.block1[((n * c1.out_channels + first + c) * c1.out_h + ph) * c1.out_w + pw] = out[c];
+    float* to_global =
+        p.block1 && n < p.batch ? p.block1 + ((n * c1.out_channels + first) * c1.out_h + ph) * c1.out_w + pw : nullptr;
+    LENET_UNROLL
+    for (int c = 0; c < kChannelsPerThread; ++c) {
+      if (first + c >= c1.out_channels) break;
+      to_smem[c * b1.padded_h * b1.padded_w] = out[c];
+      if (to_global) to_global[c * c1.out_h * c1.out_w] = out[c];
     }
   };
   conv_tile_phases::for_each_channel_group_item(c1, c1.out_h, c1.out_w, tid, threads, per_item);
@@ -159,11 +164,16 @@ LENET_HOST_DEVICE void conv_block2(const LeNetTileParams& p, float* smem, int64_
     const auto [image, first, ph, pw] = item;
     float out[kChannelsPerThread];
     conv_tile_phases::pooled_group(c2, smem, image, first, ph, pw, out);
+    // Channel first + c's feature is c planes on.
+    const int feature = (first * c2.out_h + ph) * c2.out_w + pw;
+    float* to_smem = smem + s.block2_at + image * s.f0 + feature;
     const int64_t n = tile_index * s.tile + image;
-    for (int c = 0; c < kChannelsPerThread && first + c < c2.out_channels; ++c) {
-      const int feature = ((first + c) * c2.out_h + ph) * c2.out_w + pw;
-      smem[s.block2_at + image * s.f0 + feature] = out[c];
-      if (p.block2 && n < p.batch) p.block2[n * s.f0 + feature] = out[c];
+    float* to_global = p.block2 && n < p.batch ? p.block2 + n * s.f0 + feature : nullptr;
+    LENET_UNROLL
+    for (int c = 0; c < kChannelsPerThread; ++c) {
+      if (first + c >= c2.out_channels) break;
+      to_smem[c * c2.out_h * c2.out_w] = out[c];
+      if (to_global) to_global[c * c2.out_h * c2.out_w] = out[c];
     }
   };
   conv_tile_phases::for_each_channel_group_item(c2, c2.out_h, c2.out_w, tid, threads, per_item);
