@@ -13,8 +13,8 @@
 
 #include <cstdint>
 
-#include "conv_sigmoid_avgpool2d_tile.h"  // LENET_UNROLL, load4
-#include "tile_partial_sums.h"             // range_holding
+#include "tile_common.h"
+#include "tile_partial_sums.h"  // range_holding
 
 namespace lenet_ext {
 
