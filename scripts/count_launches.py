@@ -26,11 +26,11 @@ step on this machine.
 
 import argparse
 import collections
-import statistics
 import contextlib
 import json
 import os
 import re
+import statistics
 import sys
 import time
 

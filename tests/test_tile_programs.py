@@ -261,7 +261,7 @@ def test_conv_backward_tile_program_computes_what_is_asked(mask):
 
 # z from -100 to 100, with the edges of the tile programs' sigmoid: below
 # -87 it is 0, where the sigmoid is under 1.7e-38 (tile_sigmoid in
-# conv_sigmoid_avgpool2d_tile.h).
+# csrc/ops/tile/tile_common.h).
 SIGMOID_ARGUMENTS = torch.cat([torch.linspace(-100, 100, 2001), torch.tensor([-87.01, -87.0, -86.99, 88.5, 89.0])])
 
 
