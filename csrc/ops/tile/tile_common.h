@@ -90,10 +90,8 @@ LENET_HOST_DEVICE void store4(float* p, const float (&in)[4]) {
 // the sigmoid is under 1.7e-38, it is 0. On the GPU the reciprocal is the
 // approximation refined by one Newton step, which is how the compiler's own
 // division computes it when the divisor's exponent is not extreme; a
-// division would also test for that case and branch to a slow path, and
-// that branch made every sigmoid a divergent region of its own, each about
-// ten instructions longer. With no branch, a channel group's four sigmoids
-// interleave.
+// division would also test for that case and branch to a slow path: about
+// ten more instructions per sigmoid, and a divergent region around each.
 LENET_HOST_DEVICE float tile_sigmoid(float z) {
   const float d = 1.0f + expf(-z);  // below 6.1e37 for z >= -87: 1 / d stays a normal float
 #if defined(__CUDA_ARCH__)
