@@ -130,6 +130,19 @@ LENET_HOST_DEVICE void stage(const LeNetTileParams& p, float* smem, int64_t tile
   for (int i = tid; i < s.tile * b1.in_channels * b1.padded_h * b1.padded_w; i += threads) smem[b1.x_at + i] = 0.0f;
 }
 
+// A conv block's pooled outputs of one channel group, its first `channels`
+// (the rest lie past C_out): channel c to to_smem[c * smem_plane] and, unless
+// to_global is null, to to_global[c * global_plane].
+LENET_HOST_DEVICE void store_group(const float (&out)[kChannelsPerThread], int channels, float* to_smem,
+                                   int smem_plane, float* to_global, int global_plane) {
+  LENET_UNROLL
+  for (int c = 0; c < kChannelsPerThread; ++c) {
+    if (c >= channels) break;
+    to_smem[c * smem_plane] = out[c];
+    if (to_global) to_global[c * global_plane] = out[c];
+  }
+}
+
 // Phase 1: conv block 1 into the interior of its padded buffer, a channel
 // group of one pooled output per item.
 LENET_HOST_DEVICE void conv_block1(const LeNetTileParams& p, float* smem, int64_t tile_index, int tid, int threads) {
@@ -145,12 +158,7 @@ LENET_HOST_DEVICE void conv_block1(const LeNetTileParams& p, float* smem, int64_
     const int64_t n = tile_index * p.s.tile + image;
     float* to_global =
         p.block1 && n < p.batch ? p.block1 + ((n * c1.out_channels + first) * c1.out_h + ph) * c1.out_w + pw : nullptr;
-    LENET_UNROLL
-    for (int c = 0; c < kChannelsPerThread; ++c) {
-      if (first + c >= c1.out_channels) break;
-      to_smem[c * b1.padded_h * b1.padded_w] = out[c];
-      if (to_global) to_global[c * c1.out_h * c1.out_w] = out[c];
-    }
+    store_group(out, c1.out_channels - first, to_smem, b1.padded_h * b1.padded_w, to_global, c1.out_h * c1.out_w);
   };
   conv_tile_phases::for_each_channel_group_item(c1, c1.out_h, c1.out_w, tid, threads, per_item);
 }
@@ -169,12 +177,7 @@ LENET_HOST_DEVICE void conv_block2(const LeNetTileParams& p, float* smem, int64_
     float* to_smem = smem + s.block2_at + image * s.f0 + feature;
     const int64_t n = tile_index * s.tile + image;
     float* to_global = p.block2 && n < p.batch ? p.block2 + n * s.f0 + feature : nullptr;
-    LENET_UNROLL
-    for (int c = 0; c < kChannelsPerThread; ++c) {
-      if (first + c >= c2.out_channels) break;
-      to_smem[c * c2.out_h * c2.out_w] = out[c];
-      if (to_global) to_global[c * c2.out_h * c2.out_w] = out[c];
-    }
+    store_group(out, c2.out_channels - first, to_smem, c2.out_h * c2.out_w, to_global, c2.out_h * c2.out_w);
   };
   conv_tile_phases::for_each_channel_group_item(c2, c2.out_h, c2.out_w, tid, threads, per_item);
 }
