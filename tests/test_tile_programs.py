@@ -71,8 +71,9 @@ def test_lenet_tile_program_matches_the_reference(batch, tile, threads):
         dict(in_channels=3, f3=47, bias=False),
         dict(size=13, k1=3, pad1=1, pool1=3, c1=5, k2=2, pad2=1, pool2=1, c2=3, f1=9, f2=7, f3=4),
         dict(size=9, k1=1, pad1=0, pool1=1, c1=2, k2=3, pad2=2, pool2=4, c2=17, f1=5, f2=3, f3=2),
+        dict(c1=10, c2=12, f1=30),  # both blocks' last channel group part full
     ],
-    ids=["32x32", "rgb_47_classes_no_bias", "odd_pools_and_paddings", "kernel1_pool4"],
+    ids=["32x32", "rgb_47_classes_no_bias", "odd_pools_and_paddings", "kernel1_pool4", "partial_channel_groups"],
 )
 def test_lenet_tile_program_takes_every_configuration(config):
     args = random_lenet_args(5, **config)

@@ -58,7 +58,26 @@ struct ConvTileShape {
   int floats;                                      // shared memory in all
 };
 
-LENET_HOST_DEVICE int channel_groups(const ConvTileShape& s) { return s.channel_stride / kChannelsPerThread; }
+// The channel groups of G channels each (the backward's are kChannelsPerThread
+// wide; a forward may take wider ones, channel_stride permitting).
+template <int G = kChannelsPerThread>
+LENET_HOST_DEVICE int channel_groups(const ConvTileShape& s) {
+  return s.channel_stride / G;
+}
+
+// G floats at p, 16-byte aligned, as G / 4 vector loads: a channel group's
+// weights of one tap, or its biases.
+template <int G>
+LENET_HOST_DEVICE void load_group(const float* p, float (&out)[G]) {
+  static_assert(G % 4 == 0, "a channel group is whole float4s");
+  LENET_UNROLL
+  for (int q = 0; q < G / 4; ++q) {
+    float v[4];
+    load4(p + 4 * q, v);
+    LENET_UNROLL
+    for (int c = 0; c < 4; ++c) out[4 * q + c] = v[c];
+  }
+}
 
 // value / (pool * pool): the mean of a pooling window's sum, and its share of
 // the pooled output's gradient. When pool * pool is a power of two (LeNet's
@@ -90,8 +109,11 @@ LENET_HOST_DEVICE int parameter_group_items(const ConvTileShape& s) {
 }
 
 // The layout for `tile` images per block; `threads` is the block size, which
-// the backward's slice count is chosen for (0 for the forward).
-inline ConvTileShape make_conv_tile_shape(const ConvPoolGeometry& g, int tile, int backward_threads) {
+// the backward's slice count is chosen for (0 for the forward). A forward
+// whose items take `channels_per_item` channels (a multiple of
+// kChannelsPerThread) stages its weights' rows in whole groups of that many.
+inline ConvTileShape make_conv_tile_shape(const ConvPoolGeometry& g, int tile, int backward_threads,
+                                          int channels_per_item = kChannelsPerThread) {
   ConvTileShape s{};
   s.in_channels = int(g.in_channels), s.height = int(g.height), s.width = int(g.width);
   s.out_channels = int(g.out_channels), s.kernel = int(g.kernel), s.padding = int(g.padding), s.pool = int(g.pool);
@@ -99,7 +121,7 @@ inline ConvTileShape make_conv_tile_shape(const ConvPoolGeometry& g, int tile, i
   s.ext_h = s.out_h * s.pool, s.ext_w = s.out_w * s.pool;
   s.padded_h = s.height + 2 * s.padding, s.padded_w = s.width + 2 * s.padding;
   s.tile = tile;
-  s.channel_stride = (s.out_channels + kChannelsPerThread - 1) / kChannelsPerThread * kChannelsPerThread;
+  s.channel_stride = (s.out_channels + channels_per_item - 1) / channels_per_item * channels_per_item;
   const int window = s.pool * s.pool;
   s.inverse_window = (window & (window - 1)) == 0 ? 1.0f / float(window) : 0.0f;
   const int items = parameter_group_items(s), tap_items = items * parameter_taps_per_item(s);
@@ -203,12 +225,13 @@ LENET_HOST_DEVICE void stage(const ConvTileShape& s, int64_t batch, const float*
   stage_images(s, batch, x, smem, tile_index, tid, threads);
 }
 
-// z of output channels first, first + 1, ... (kChannelsPerThread of them) at
-// conv position (oh, ow) of one image of the tile. Channels past C_out have
-// zero weights and bias; callers drop them.
+// z of output channels first, first + 1, ... (G of them) at conv position
+// (oh, ow) of one image of the tile. Channels past C_out have zero weights
+// and bias; callers drop them.
+template <int G>
 LENET_HOST_DEVICE void conv_channels(const ConvTileShape& s, const float* smem, int image, int first, int oh, int ow,
-                                     float (&z)[kChannelsPerThread]) {
-  load4(smem + s.bias_at + first, z);
+                                     float (&z)[G]) {
+  load_group(smem + s.bias_at + first, z);
   const float* weights = smem + s.weight_at + first;
   const float* image_x = smem + s.x_at + image * s.in_channels * s.padded_h * s.padded_w;
   for (int ci = 0; ci < s.in_channels; ++ci) {
@@ -217,31 +240,32 @@ LENET_HOST_DEVICE void conv_channels(const ConvTileShape& s, const float* smem, 
       const int tap = (ci * s.kernel + kh) * s.kernel;
       for (int kw = 0; kw < s.kernel; ++kw) {
         const float value = row[kw];
-        float w[kChannelsPerThread];
-        load4(weights + (tap + kw) * s.channel_stride, w);
+        float w[G];
+        load_group(weights + (tap + kw) * s.channel_stride, w);
         LENET_UNROLL
-        for (int c = 0; c < kChannelsPerThread; ++c) z[c] += value * w[c];
+        for (int c = 0; c < G; ++c) z[c] += value * w[c];
       }
     }
   }
 }
 
-// z of every conv position of pooled output (ph, pw) for a channel group:
-// calls fn(dy, dx, z) for the pool x pool positions (ph * pool + dy, ...).
-// LeNet's shape (pool 2, kernel 5) holds the window's 6 x 6 inputs of an
-// input channel in registers, read once for the 4 positions that share them,
-// and its 4 x 4 sums; other shapes compute one position at a time.
-template <int P, int K, typename Fn>
+// z of every conv position of pooled output (ph, pw) for a group of G
+// channels: calls fn(dy, dx, z) for the pool x pool positions
+// (ph * pool + dy, ...). LeNet's shape (pool 2, kernel 5) holds the window's
+// 6 x 6 inputs of an input channel in registers, read once for the 4
+// positions and the G channels that share them, and its 4 x G sums; other
+// shapes compute one position at a time.
+template <int P, int K, int G, typename Fn>
 LENET_HOST_DEVICE void window_z_unrolled(const ConvTileShape& s, const float* smem, int image, int first, int ph,
                                          int pw, const Fn& fn) {
   constexpr int kSide = P + K - 1;
-  float z[P * P][kChannelsPerThread];
-  float bias[kChannelsPerThread];
-  load4(smem + s.bias_at + first, bias);
+  float z[P * P][G];
+  float bias[G];
+  load_group(smem + s.bias_at + first, bias);
   LENET_UNROLL
   for (int q = 0; q < P * P; ++q) {
     LENET_UNROLL
-    for (int c = 0; c < kChannelsPerThread; ++c) z[q][c] = bias[c];
+    for (int c = 0; c < G; ++c) z[q][c] = bias[c];
   }
   const float* weights = smem + s.weight_at + first;
   const float* image_x = smem + s.x_at + image * s.in_channels * s.padded_h * s.padded_w;
@@ -257,14 +281,14 @@ LENET_HOST_DEVICE void window_z_unrolled(const ConvTileShape& s, const float* sm
     for (int kh = 0; kh < K; ++kh) {
       LENET_UNROLL
       for (int kw = 0; kw < K; ++kw) {
-        float w[kChannelsPerThread];
-        load4(weights + ((ci * K + kh) * K + kw) * s.channel_stride, w);
+        float w[G];
+        load_group(weights + ((ci * K + kh) * K + kw) * s.channel_stride, w);
         LENET_UNROLL
         for (int dy = 0; dy < P; ++dy) {
           LENET_UNROLL
           for (int dx = 0; dx < P; ++dx) {
             LENET_UNROLL
-            for (int c = 0; c < kChannelsPerThread; ++c) z[dy * P + dx][c] += patch[kh + dy][kw + dx] * w[c];
+            for (int c = 0; c < G; ++c) z[dy * P + dx][c] += patch[kh + dy][kw + dx] * w[c];
           }
         }
       }
@@ -274,16 +298,16 @@ LENET_HOST_DEVICE void window_z_unrolled(const ConvTileShape& s, const float* sm
     for (int dx = 0; dx < P; ++dx) fn(dy, dx, z[dy * P + dx]);
 }
 
-template <typename Fn>
+template <int G = kChannelsPerThread, typename Fn>
 LENET_HOST_DEVICE void window_z(const ConvTileShape& s, const float* smem, int image, int first, int ph, int pw,
                                 const Fn& fn) {
   if (s.pool == 2 && s.kernel == 5) {
-    window_z_unrolled<2, 5>(s, smem, image, first, ph, pw, fn);
+    window_z_unrolled<2, 5, G>(s, smem, image, first, ph, pw, fn);
     return;
   }
   for (int dy = 0; dy < s.pool; ++dy) {
     for (int dx = 0; dx < s.pool; ++dx) {
-      float z[kChannelsPerThread];
+      float z[G];
       conv_channels(s, smem, image, first, ph * s.pool + dy, pw * s.pool + dx, z);
       fn(dy, dx, z);
     }
@@ -297,31 +321,47 @@ struct ChannelGroupItem {
   int image, first, row, col;
 };
 
+template <int G = kChannelsPerThread>
 LENET_HOST_DEVICE int channel_group_items(const ConvTileShape& s, int height, int width) {
-  return s.tile * channel_groups(s) * height * width;
+  return s.tile * channel_groups<G>(s) * height * width;
 }
 
-// Calls fn(item) for each of thread tid's channel-group items of a height x width plane.
-template <typename Fn>
+// Calls fn(item) for each of thread tid's items of groups of G channels of a
+// height x width plane, in the order (image, group, row, column).
+template <int G = kChannelsPerThread, typename Fn>
 LENET_HOST_DEVICE void for_each_channel_group_item(const ConvTileShape& s, int height, int width, int tid,
                                                    int threads, const Fn& fn) {
-  IndexWalk<4> at(tid, threads, {0, channel_groups(s), height, width});  // (image, group, row, column)
-  for (int i = tid; i < channel_group_items(s, height, width); i += threads, at.advance())
-    fn(ChannelGroupItem{at.coord[0], at.coord[1] * kChannelsPerThread, at.coord[2], at.coord[3]});
+  IndexWalk<4> at(tid, threads, {0, channel_groups<G>(s), height, width});  // (image, group, row, column)
+  for (int i = tid; i < channel_group_items<G>(s, height, width); i += threads, at.advance())
+    fn(ChannelGroupItem{at.coord[0], at.coord[1] * G, at.coord[2], at.coord[3]});
 }
 
-// The pooled outputs (ph, pw) of a channel group: the mean of sigmoid(z)
-// over the window.
+// The same items in the order (image, row, column, group): neighbouring
+// threads take a position's groups, which read the same inputs, so that
+// shared memory serves them as one (a broadcast) where the other order has
+// the threads of a warp read as many windows as it has threads, more of
+// them in the same banks.
+template <int G, typename Fn>
+LENET_HOST_DEVICE void for_each_position_group_item(const ConvTileShape& s, int height, int width, int tid,
+                                                    int threads, const Fn& fn) {
+  IndexWalk<4> at(tid, threads, {0, height, width, channel_groups<G>(s)});  // (image, row, column, group)
+  for (int i = tid; i < channel_group_items<G>(s, height, width); i += threads, at.advance())
+    fn(ChannelGroupItem{at.coord[0], at.coord[3] * G, at.coord[1], at.coord[2]});
+}
+
+// The pooled outputs (ph, pw) of a group of G channels: the mean of
+// sigmoid(z) over the window.
+template <int G = kChannelsPerThread>
 LENET_HOST_DEVICE void pooled_group(const ConvTileShape& s, const float* smem, int image, int first, int ph, int pw,
-                                    float (&out)[kChannelsPerThread]) {
-  float sum[kChannelsPerThread] = {};
-  window_z(s, smem, image, first, ph, pw, [&](int, int, const float (&z)[kChannelsPerThread]) {
+                                    float (&out)[G]) {
+  float sum[G] = {};
+  window_z<G>(s, smem, image, first, ph, pw, [&](int, int, const float (&z)[G]) {
     LENET_UNROLL
-    for (int c = 0; c < kChannelsPerThread; ++c)
+    for (int c = 0; c < G; ++c)
       if (first + c < s.out_channels) sum[c] += tile_sigmoid(z[c]);  // none for the channels callers drop
   });
   LENET_UNROLL
-  for (int c = 0; c < kChannelsPerThread; ++c) out[c] = window_mean(s, sum[c]);
+  for (int c = 0; c < G; ++c) out[c] = window_mean(s, sum[c]);
 }
 
 // Forward phase 1: the pooled outputs.
