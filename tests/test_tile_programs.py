@@ -64,6 +64,14 @@ def test_lenet_tile_program_matches_the_reference(batch, tile, threads):
     torch.testing.assert_close(EMULATED(*args, tile, threads), reference(args), atol=2e-5, rtol=2e-4)
 
 
+@pytest.mark.parametrize("tile", range(1, 18))
+def test_lenet_tile_program_takes_every_tile_size(tile):
+    """The dense phases run the images of a tile in passes of up to eight, each image count a
+    separate loop: every count, a pass of eight and one of the rest, and a tile past the batch."""
+    args = random_lenet_args(17, seed=tile)
+    torch.testing.assert_close(EMULATED(*args, tile, 64), reference(args), atol=2e-5, rtol=2e-4)
+
+
 @pytest.mark.parametrize(
     "config",
     [

@@ -17,6 +17,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "conv_sigmoid_avgpool2d_tile.h"
 
@@ -40,8 +41,10 @@ constexpr int kDenseSlices = 8;
 constexpr int kDenseImages = 8;
 // A slice loads the weights of this many of its groups before it uses any:
 // their trips to L2 overlap, where one load at a time made each of the
-// slice's dozen groups wait for its own (the whole phase, at small tiles).
-constexpr int kDenseWeightLoads = 4;
+// slice's groups wait for its own (the whole phase, at small tiles). LeNet's
+// fc1 slices have 12 or 13 groups: two trips. More loads at once take more
+// registers than the conv phases (the kernel's most) leave free.
+constexpr int kDenseWeightLoads = 8;
 
 // Sizes of one call and where each of the tile's buffers sits in shared
 // memory (offsets in floats). Computed once on the host by make_tile_shape.
@@ -192,12 +195,15 @@ LENET_HOST_DEVICE void conv_block2(const LeNetTileParams& p, float* smem, int64_
 }
 
 // Dense phase, part one, for groups of W inputs (4: float4 loads; 1: any
-// row): slice `slice` of feature j's dot products with the inputs of images
-// first, first + 1, ... (kDenseImages of them, those below `tile`).
-template <int W>
-LENET_HOST_DEVICE void dense_slice(const TileDenseLayer& layer, const float* in, int tile, int j, int slice, int first,
+// row): slice `slice` of feature j's dot products with the inputs of M
+// images, first, first + 1, ... The image count is a template argument so
+// that the loop over images has no tests: each group's input of an image
+// is one load and W multiply-adds.
+template <int W, int M>
+LENET_HOST_DEVICE void dense_slice(const TileDenseLayer& layer, const float* in, int j, int slice, int first,
                                    float (&sum)[kDenseImages]) {
   const float* row = layer.weight + static_cast<int64_t>(j) * layer.in_features;
+  const float* inputs = in + first * layer.in_features;
   const int groups = layer.in_features / W;
   for (int base = slice; base < groups; base += kDenseWeightLoads * kDenseSlices) {
     float w[kDenseWeightLoads][4] = {};
@@ -215,9 +221,8 @@ LENET_HOST_DEVICE void dense_slice(const TileDenseLayer& layer, const float* in,
       const int group = base + u * kDenseSlices;
       if (group >= groups) continue;
       LENET_UNROLL
-      for (int m = 0; m < kDenseImages; ++m) {
-        if (first + m >= tile) continue;
-        const float* v = in + (first + m) * layer.in_features + W * group;
+      for (int m = 0; m < M; ++m) {
+        const float* v = inputs + m * layer.in_features + W * group;
         float value[4];
         if (W == 4)
           load4(v, value);
@@ -230,6 +235,22 @@ LENET_HOST_DEVICE void dense_slice(const TileDenseLayer& layer, const float* in,
   }
 }
 
+// Calls fn(std::integral_constant<int, M>{}) with M = images, 1 <= images <= kDenseImages.
+template <typename Fn>
+LENET_HOST_DEVICE void with_image_count(int images, const Fn& fn) {
+  static_assert(kDenseImages == 8, "one case per image count");
+  switch (images) {
+    case 1: fn(std::integral_constant<int, 1>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    case 3: fn(std::integral_constant<int, 3>{}); break;
+    case 4: fn(std::integral_constant<int, 4>{}); break;
+    case 5: fn(std::integral_constant<int, 5>{}); break;
+    case 6: fn(std::integral_constant<int, 6>{}); break;
+    case 7: fn(std::integral_constant<int, 7>{}); break;
+    default: fn(std::integral_constant<int, 8>{});
+  }
+}
+
 // Dense phase, part one: every (feature, slice) item's sums over the tile's
 // images into slices[image][feature * kDenseSlices + slice].
 LENET_HOST_DEVICE void dense_slices(const TileDenseLayer& layer, const float* in, int tile, float* slices, int tid,
@@ -239,13 +260,16 @@ LENET_HOST_DEVICE void dense_slices(const TileDenseLayer& layer, const float* in
     const int j = i / kDenseSlices, slice = i % kDenseSlices;
     for (int first = 0; first < tile; first += kDenseImages) {
       float sum[kDenseImages] = {};
-      if (layer.in_float4s)
-        dense_slice<4>(layer, in, tile, j, slice, first, sum);
-      else
-        dense_slice<1>(layer, in, tile, j, slice, first, sum);
+      const int images = tile - first < kDenseImages ? tile - first : kDenseImages;
+      with_image_count(images, [&](auto m) {
+        if (layer.in_float4s)
+          dense_slice<4, m>(layer, in, j, slice, first, sum);
+        else
+          dense_slice<1, m>(layer, in, j, slice, first, sum);
+      });
       LENET_UNROLL
       for (int m = 0; m < kDenseImages; ++m)
-        if (first + m < tile) slices[(first + m) * items + i] = sum[m];
+        if (m < images) slices[(first + m) * items + i] = sum[m];
     }
   }
 }
