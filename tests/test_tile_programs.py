@@ -161,6 +161,16 @@ def test_lenet_backward_tile_programs_match_the_reference(batch, tile, conv1_til
     assert_grads_match(got, reference_grads(inputs, args, mask), mask)
 
 
+@pytest.mark.parametrize("tile", range(1, 18))
+def test_lenet_backward_tile_program_takes_every_tile_size(tile):
+    """Its dense products, too, run a tile's images in passes of up to eight, each count a loop of its own."""
+    args = random_lenet_args(17, seed=tile)
+    inputs = backward_inputs(args)
+    mask = [True] * 11
+    got = BACKWARD_EMULATED(*inputs, *args[1:], mask, tile, 2, 64)
+    assert_grads_match(got, reference_grads(inputs, args, mask), mask)
+
+
 @pytest.mark.parametrize(
     "asked",
     [["x"], ["conv1_weight"], ["conv2_bias"], ["fc1_weight", "fc3_bias"], ["fc2_bias"], ["fc3_weight"],

@@ -44,12 +44,18 @@ inline LeNetBackwardTileShape make_backward_tile_shape(const ConvPoolGeometry& g
   s.conv2 = make_conv_tile_shape(g2, tile, threads);
   s.f0 = s.conv2.out_channels * s.conv2.out_h * s.conv2.out_w, s.f1 = f1, s.f2 = f2, s.f3 = f3;
   s.tile = tile;
-  s.g3_at = s.conv2.floats;
-  s.g2_at = s.g3_at + tile * f3;
-  s.g1_at = s.g2_at + tile * f2;
-  s.grad_block2_at = s.g1_at + tile * f1;
+  int at = s.conv2.floats;
+  const auto take = [&](int floats) {  // 16-byte aligned: transposed_product reads g four floats at a time
+    const int start = (at + 3) / 4 * 4;
+    at = start + floats;
+    return start;
+  };
+  s.g3_at = take(tile * f3);
+  s.g2_at = take(tile * f2);
+  s.g1_at = take(tile * f1);
+  s.grad_block2_at = take(tile * s.f0);
   s.dense_columns = f1 + f2 + f3;
-  s.floats = s.grad_block2_at + tile * s.f0;
+  s.floats = at;
   return s;
 }
 
@@ -70,21 +76,47 @@ struct LeNetBackwardTileParams {
 
 namespace backward_tile_phases {
 
-// out[m][i] = the sum over k of g[m][k] * weight[k][i] for images first,
-// first + 1, ... (kDenseImages of them, those below `tile`): the product with
-// a transposed weight, a column per item, so that neighbouring threads read
-// neighbouring floats of a weight row.
+// out[m][i] = the sum over k of g[m][k] * weight[k][i] for the M images
+// first, first + 1, ..., in k order: the product with a transposed weight, a
+// column per item, so that neighbouring threads read neighbouring floats of
+// a weight row. g is read W floats at a time (4: a vector load, for rows a
+// multiple of four), and M is a template argument (lenet_forward_tile.h's
+// with_image_count), so that the loop over images has no tests.
+template <int W, int M>
+LENET_HOST_DEVICE void transposed_product(const float* weight, int rows, int cols, const float* g, int i, int first,
+                                          float (&out)[kDenseImages]) {
+  const float* g_first = g + first * rows;
+#if defined(__CUDA_ARCH__)
+#pragma unroll(8 / W)  // eight weight loads in flight: at small tiles this loop waits on L2
+#endif
+  for (int k = 0; k < rows; k += W) {
+    float w[W];
+    LENET_UNROLL
+    for (int t = 0; t < W; ++t) w[t] = weight[static_cast<int64_t>(k + t) * cols + i];
+    LENET_UNROLL
+    for (int m = 0; m < M; ++m) {
+      float v[4];
+      if (W == 4)
+        load4(g_first + m * rows + k, v);
+      else
+        v[0] = g_first[m * rows + k];
+      LENET_UNROLL
+      for (int t = 0; t < W; ++t) out[m] += v[t] * w[t];
+    }
+  }
+}
+
+// transposed_product for the images first, first + 1, ... below `tile`, at
+// most kDenseImages of them; g is 16-byte aligned.
 LENET_HOST_DEVICE void transposed_product(const float* weight, int rows, int cols, const float* g, int tile, int i,
                                           int first, float (&out)[kDenseImages]) {
-#if defined(__CUDA_ARCH__)
-#pragma unroll 8  // eight weight loads in flight: at small tiles this loop waits on L2
-#endif
-  for (int k = 0; k < rows; ++k) {
-    const float w = weight[static_cast<int64_t>(k) * cols + i];
-    LENET_UNROLL
-    for (int m = 0; m < kDenseImages; ++m)
-      if (first + m < tile) out[m] += g[(first + m) * rows + k] * w;
-  }
+  const int images = tile - first < kDenseImages ? tile - first : kDenseImages;
+  tile_phases::with_image_count(images, [&](auto m) {
+    if (rows % 4 == 0)
+      transposed_product<4, m>(weight, rows, cols, g, i, first, out);
+    else
+      transposed_product<1, m>(weight, rows, cols, g, i, first, out);
+  });
 }
 
 // The gradient of a hidden layer's pre-activation: (g_above x weight_above)
