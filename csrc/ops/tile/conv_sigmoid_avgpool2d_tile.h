@@ -65,17 +65,22 @@ LENET_HOST_DEVICE int channel_groups(const ConvTileShape& s) {
   return s.channel_stride / G;
 }
 
-// G floats at p, 16-byte aligned, as G / 4 vector loads: a channel group's
-// weights of one tap, or its biases.
+// G floats at p, a channel group's weights of one tap or its biases, as
+// vector loads: G / 4 of four floats when G is a multiple of four (p
+// 16-byte aligned), else G / 2 of two (p 8-byte aligned).
 template <int G>
 LENET_HOST_DEVICE void load_group(const float* p, float (&out)[G]) {
-  static_assert(G % 4 == 0, "a channel group is whole float4s");
+  static_assert(G % 2 == 0, "a channel group is whole float2s");
+  constexpr int kWidth = G % 4 == 0 ? 4 : 2;
   LENET_UNROLL
-  for (int q = 0; q < G / 4; ++q) {
-    float v[4];
-    load4(p + 4 * q, v);
+  for (int q = 0; q < G / kWidth; ++q) {
+    float v[kWidth];
+    if constexpr (kWidth == 4)
+      load4(p + 4 * q, v);
+    else
+      load2(p + 2 * q, v);
     LENET_UNROLL
-    for (int c = 0; c < 4; ++c) out[4 * q + c] = v[c];
+    for (int c = 0; c < kWidth; ++c) out[kWidth * q + c] = v[c];
   }
 }
 
@@ -110,8 +115,9 @@ LENET_HOST_DEVICE int parameter_group_items(const ConvTileShape& s) {
 
 // The layout for `tile` images per block; `threads` is the block size, which
 // the backward's slice count is chosen for (0 for the forward). A forward
-// whose items take `channels_per_item` channels (a multiple of
-// kChannelsPerThread) stages its weights' rows in whole groups of that many.
+// whose items take `channels_per_item` channels (an even number; the
+// backward's are kChannelsPerThread) stages its weights' rows in whole groups
+// of that many.
 inline ConvTileShape make_conv_tile_shape(const ConvPoolGeometry& g, int tile, int backward_threads,
                                           int channels_per_item = kChannelsPerThread) {
   ConvTileShape s{};

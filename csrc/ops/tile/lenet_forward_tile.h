@@ -23,14 +23,15 @@
 
 namespace lenet_ext {
 
-// The conv blocks' items take this many output channels at one pooled
-// position: each input value loaded from shared memory feeds that many
-// channels' multiply-adds, and each weight load the window's four
-// positions. LeNet's conv block 1 (6 channels) is one group; groups of four
-// would load its inputs twice and run the per-item work twice. Against that,
-// conv block 2 has half as many items, each twice as long, which a tile of
-// one image (small batches) feels as a longer phase.
-constexpr int kConvChannelsPerItem = 8;
+// The conv blocks' items take a group of output channels at one pooled
+// position: each input value loaded from shared memory feeds the group's
+// multiply-adds, and each weight load the window's four positions. The
+// groups fit LeNet's channels, 6 and 16, with no empty slot (other channel
+// counts fill their last group with zero weights). Against wide groups:
+// fewer items, each longer, which a tile of one image (small batches) feels
+// as a longer phase.
+constexpr int kConv1ChannelsPerItem = 6;
+constexpr int kConv2ChannelsPerItem = 8;
 
 // The dense phases split each output feature's dot products into
 // kDenseSlices slices: slice s takes every kDenseSlices-th group of four
@@ -94,8 +95,8 @@ inline LeNetTileShape make_tile_shape(int in_channels, int height, int width, in
   const ConvPoolGeometry g1 = block(in_channels, height, width, c1, k1, pad1, pool1);
   const ConvPoolGeometry g2 = block(c1, int(g1.out_height), int(g1.out_width), c2, k2, pad2, pool2);
   LeNetTileShape s{};
-  s.conv1 = make_conv_tile_shape(g1, tile, 0, kConvChannelsPerItem);
-  s.conv2 = make_conv_tile_shape(g2, tile, 0, kConvChannelsPerItem);
+  s.conv1 = make_conv_tile_shape(g1, tile, 0, kConv1ChannelsPerItem);
+  s.conv2 = make_conv_tile_shape(g2, tile, 0, kConv2ChannelsPerItem);
   s.f0 = c2 * s.conv2.out_h * s.conv2.out_w, s.f1 = f1, s.f2 = f2, s.f3 = f3;
   s.tile = tile;
   int at = 0;
@@ -142,13 +143,14 @@ LENET_HOST_DEVICE void stage(const LeNetTileParams& p, float* smem, int64_t tile
   for (int i = tid; i < s.tile * b1.in_channels * b1.padded_h * b1.padded_w; i += threads) smem[b1.x_at + i] = 0.0f;
 }
 
-// A conv block's pooled outputs of one channel group, its first `channels`
-// (the rest lie past C_out): channel c to to_smem[c * smem_plane] and,
-// unless to_global is null, to to_global[c * global_plane].
-LENET_HOST_DEVICE void store_group(const float (&out)[kConvChannelsPerItem], int channels, float* to_smem,
-                                   int smem_plane, float* to_global, int global_plane) {
+// A conv block's pooled outputs of one group of G channels, its first
+// `channels` (the rest lie past C_out): channel c to to_smem[c * smem_plane]
+// and, unless to_global is null, to to_global[c * global_plane].
+template <int G>
+LENET_HOST_DEVICE void store_group(const float (&out)[G], int channels, float* to_smem, int smem_plane,
+                                   float* to_global, int global_plane) {
   LENET_UNROLL
-  for (int c = 0; c < kConvChannelsPerItem; ++c) {
+  for (int c = 0; c < G; ++c) {
     if (c >= channels) break;
     to_smem[c * smem_plane] = out[c];
     if (to_global) to_global[c * global_plane] = out[c];
@@ -162,7 +164,7 @@ LENET_HOST_DEVICE void conv_block1(const LeNetTileParams& p, float* smem, int64_
   using conv_tile_phases::ChannelGroupItem;
   const auto per_item = [&](const ChannelGroupItem& item) {
     const auto [image, first, ph, pw] = item;
-    float out[kConvChannelsPerItem];
+    float out[kConv1ChannelsPerItem];
     conv_tile_phases::pooled_group(c1, smem, image, first, ph, pw, out);
     // Channel first + c's output is c planes on, in shared memory and in p.block1.
     float* to_smem = smem + b1.x_at +
@@ -172,7 +174,7 @@ LENET_HOST_DEVICE void conv_block1(const LeNetTileParams& p, float* smem, int64_
         p.block1 && n < p.batch ? p.block1 + ((n * c1.out_channels + first) * c1.out_h + ph) * c1.out_w + pw : nullptr;
     store_group(out, c1.out_channels - first, to_smem, b1.padded_h * b1.padded_w, to_global, c1.out_h * c1.out_w);
   };
-  conv_tile_phases::for_each_position_group_item<kConvChannelsPerItem>(c1, c1.out_h, c1.out_w, tid, threads, per_item);
+  conv_tile_phases::for_each_position_group_item<kConv1ChannelsPerItem>(c1, c1.out_h, c1.out_w, tid, threads, per_item);
 }
 
 // Phase 2: conv block 2, flattened as nn.Flatten orders it (c, h, w).
@@ -182,7 +184,7 @@ LENET_HOST_DEVICE void conv_block2(const LeNetTileParams& p, float* smem, int64_
   using conv_tile_phases::ChannelGroupItem;
   const auto per_item = [&](const ChannelGroupItem& item) {
     const auto [image, first, ph, pw] = item;
-    float out[kConvChannelsPerItem];
+    float out[kConv2ChannelsPerItem];
     conv_tile_phases::pooled_group(c2, smem, image, first, ph, pw, out);
     // Channel first + c's feature is c planes on.
     const int feature = (first * c2.out_h + ph) * c2.out_w + pw;
@@ -191,7 +193,7 @@ LENET_HOST_DEVICE void conv_block2(const LeNetTileParams& p, float* smem, int64_
     float* to_global = p.block2 && n < p.batch ? p.block2 + n * s.f0 + feature : nullptr;
     store_group(out, c2.out_channels - first, to_smem, c2.out_h * c2.out_w, to_global, c2.out_h * c2.out_w);
   };
-  conv_tile_phases::for_each_position_group_item<kConvChannelsPerItem>(c2, c2.out_h, c2.out_w, tid, threads, per_item);
+  conv_tile_phases::for_each_position_group_item<kConv2ChannelsPerItem>(c2, c2.out_h, c2.out_w, tid, threads, per_item);
 }
 
 // Dense phase, part one, for groups of W inputs (4: float4 loads; 1: any
