@@ -362,9 +362,13 @@ LENET_HOST_DEVICE void pooled_group(const ConvTileShape& s, const float* smem, i
                                     float (&out)[G]) {
   float sum[G] = {};
   window_z<G>(s, smem, image, first, ph, pw, [&](int, int, const float (&z)[G]) {
+    // Every channel's sigmoid, those callers drop (past C_out, where z is 0)
+    // masked: a test around each would make it a branch of its own.
     LENET_UNROLL
-    for (int c = 0; c < G; ++c)
-      if (first + c < s.out_channels) sum[c] += tile_sigmoid(z[c]);  // none for the channels callers drop
+    for (int c = 0; c < G; ++c) {
+      const float a = tile_sigmoid(z[c]);
+      sum[c] += first + c < s.out_channels ? a : 0.0f;
+    }
   });
   LENET_UNROLL
   for (int c = 0; c < G; ++c) out[c] = window_mean(s, sum[c]);
