@@ -374,11 +374,12 @@ LENET_HOST_DEVICE void pooled_group(const ConvTileShape& s, const float* smem, i
   for (int c = 0; c < G; ++c) out[c] = window_mean(s, sum[c]);
 }
 
-// Forward phase 1: the pooled outputs.
+// Forward phase 1: the pooled outputs, the groups of a position on
+// neighbouring threads, which share their reads of the window.
 LENET_HOST_DEVICE void pooled_outputs(const ConvTileForwardParams& p, const float* smem, int64_t tile_index, int tid,
                                       int threads) {
   const ConvTileShape& s = p.s;
-  for_each_channel_group_item(s, s.out_h, s.out_w, tid, threads, [&](const ChannelGroupItem& item) {
+  const auto per_item = [&](const ChannelGroupItem& item) {
     const auto [image, first, ph, pw] = item;
     const int64_t n = tile_index * s.tile + image;
     if (n >= p.batch) return;
@@ -387,7 +388,8 @@ LENET_HOST_DEVICE void pooled_outputs(const ConvTileForwardParams& p, const floa
     LENET_UNROLL
     for (int c = 0; c < kChannelsPerThread; ++c)
       if (first + c < s.out_channels) p.out[((n * s.out_channels + first + c) * s.out_h + ph) * s.out_w + pw] = out[c];
-  });
+  };
+  for_each_position_group_item<kChannelsPerThread>(s, s.out_h, s.out_w, tid, threads, per_item);
 }
 
 }  // namespace conv_tile_phases
