@@ -306,11 +306,13 @@ struct LeNetTileProgram {
   static constexpr const char* kPhaseNames[kPhases] = {"stage", "conv block 1", "conv block 2", "fc1 slices", "fc1",
                                                       "fc2 slices", "fc2", "fc3 slices", "logits"};
   // Images per block that choose_tile (../cuda/tile_program.cuh) tries, in order.
-  // 5 before 8: LeNet's conv block 2 has 100 items per image, so a tile of 5
-  // gives its phase two whole rounds of 256 threads where 8 leaves the fourth
-  // round an eighth full, and its smaller buffers leave room for a third
-  // block per multiprocessor. On an H100 a tile of 5 took 2-6% less time than
-  // 8 at 8,192 and 65,536 images (scripts/tile_sweep.py).
+  // 5 before 8: LeNet's conv block 2 has 50 items per image (two groups of
+  // eight channels at 25 positions), so a tile of 5 gives its phase one
+  // nearly whole round of 256 threads where 8 leaves the second round half
+  // full, and its smaller buffers leave room for a third block per
+  // multiprocessor. On an H100, with conv items of four channels (twice the
+  // items), a tile of 5 took 2-6% less time than 8 at 8,192 and 65,536
+  // images (scripts/tile_sweep.py).
   static constexpr int kTileCandidates[] = {5, 4, 2, 1};
 
   // One phase for thread tid of `threads`.
