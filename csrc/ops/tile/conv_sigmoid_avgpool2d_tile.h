@@ -321,8 +321,7 @@ LENET_HOST_DEVICE void window_z(const ConvTileShape& s, const float* smem, int i
 }
 
 // A work item of the channel-group phases: one image of the tile, output
-// channels first, first + 1, ..., and one position of a height x width plane,
-// the column fastest, so that neighbouring threads touch neighbouring outputs.
+// channels first, first + 1, ..., and one position of a height x width plane.
 struct ChannelGroupItem {
   int image, first, row, col;
 };
@@ -333,23 +332,14 @@ LENET_HOST_DEVICE int channel_group_items(const ConvTileShape& s, int height, in
 }
 
 // Calls fn(item) for each of thread tid's items of groups of G channels of a
-// height x width plane, in the order (image, group, row, column).
-template <int G = kChannelsPerThread, typename Fn>
+// height x width plane, in the order (image, row, column, group):
+// neighbouring threads take a position's groups, which read the same inputs,
+// so that shared memory serves them as one (a broadcast), and then
+// neighbouring positions. With the group outermost, a warp's threads would
+// read as many windows as there are threads, more of them in the same banks.
+template <int G, typename Fn>
 LENET_HOST_DEVICE void for_each_channel_group_item(const ConvTileShape& s, int height, int width, int tid,
                                                    int threads, const Fn& fn) {
-  IndexWalk<4> at(tid, threads, {0, channel_groups<G>(s), height, width});  // (image, group, row, column)
-  for (int i = tid; i < channel_group_items<G>(s, height, width); i += threads, at.advance())
-    fn(ChannelGroupItem{at.coord[0], at.coord[1] * G, at.coord[2], at.coord[3]});
-}
-
-// The same items in the order (image, row, column, group): neighbouring
-// threads take a position's groups, which read the same inputs, so that
-// shared memory serves them as one (a broadcast) where the other order has
-// the threads of a warp read as many windows as it has threads, more of
-// them in the same banks.
-template <int G, typename Fn>
-LENET_HOST_DEVICE void for_each_position_group_item(const ConvTileShape& s, int height, int width, int tid,
-                                                    int threads, const Fn& fn) {
   IndexWalk<4> at(tid, threads, {0, height, width, channel_groups<G>(s)});  // (image, row, column, group)
   for (int i = tid; i < channel_group_items<G>(s, height, width); i += threads, at.advance())
     fn(ChannelGroupItem{at.coord[0], at.coord[3] * G, at.coord[1], at.coord[2]});
@@ -374,8 +364,7 @@ LENET_HOST_DEVICE void pooled_group(const ConvTileShape& s, const float* smem, i
   for (int c = 0; c < G; ++c) out[c] = window_mean(s, sum[c]);
 }
 
-// Forward phase 1: the pooled outputs, the groups of a position on
-// neighbouring threads, which share their reads of the window.
+// Forward phase 1: the pooled outputs.
 LENET_HOST_DEVICE void pooled_outputs(const ConvTileForwardParams& p, const float* smem, int64_t tile_index, int tid,
                                       int threads) {
   const ConvTileShape& s = p.s;
@@ -389,7 +378,7 @@ LENET_HOST_DEVICE void pooled_outputs(const ConvTileForwardParams& p, const floa
     for (int c = 0; c < kChannelsPerThread; ++c)
       if (first + c < s.out_channels) p.out[((n * s.out_channels + first + c) * s.out_h + ph) * s.out_w + pw] = out[c];
   };
-  for_each_position_group_item<kChannelsPerThread>(s, s.out_h, s.out_w, tid, threads, per_item);
+  for_each_channel_group_item<kChannelsPerThread>(s, s.out_h, s.out_w, tid, threads, per_item);
 }
 
 }  // namespace conv_tile_phases

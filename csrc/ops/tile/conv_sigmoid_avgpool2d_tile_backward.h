@@ -24,10 +24,9 @@ LENET_HOST_DEVICE int dz_offset(const ConvTileShape& s, int image, int group, in
 
 // Backward phase 1: dL/dz of the tile at every conv output under a pooling
 // window (zero for images past the batch and for channels past C_out),
-// recomputing z; an item is one pooled output's window for a channel group,
-// the groups of a position on neighbouring threads, which share their reads
-// of the window. grad_out holds the gradients of the tile's `images` real
-// images, (image, C_out, H_out, W_out), in global or in shared memory.
+// recomputing z; an item is one pooled output's window for a channel group.
+// grad_out holds the gradients of the tile's `images` real images, (image,
+// C_out, H_out, W_out), in global or in shared memory.
 LENET_HOST_DEVICE void preactivation_grads(const ConvTileShape& s, const float* grad_out, int images, float* smem,
                                            int tid, int threads) {
   const auto per_item = [&](const ChannelGroupItem& item) {
@@ -54,7 +53,7 @@ LENET_HOST_DEVICE void preactivation_grads(const ConvTileShape& s, const float* 
       store4(dz(dy, dx), value);
     });
   };
-  for_each_position_group_item<kChannelsPerThread>(s, s.out_h, s.out_w, tid, threads, per_item);
+  for_each_channel_group_item<kChannelsPerThread>(s, s.out_h, s.out_w, tid, threads, per_item);
 }
 
 // Backward phase 2, part one: one slice of the tile's sums for a channel

@@ -174,7 +174,7 @@ LENET_HOST_DEVICE void conv_block1(const LeNetTileParams& p, float* smem, int64_
         p.block1 && n < p.batch ? p.block1 + ((n * c1.out_channels + first) * c1.out_h + ph) * c1.out_w + pw : nullptr;
     store_group(out, c1.out_channels - first, to_smem, b1.padded_h * b1.padded_w, to_global, c1.out_h * c1.out_w);
   };
-  conv_tile_phases::for_each_position_group_item<kConv1ChannelsPerItem>(c1, c1.out_h, c1.out_w, tid, threads, per_item);
+  conv_tile_phases::for_each_channel_group_item<kConv1ChannelsPerItem>(c1, c1.out_h, c1.out_w, tid, threads, per_item);
 }
 
 // Phase 2: conv block 2, flattened as nn.Flatten orders it (c, h, w).
@@ -193,7 +193,7 @@ LENET_HOST_DEVICE void conv_block2(const LeNetTileParams& p, float* smem, int64_
     float* to_global = p.block2 && n < p.batch ? p.block2 + n * s.f0 + feature : nullptr;
     store_group(out, c2.out_channels - first, to_smem, c2.out_h * c2.out_w, to_global, c2.out_h * c2.out_w);
   };
-  conv_tile_phases::for_each_position_group_item<kConv2ChannelsPerItem>(c2, c2.out_h, c2.out_w, tid, threads, per_item);
+  conv_tile_phases::for_each_channel_group_item<kConv2ChannelsPerItem>(c2, c2.out_h, c2.out_w, tid, threads, per_item);
 }
 
 // Dense phase, part one, for groups of W inputs (4: float4 loads; 1: any
