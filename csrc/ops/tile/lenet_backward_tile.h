@@ -44,18 +44,13 @@ inline LeNetBackwardTileShape make_backward_tile_shape(const ConvPoolGeometry& g
   s.conv2 = make_conv_tile_shape(g2, tile, threads);
   s.f0 = s.conv2.out_channels * s.conv2.out_h * s.conv2.out_w, s.f1 = f1, s.f2 = f2, s.f3 = f3;
   s.tile = tile;
-  int at = s.conv2.floats;
-  const auto take = [&](int floats) {  // 16-byte aligned: transposed_product reads g four floats at a time
-    const int start = (at + 3) / 4 * 4;
-    at = start + floats;
-    return start;
-  };
-  s.g3_at = take(tile * f3);
-  s.g2_at = take(tile * f2);
-  s.g1_at = take(tile * f1);
-  s.grad_block2_at = take(tile * s.f0);
+  AlignedBuffers buffers(s.conv2.floats);  // transposed_product reads g four floats at a time
+  s.g3_at = buffers.take(tile * f3);
+  s.g2_at = buffers.take(tile * f2);
+  s.g1_at = buffers.take(tile * f1);
+  s.grad_block2_at = buffers.take(tile * s.f0);
   s.dense_columns = f1 + f2 + f3;
-  s.floats = at;
+  s.floats = buffers.end;
   return s;
 }
 

@@ -99,25 +99,21 @@ inline LeNetTileShape make_tile_shape(int in_channels, int height, int width, in
   s.conv2 = make_conv_tile_shape(g2, tile, 0, kConv2ChannelsPerItem);
   s.f0 = c2 * s.conv2.out_h * s.conv2.out_w, s.f1 = f1, s.f2 = f2, s.f3 = f3;
   s.tile = tile;
-  int at = 0;
-  const auto take = [&](int floats) {  // whole groups of 4 floats: every buffer 16-byte aligned
-    const int start = at;
-    at += (floats + 3) / 4 * 4;
-    return start;
-  };
+  AlignedBuffers buffers(0);
   for (ConvTileShape* conv : {&s.conv1, &s.conv2}) {
-    conv->weight_at = take(conv->in_channels * conv->kernel * conv->kernel * conv->channel_stride);
-    conv->bias_at = take(conv->channel_stride);
+    conv->weight_at = buffers.take(conv->in_channels * conv->kernel * conv->kernel * conv->channel_stride);
+    conv->bias_at = buffers.take(conv->channel_stride);
   }
   const int x_floats = tile * in_channels * s.conv1.padded_h * s.conv1.padded_w;
   const int block1_floats = tile * c1 * s.conv2.padded_h * s.conv2.padded_w;
   const int widest = f1 > f2 ? (f1 > f3 ? f1 : f3) : (f2 > f3 ? f2 : f3);
   const int slice_floats = tile * widest * kDenseSlices;
-  s.slices_at = s.conv1.x_at = take(x_floats + block1_floats > slice_floats ? x_floats + block1_floats : slice_floats);
+  s.slices_at = s.conv1.x_at =
+      buffers.take(x_floats + block1_floats > slice_floats ? x_floats + block1_floats : slice_floats);
   s.conv2.x_at = s.conv1.x_at + x_floats;
-  s.block2_at = take(tile * s.f0);
-  s.fc1_at = take(tile * f1), s.fc2_at = take(tile * f2);
-  s.floats = s.conv1.floats = s.conv2.floats = at;
+  s.block2_at = buffers.take(tile * s.f0);
+  s.fc1_at = buffers.take(tile * f1), s.fc2_at = buffers.take(tile * f2);
+  s.floats = s.conv1.floats = s.conv2.floats = buffers.end;
   return s;
 }
 

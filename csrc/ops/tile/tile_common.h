@@ -115,6 +115,19 @@ LENET_HOST_DEVICE float tile_sigmoid(float z) {
   return z < -87.0f ? 0.0f : r;
 }
 
+// Host side: the shared-memory offsets (in floats) of a program's buffers,
+// handed out in order, each in whole groups of four floats from a 16-byte
+// boundary, as the programs' four-float accesses need.
+struct AlignedBuffers {
+  int end;  // the floats handed out so far, a multiple of four
+  explicit AlignedBuffers(int from) : end((from + 3) / 4 * 4) {}
+  int take(int floats) {
+    const int start = end;
+    end += (floats + 3) / 4 * 4;
+    return start;
+  }
+};
+
 // The real images of the tile whose first image is `first` (the last tile
 // of a batch may be partial).
 LENET_HOST_DEVICE int tile_images(int64_t batch, int64_t first, int tile) {
