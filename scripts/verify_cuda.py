@@ -13,8 +13,9 @@ stamps each tile program's phases (scripts/phase_profile.py, into
 phases.log: where each one's time goes, ncu or not), and runs
 benchmarks/bench.py on CUDA; with the time left, each tile program at each
 tile size (scripts/tile_sweep.py, into tiles.log), Nsight Compute (ncu) over
-scripts/kernel_workload.py, each tile program's duration, throughput and
-occupancy into ncu-summary.md, and the benchmark once more on the
+scripts/kernel_workload.py at the GPU's own clocks, each tile program's
+duration, throughput, occupancy, issue rate and what its warps wait on into
+ncu-summary.md (every metric in ncu-raw.csv), and the benchmark once more on the
 reference kernels (LENET_EXT_CUDA_KERNEL=reference), to show what the tile
 programs gain. Every stage writes its log into OUT_DIR, the
 benchmark its results.json and throughput.png; a summary table comes last,
@@ -240,12 +241,20 @@ def sanitizer_errors(log_tail):
     return int(next(n for n in summary[-1] if n)) if summary else None
 
 
+# The ncu sections the ncu stage collects, those this ncu lists: throughput,
+# occupancy and launch sizes; how often a scheduler issues and why its warps
+# wait; shared-memory wavefronts and bank conflicts.
+NCU_SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats", "SchedulerStats",
+                "MemoryWorkloadAnalysis_Tables")  # fmt: skip
+
 # The ncu metrics ncu-summary.md keeps, by the names ncu's CSV gives them.
 NCU_METRICS = {
     "Duration": "duration",
     "Compute (SM) Throughput": "SM %",
     "Memory Throughput": "memory %",
     "Achieved Occupancy": "occupancy %",
+    "Issued Warp Per Scheduler": "issued per cycle",
+    "Warp Cycles Per Issued Instruction": "cycles per issue",
     "Registers Per Thread": "registers",
     "Dynamic Shared Memory Per Block": "shared memory",
     "Grid Size": "blocks",
@@ -274,6 +283,43 @@ def summarize_ncu(log_path):
         program = re.search(r"(\w+Program)", kernel["name"])
         name = program.group(1) if program else kernel["name"][:60]
         lines.append(f"| {launch} | {name} | " + " | ".join(kernel.get(n, "") for n in names) + " |")
+    return lines
+
+
+def listed_ncu_sections(listing):
+    """The NCU_SECTIONS that `ncu --list-sections` printed (its identifiers, one per line)."""
+    words = set(re.findall(r"[\w.]+", listing))
+    return [section for section in NCU_SECTIONS if section in words]
+
+
+def summarize_ncu_stalls(raw_path, top=5):
+    """From ncu's --page raw CSV (a row of metric names, a row of units, a row per launch): each
+    launch's `top` stall reasons, in warps stalled per issued instruction, as markdown lines:
+    what a warp of the kernel waits on between two of its instructions."""
+    with open(raw_path, errors="replace") as f:
+        rows = list(csv.reader(line for line in f if line.startswith('"')))
+    if len(rows) < 2 or not {"ID", "Kernel Name"} <= set(rows[0]):
+        return []
+    header = rows[0]
+    stall = re.compile(r"smsp__average_warps_issue_stalled_(\w+)_per_issue_active\.ratio$")
+    reasons = {i: m[1] for i, name in enumerate(header) if (m := stall.match(name))}
+    if not reasons:
+        return []
+    lines = ["| launch | kernel | the most stalled warps per issued instruction |", "|---|---|---|"]
+    launch, kernel = header.index("ID"), header.index("Kernel Name")
+    for row in rows[1:]:
+        if len(row) <= kernel or not row[launch].isdigit():  # the units row
+            continue
+        values = []
+        for i, reason in reasons.items():
+            try:
+                values.append((float(row[i].replace(",", "")), reason))
+            except (IndexError, ValueError):
+                continue
+        program = re.search(r"(\w+Program)", row[kernel])
+        name = program.group(1) if program else row[kernel][:60]
+        most = ", ".join(f"{reason} {value:.2f}" for value, reason in sorted(values, reverse=True)[:top])
+        lines.append(f"| {row[launch]} | {name} | {most} |")
     return lines
 
 
@@ -511,20 +557,34 @@ def main(argv=None):
         stage.status = "unavailable" if ncu is None else "skipped"
         stage.detail = "ncu not found" if ncu is None else "no time left"
     else:
-        log = os.path.join(out, "ncu.log")
-        cmd = [ncu, "--kernel-name", "regex:tile_program_kernel", "--csv", "--page", "details",
-               "--section", "SpeedOfLight", "--section", "Occupancy", "--section", "LaunchStats",
+        log, raw, report = (os.path.join(out, name) for name in ("ncu.log", "ncu-raw.csv", "ncu-profile.log"))
+        try:
+            listing = subprocess.run([ncu, "--list-sections"], capture_output=True, text=True, timeout=60).stdout
+        except subprocess.SubprocessError:
+            listing = ""
+        sections = listed_ncu_sections(listing) or list(NCU_SECTIONS[:3])
+        # The GPU's own clocks (METHOD.md: leave them alone), so that durations compare with the benchmark's.
+        cmd = [ncu, "--clock-control", "none", "--kernel-name", "regex:tile_program_kernel", "--force-overwrite",
+               "--export", os.path.join(out, "ncu"), *(a for s in sections for a in ("--section", s)),
                sys.executable, os.path.join("scripts", "kernel_workload.py")]  # fmt: skip
-        code, stage.seconds = run(cmd, log, min(120, left() - 15))
-        lines = summarize_ncu(log)
+        code, stage.seconds = run(cmd, report, min(150, left() - 25))
+        lines, stalls = [], []
+        profile = os.path.join(out, "ncu.ncu-rep")
+        if os.path.exists(profile):  # read out as text, then removed: the raw page has every metric
+            for page, path in (("details", log), ("raw", raw)):
+                run([ncu, "--import", profile, "--csv", "--page", page], path, 60)
+            os.remove(profile)
+            lines, stalls = summarize_ncu(log), summarize_ncu_stalls(raw)
         if lines:
             with open(os.path.join(out, "ncu-summary.md"), "w") as f:
-                f.write("ncu's defaults: clocks locked to base, caches flushed before each kernel.\n\n")
+                f.write(f"Sections: {', '.join(sections)}; the GPU's own clocks, caches flushed before each kernel.\n\n")
                 f.write("\n".join(lines) + "\n")
+                if stalls:
+                    f.write("\nWhy warps wait (WarpStateStats; ncu-raw.csv has every metric):\n\n" + "\n".join(stalls) + "\n")
         # The profiler may be refused the GPU's counters (a sandbox, a driver setting): not the kernels' failure.
         stage.status = "passed" if code == 0 and lines else "unavailable" if code is not None else "TIMED OUT"
         stage.detail = (f"ncu-summary.md: {len(lines) - 2} launches" if lines
-                        else tail(log, 3).strip().replace("\n", " | ")[:120])  # fmt: skip
+                        else tail(report, 3).strip().replace("\n", " | ")[:120])  # fmt: skip
 
     # The same quick table on the reference kernels: what the tile programs gain.
     stage = stages["bench-reference"]
@@ -556,7 +616,7 @@ def finish(stages, out, failure_tail):
     if os.path.exists(os.path.join(out, "tiles.log")):
         print(tail(os.path.join(out, "tiles.log"), 30))
     if os.path.exists(os.path.join(out, "ncu-summary.md")):
-        print(tail(os.path.join(out, "ncu-summary.md"), 12))
+        print(tail(os.path.join(out, "ncu-summary.md"), 30))
     if os.path.exists(os.path.join(out, "crash-backtrace.log")):
         with open(os.path.join(out, "crash-backtrace.log"), errors="replace") as f:
             log = f.read()

@@ -62,6 +62,36 @@ def test_ncu_summary_of_a_refused_run_is_empty(tmp_path):
     assert verify_cuda.summarize_ncu(str(log)) == []
 
 
+def test_ncu_sections_are_those_the_profiler_lists():
+    listing = "---------- Identifier ----------\n  LaunchStats   Launch Statistics\n  Occupancy   Occupancy\n" \
+              "  SpeedOfLight   GPU Speed Of Light Throughput\n  WarpStateStats   Warp State Statistics\n"
+    assert verify_cuda.listed_ncu_sections(listing) == ["SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats"]
+    assert verify_cuda.listed_ncu_sections("") == []
+
+
+def test_ncu_stalls_name_each_launchs_largest_reasons(tmp_path):
+    stalled = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
+    reasons = ("barrier", "long_scoreboard", "math_pipe_throttle", "short_scoreboard")
+    header = ["ID", "Kernel Name", "gpu__time_duration.sum", *(stalled.format(r) for r in reasons)]
+    units = ["", "", "usecond", *("ratio" for _ in reasons)]
+    kernel = "void lenet_ext::tile_program_kernel<lenet_ext::{}>(T1::Params)"
+    rows = [header, units, ["0", kernel.format("LeNetTileProgram"), "2,500", "1.25", "0.5", "3", "0.75"],
+            ["1", kernel.format("PartialSumsProgram"), "3", "0.1", "4.5", "0", "n/a"]]
+    raw = tmp_path / "ncu-raw.csv"
+    raw.write_text("$ ncu --import ncu.ncu-rep --csv --page raw\n" + "\n".join(
+        ",".join(f'"{field}"' for field in row) for row in rows))  # fmt: skip
+    lines = verify_cuda.summarize_ncu_stalls(str(raw), top=2)
+    assert lines[2] == "| 0 | LeNetTileProgram | math_pipe_throttle 3.00, barrier 1.25 |"
+    assert lines[3] == "| 1 | PartialSumsProgram | long_scoreboard 4.50, barrier 0.10 |"
+    assert len(lines) == 4
+
+
+def test_ncu_stalls_of_a_profile_without_them_are_empty(tmp_path):
+    raw = tmp_path / "ncu-raw.csv"
+    raw.write_text('"ID","Kernel Name","gpu__time_duration.sum"\n"","","usecond"\n"0","k","5"\n')
+    assert verify_cuda.summarize_ncu_stalls(str(raw)) == []
+
+
 def test_kernel_workload_runs_on_the_cpu(capsys):
     kernel_workload.main(["--device", "cpu"])
     assert "kernel workload done" in capsys.readouterr().out
