@@ -200,28 +200,32 @@ LENET_HOST_DEVICE void conv_block2(const LeNetTileParams& p, float* smem, int64_
 template <int W, int M>
 LENET_HOST_DEVICE void dense_slice(const TileDenseLayer& layer, const float* in, int j, int slice, int first,
                                    float (&sum)[kDenseImages]) {
-  const float* row = layer.weight + static_cast<int64_t>(j) * layer.in_features;
-  const float* inputs = in + first * layer.in_features;
+  // The slice's groups are kDenseSlices groups apart: group `base + u *
+  // kDenseSlices` lies u * kStep floats past group `base`, a constant offset
+  // from the trip's pointers, where an offset from the group's index took
+  // its own address arithmetic for every load.
+  constexpr int kStep = W * kDenseSlices;
   const int groups = layer.in_features / W;
+  const float* row = layer.weight + static_cast<int64_t>(j) * layer.in_features;
   for (int base = slice; base < groups; base += kDenseWeightLoads * kDenseSlices) {
+    const float* weights = row + W * base;
+    const float* inputs = in + first * layer.in_features + W * base;
     float w[kDenseWeightLoads][4] = {};
     LENET_UNROLL
     for (int u = 0; u < kDenseWeightLoads; ++u) {
-      const int group = base + u * kDenseSlices;
-      if (group >= groups) continue;
+      if (base + u * kDenseSlices >= groups) continue;
       if (W == 4)
-        load4(row + 4 * group, w[u]);
+        load4(weights + u * kStep, w[u]);
       else
-        w[u][0] = row[group];
+        w[u][0] = weights[u * kStep];
     }
     LENET_UNROLL
     for (int u = 0; u < kDenseWeightLoads; ++u) {
-      const int group = base + u * kDenseSlices;
-      if (group >= groups) continue;
+      if (base + u * kDenseSlices >= groups) continue;
       LENET_UNROLL
       for (int m = 0; m < M; ++m) {
-        const float* v = inputs + m * layer.in_features + W * group;
         float value[4];
+        const float* v = inputs + m * layer.in_features + u * kStep;
         if (W == 4)
           load4(v, value);
         else
