@@ -11,11 +11,11 @@ count_launches.py measures it. The programs of a step run one after another,
 so each program's row shows its own best tile, whatever the others take;
 "auto" is the tile choose_tile picks now. A tile too large for shared memory
 falls back to the largest half of it that fits, so two columns can agree.
-5 is there for the work's balance: LeNet's conv2 has 100 items (channel
-group and pooled position) per image, and 500 are two whole rounds of a
-block's 256 threads where 800 (a tile of 8) leave the fourth round an eighth
-full, and the forward program's buffers leave room for three blocks per
-multiprocessor (228 KB of shared memory) instead of two.
+5 is there for the work's balance: LeNet's forward has 50 conv2 items (a
+group of eight channels at a pooled position) per image, and 250 are one
+nearly whole round of a block's 256 threads where 400 (a tile of 8) leave
+the second round half full, and the forward program's buffers leave room for
+three blocks per multiprocessor (228 KB of shared memory) instead of two.
 On the CPU (--device cpu) it checks the script at small batches (the tile
 programs are CUDA's; the CPU runs its own kernels whatever the tile).
 """
