@@ -201,9 +201,8 @@ template <int W, int M>
 LENET_HOST_DEVICE void dense_slice(const TileDenseLayer& layer, const float* in, int j, int slice, int first,
                                    float (&sum)[kDenseImages]) {
   // The slice's groups are kDenseSlices groups apart: group `base + u *
-  // kDenseSlices` lies u * kStep floats past group `base`, a constant offset
-  // from the trip's pointers, where an offset from the group's index took
-  // its own address arithmetic for every load.
+  // kDenseSlices` lies u * kStep floats past group `base`: a trip's loads
+  // are constant offsets from its pointers, not sums with the group index.
   constexpr int kStep = W * kDenseSlices;
   const int groups = layer.in_features / W;
   const float* row = layer.weight + static_cast<int64_t>(j) * layer.in_features;
