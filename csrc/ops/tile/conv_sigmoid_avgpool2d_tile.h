@@ -49,7 +49,8 @@ struct ConvTileShape {
   int ext_h, ext_w;        // conv outputs under a pooling window
   int padded_h, padded_w;  // x with its zero padding
   int tile;                // images per thread block
-  int channel_stride;      // C_out rounded up to whole channel groups: the weights' row length
+  int channel_stride;      // C_out rounded up to whole channel groups
+  int group_width;         // channels per group of the weights' layout: the items' G (group_weights_at)
   int slices;              // backward: parts of the tile's (image, conv row) rows per parameter sum
   float inverse_window;    // 1 / (pool * pool) when that is a power of two, else 0 (window_mean)
   // dz (backward): dL/dz as (image, channel group, ext_h, ext_w, kChannelsPerThread), so
@@ -82,6 +83,16 @@ LENET_HOST_DEVICE void load_group(const float* p, float (&out)[G]) {
     LENET_UNROLL
     for (int c = 0; c < kWidth; ++c) out[kWidth * q + c] = v[c];
   }
+}
+
+// The weights in shared memory, a channel group after another, each group's
+// [C_in * K * K][group_width]: a group's weights of one tap are one or two
+// vector loads (load_group), and its next tap's lie group_width floats on,
+// a step the items know at compile time. The offset of the weights of input
+// channel ci for the group whose first channel is `first`.
+LENET_HOST_DEVICE int group_weights_at(const ConvTileShape& s, int first, int ci) {
+  const int taps = s.kernel * s.kernel;
+  return s.weight_at + (first * s.in_channels + ci * s.group_width) * taps;
 }
 
 // value / (pool * pool): the mean of a pooling window's sum, and its share of
@@ -128,6 +139,7 @@ inline ConvTileShape make_conv_tile_shape(const ConvPoolGeometry& g, int tile, i
   s.padded_h = s.height + 2 * s.padding, s.padded_w = s.width + 2 * s.padding;
   s.tile = tile;
   s.channel_stride = (s.out_channels + channels_per_item - 1) / channels_per_item * channels_per_item;
+  s.group_width = channels_per_item;
   const int window = s.pool * s.pool;
   s.inverse_window = (window & (window - 1)) == 0 ? 1.0f / float(window) : 0.0f;
   const int items = parameter_group_items(s), tap_items = items * parameter_taps_per_item(s);
@@ -185,19 +197,18 @@ struct ConvTileBackwardParams {
 
 namespace conv_tile_phases {
 
-// The weights and biases (0 without one) of a conv block, tap-major,
-// [C_in * K * K][channel_stride], zero past C_out: a channel group's four
-// weights of one tap are one 16-byte load. Four loads in flight per thread
-// on the GPU, as for the images.
+// The weights and biases (0 without one) of a conv block, the weights in
+// group_weights_at's layout, zero past C_out. Four loads in flight per
+// thread on the GPU, as for the images.
 LENET_HOST_DEVICE void stage_weights(const ConvTileShape& s, const float* weight, const float* bias, float* smem,
                                      int tid, int threads) {
   const int taps = s.in_channels * s.kernel * s.kernel;
-  IndexWalk<2> at(tid, threads, {0, s.channel_stride});  // (tap, co)
+  IndexWalk<3> at(tid, threads, {0, taps, s.group_width});  // (group, tap, channel of the group)
 #if defined(__CUDA_ARCH__)
 #pragma unroll 4
 #endif
   for (int i = tid; i < taps * s.channel_stride; i += threads, at.advance()) {
-    const int tap = at.coord[0], co = at.coord[1];
+    const int tap = at.coord[1], co = at.coord[0] * s.group_width + at.coord[2];
     smem[s.weight_at + i] = co < s.out_channels ? weight[co * taps + tap] : 0.0f;
   }
   for (int i = tid; i < s.channel_stride; i += threads)
@@ -238,7 +249,7 @@ template <int G>
 LENET_HOST_DEVICE void conv_channels(const ConvTileShape& s, const float* smem, int image, int first, int oh, int ow,
                                      float (&z)[G]) {
   load_group(smem + s.bias_at + first, z);
-  const float* weights = smem + s.weight_at + first;
+  const float* weights = smem + group_weights_at(s, first, 0);
   const float* image_x = smem + s.x_at + image * s.in_channels * s.padded_h * s.padded_w;
   for (int ci = 0; ci < s.in_channels; ++ci) {
     for (int kh = 0; kh < s.kernel; ++kh) {
@@ -247,7 +258,7 @@ LENET_HOST_DEVICE void conv_channels(const ConvTileShape& s, const float* smem, 
       for (int kw = 0; kw < s.kernel; ++kw) {
         const float value = row[kw];
         float w[G];
-        load_group(weights + (tap + kw) * s.channel_stride, w);
+        load_group(weights + (tap + kw) * G, w);
         LENET_UNROLL
         for (int c = 0; c < G; ++c) z[c] += value * w[c];
       }
@@ -273,10 +284,12 @@ LENET_HOST_DEVICE void window_z_unrolled(const ConvTileShape& s, const float* sm
     LENET_UNROLL
     for (int c = 0; c < G; ++c) z[q][c] = bias[c];
   }
-  const float* weights = smem + s.weight_at + first;
-  const float* image_x = smem + s.x_at + image * s.in_channels * s.padded_h * s.padded_w;
-  for (int ci = 0; ci < s.in_channels; ++ci) {
-    const float* top = image_x + (ci * s.padded_h + ph * P) * s.padded_w + pw * P;
+  // Input channel ci's window, a plane further for each ci, and the group's
+  // filter over it: the patch's and the taps' offsets are then constants.
+  const float* top = smem + s.x_at + (image * s.in_channels * s.padded_h + ph * P) * s.padded_w + pw * P;
+  const float* group_weights = smem + group_weights_at(s, first, 0);
+  for (int ci = 0; ci < s.in_channels; ++ci, top += s.padded_h * s.padded_w) {
+    const float* weights = group_weights + ci * (K * K * G);
     float patch[kSide][kSide];
     LENET_UNROLL
     for (int r = 0; r < kSide; ++r) {
@@ -288,7 +301,7 @@ LENET_HOST_DEVICE void window_z_unrolled(const ConvTileShape& s, const float* sm
       LENET_UNROLL
       for (int kw = 0; kw < K; ++kw) {
         float w[G];
-        load_group(weights + ((ci * K + kh) * K + kw) * s.channel_stride, w);
+        load_group(weights + (kh * K + kw) * G, w);
         LENET_UNROLL
         for (int dy = 0; dy < P; ++dy) {
           LENET_UNROLL
@@ -307,6 +320,11 @@ LENET_HOST_DEVICE void window_z_unrolled(const ConvTileShape& s, const float* sm
 template <int G = kChannelsPerThread, typename Fn>
 LENET_HOST_DEVICE void window_z(const ConvTileShape& s, const float* smem, int image, int first, int ph, int pw,
                                 const Fn& fn) {
+#if !defined(__CUDA_ARCH__)
+  // The items read the weights in groups of G, the layout they were staged in
+  // (group_weights_at): the CPU emulation stops on a mismatch, for the tests.
+  if (s.group_width != G) throw std::logic_error("lenet_ext: a conv item's channel group is not the weights' layout");
+#endif
   if (s.pool == 2 && s.kernel == 5) {
     window_z_unrolled<2, 5, G>(s, smem, image, first, ph, pw, fn);
     return;

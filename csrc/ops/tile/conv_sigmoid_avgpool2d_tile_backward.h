@@ -129,8 +129,8 @@ LENET_HOST_DEVICE void group_row_parameter_sums(const ConvTileShape& s, const fl
 LENET_HOST_DEVICE float input_grad(const ConvTileShape& s, const float* smem, int image, int ci, int ih, int iw) {
   float sum[kChannelsPerThread] = {};
   for (int group = 0; group < channel_groups(s); ++group) {
-    // Tap (kh, kw) of the group's filters over ci is channel_stride floats after tap (kh, kw - 1).
-    const float* filter = smem + s.weight_at + ci * s.kernel * s.kernel * s.channel_stride + group * kChannelsPerThread;
+    // Tap (kh, kw) of the group's filters over ci is a group's width after tap (kh, kw - 1).
+    const float* filter = smem + group_weights_at(s, group * kChannelsPerThread, ci);
     for (int kh = 0; kh < s.kernel; ++kh) {
       const int oh = ih + s.padding - kh;
       if (oh < 0 || oh >= s.ext_h) continue;
@@ -139,7 +139,7 @@ LENET_HOST_DEVICE float input_grad(const ConvTileShape& s, const float* smem, in
         if (ow < 0 || ow >= s.ext_w) continue;
         float d[kChannelsPerThread], w[kChannelsPerThread];
         load4(smem + dz_offset(s, image, group, oh, ow), d);
-        load4(filter + (kh * s.kernel + kw) * s.channel_stride, w);
+        load4(filter + (kh * s.kernel + kw) * kChannelsPerThread, w);
         LENET_UNROLL
         for (int c = 0; c < kChannelsPerThread; ++c) sum[c] += d[c] * w[c];
       }
@@ -161,13 +161,13 @@ LENET_HOST_DEVICE void input_grad_strip(const ConvTileShape& s, const float* sme
   // runs over ow0 + j, j < S + K - 1, and reaches strip entry j - (K - 1) + kw.
   const int ow0 = iw0 + s.padding - (K - 1);
   for (int group = 0; group < channel_groups(s); ++group) {
-    const float* filter = smem + s.weight_at + ci * K * K * s.channel_stride + group * kChannelsPerThread;
+    const float* filter = smem + group_weights_at(s, group * kChannelsPerThread, ci);
     for (int kh = 0; kh < K; ++kh) {
       const int oh = ih + s.padding - kh;
       if (oh < 0 || oh >= s.ext_h) continue;
       float w[K][kChannelsPerThread];
       LENET_UNROLL
-      for (int kw = 0; kw < K; ++kw) load4(filter + (kh * K + kw) * s.channel_stride, w[kw]);
+      for (int kw = 0; kw < K; ++kw) load4(filter + (kh * K + kw) * kChannelsPerThread, w[kw]);
       const float* dz_row = smem + dz_offset(s, image, group, oh, 0);
       LENET_UNROLL
       for (int j = 0; j < S + K - 1; ++j) {

@@ -43,16 +43,16 @@ constexpr int kDenseImages = 8;
 // A slice loads the weights of this many of its groups before it uses any:
 // their trips to L2 overlap, where one load at a time made each of the
 // slice's groups wait for its own (the whole phase, at small tiles). LeNet's
-// fc1 slices have 12 or 13 groups: two trips. More loads at once take more
-// registers than the conv phases (the kernel's most) leave free.
-constexpr int kDenseWeightLoads = 8;
+// fc1 slices have 12 or 13 groups: two trips of up to seven, as of eight;
+// the conv phases (the kernel's most registers) need the four it leaves.
+constexpr int kDenseWeightLoads = 7;
 
 // Sizes of one call and where each of the tile's buffers sits in shared
 // memory (offsets in floats). Computed once on the host by make_tile_shape.
 // The conv blocks are two views of the conv operator's tile layout
 // (conv_sigmoid_avgpool2d_tile.h) with their buffers at this program's
 // offsets: conv1 reads x, conv2 reads block 1's output with conv2's zero
-// padding around it, and both stage their weights tap-major. The dense
+// padding around it, and both stage their weights group by group. The dense
 // layers' slices reuse the space of x and block 1, which are dead by then.
 struct LeNetTileShape {
   ConvTileShape conv1, conv2;
