@@ -84,7 +84,7 @@ LENET_HOST_DEVICE void transposed_product(const float* weight, int rows, int col
 #if defined(__CUDA_ARCH__)
 // Thirty-two weight loads in flight: at small tiles the loop waits on L2, and
 // a column of fc1's 120 rows takes four trips there instead of fifteen at
-// eight. They fit in the registers the conv2 phases take anyway (80, sm_90).
+// eight. The conv2 phases set the kernel's registers (80 on sm_90).
 #pragma unroll(32 / W)
 #endif
   for (int k = 0; k < rows; k += W) {

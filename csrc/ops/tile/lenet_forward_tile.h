@@ -43,8 +43,9 @@ constexpr int kDenseImages = 8;
 // A slice loads the weights of this many of its groups before it uses any:
 // their trips to L2 overlap, where one load at a time made each of the
 // slice's groups wait for its own (the whole phase, at small tiles). LeNet's
-// fc1 slices have 12 or 13 groups: two trips of up to seven, as of eight;
-// the conv phases (the kernel's most registers) need the four it leaves.
+// fc1 slices have 12 or 13 groups: two trips, no more than at eight, and the
+// registers an eighth load would take go to the conv phases, the kernel's
+// largest need.
 constexpr int kDenseWeightLoads = 7;
 
 // Sizes of one call and where each of the tile's buffers sits in shared
