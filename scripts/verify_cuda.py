@@ -261,6 +261,12 @@ NCU_METRICS = {
 }
 
 
+def program_label(kernel_name):
+    """A kernel's name in ncu's tables: its tile program's, or the name's first 60 characters."""
+    program = re.search(r"(\w+Program)", kernel_name)
+    return program.group(1) if program else kernel_name[:60]
+
+
 def summarize_ncu(log_path):
     """ncu's --csv --page details rows, one table row per kernel launch, as markdown lines."""
     with open(log_path, errors="replace") as f:
@@ -280,9 +286,8 @@ def summarize_ncu(log_path):
     names = list(NCU_METRICS.values())
     lines = ["| launch | kernel | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
     for launch, kernel in kernels.items():
-        program = re.search(r"(\w+Program)", kernel["name"])
-        name = program.group(1) if program else kernel["name"][:60]
-        lines.append(f"| {launch} | {name} | " + " | ".join(kernel.get(n, "") for n in names) + " |")
+        values = " | ".join(kernel.get(n, "") for n in names)
+        lines.append(f"| {launch} | {program_label(kernel['name'])} | {values} |")
     return lines
 
 
@@ -316,10 +321,8 @@ def summarize_ncu_stalls(raw_path, top=5):
                 values.append((float(row[i].replace(",", "")), reason))
             except (IndexError, ValueError):
                 continue
-        program = re.search(r"(\w+Program)", row[kernel])
-        name = program.group(1) if program else row[kernel][:60]
         most = ", ".join(f"{reason} {value:.2f}" for value, reason in sorted(values, reverse=True)[:top])
-        lines.append(f"| {row[launch]} | {name} | {most} |")
+        lines.append(f"| {row[launch]} | {program_label(row[kernel])} | {most} |")
     return lines
 
 
