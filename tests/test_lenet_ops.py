@@ -197,21 +197,22 @@ def test_whole_batch_implementation_matches_the_reference(batch):
         torch.testing.assert_close(got, expected, **TOLERANCES[torch.float64])
 
 
-@pytest.mark.parametrize("num_threads", [2], indirect=True)
+@pytest.mark.parametrize("num_threads", [1, 2, 3], indirect=True)
+@pytest.mark.parametrize("batch", [1, 2, 5])
 @pytest.mark.parametrize(
     "config",
     [
-        {},  # conv2's 25 outputs, 16 channels a vector: split in the middle of row 2
-        dict(size=26),  # conv1's 13 x 13 outputs, 16 columns a vector: split in the middle of row 6
+        {},
+        dict(size=26),  # conv1's 13 x 13 outputs: the column layout, 16 columns a vector
         dict(size=13, k1=3, pad1=1, pool1=3, c1=5, k2=2, pad2=1, pool2=1, c2=3, f1=9, f2=7, f3=4),
         dict(size=9, k1=1, pad1=0, pool1=1, c1=2, k2=3, pad2=2, pool2=4, c2=17, f1=5, f2=3, f3=2),
     ],
     ids=["lenet", "column_layout", "odd_pools", "pool1_strips_of_8"],
 )
-def test_one_image_shared_by_two_threads(config, num_threads):
-    """At batch 1 two threads share each layer's pooled outputs, split wherever the halves fall."""
+def test_small_batches_shared_image_by_image(config, batch, num_threads):
+    """Batches of a few images give each thread whole images, unevenly where they do not divide."""
     from test_tile_programs import random_lenet_args, reference
 
-    args = random_lenet_args(1, **config)
+    args = random_lenet_args(batch, **config)
     with torch.inference_mode():
         torch.testing.assert_close(torch.ops.lenet_ext.lenet_forward(*args), reference(args), atol=2e-5, rtol=2e-4)

@@ -53,8 +53,7 @@ void forward_simd(const cpu::SimdKernels& kernels, const ConvPoolGeometry& g, co
   const int64_t grain = std::max<int64_t>(1, kWorkPerChunk / std::max<int64_t>(1, image_work(g)));
   at::parallel_for(0, g.batch, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> xp(kernels.xp_size(g), 0.0f);
-    const cpu::ForwardImages call{x.const_data_ptr<float>(), packed.view, out.mutable_data_ptr<float>(), xp.data(),
-                                  {0, g.out_height * g.out_width}};
+    const cpu::ForwardImages call{x.const_data_ptr<float>(), packed.view, out.mutable_data_ptr<float>(), xp.data()};
     kernels.forward_images(g, call, begin, end);
   });
 }

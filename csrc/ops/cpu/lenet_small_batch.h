@@ -2,8 +2,7 @@
 // layers: at batch 1 the dispatches, allocations and BLAS set-up of the
 // layer-by-layer path cost more than the arithmetic. The conv blocks run the
 // vectorised kernels of simd/, the dense layers simd/dense.h; activations
-// stay in per-thread buffers. Two threads, when free, share the images, or
-// the rows and features of a single image.
+// stay in per-thread buffers. Threads, when free, share the images.
 #pragma once
 
 #include <ATen/core/Tensor.h>

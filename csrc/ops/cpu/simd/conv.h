@@ -68,12 +68,12 @@ inline void column_conv(const ConvPoolGeometry& g, const Workspace& ws, const fl
   }
 }
 
-// Runs tile(acc, ph, j0, cols) for every tile of 16 pooled columns of the
-// pooled rows `rows`, acc holding its z (less the bias) for CB channels from co0.
+// Runs tile(acc, ph, j0, cols) for every tile of 16 pooled columns, acc
+// holding its z (less the bias) for CB channels from co0.
 template <int CB, typename Tile>
 inline void for_each_column_tile(const ConvPoolGeometry& g, const Workspace& ws, const float* xp,
-                                 const PackedWeights& packed, int64_t co0, IndexRange rows, Tile&& tile) {
-  for (int64_t ph = rows.begin; ph < rows.end; ++ph) {
+                                 const PackedWeights& packed, int64_t co0, Tile&& tile) {
+  for (int64_t ph = 0; ph < g.out_height; ++ph) {
     for (int64_t j0 = 0; j0 < g.out_width; j0 += kLanes) {
       vec acc[CB][2][2];
       with_kernel_size(g, [&](auto kernel) {

@@ -17,7 +17,7 @@ inline void column_dz_block(const ConvPoolGeometry& g, const Workspace& ws, cons
                             const PackedWeights& packed, int64_t co0, const float* grad_image,
                             float* dz_planes, float* grad_weight_lanes, float* grad_bias) {
   vec bias_sum[CB] = {};
-  for_each_column_tile<CB>(g, ws, xp, packed, co0, IndexRange{0, g.out_height},
+  for_each_column_tile<CB>(g, ws, xp, packed, co0,
                            [&](vec (&acc)[CB][2][2], int64_t ph, int64_t j0, int64_t cols) {
     vec d[CB][2][2];
     for (int c = 0; c < CB; ++c) {

@@ -61,13 +61,13 @@ inline void forward_images(const ConvPoolGeometry& g, const ForwardImages& call,
     if (use_column_lanes(g)) {
       load_split_image(g, ws, x_image, xp);
       for_each_channel_block(g.out_channels, [&](auto channels, int64_t co0) {
-        column_forward_block<decltype(channels)::value>(g, ws, xp, call.packed, co0, call.outputs, out_image);
+        column_forward_block<decltype(channels)::value>(g, ws, xp, call.packed, co0, out_image);
       });
       continue;
     }
     load_padded_image(g, ws, x_image, xp);
     with_pool_size(g, [&](auto pool) {
-      forward_pool<decltype(pool)::value>(g, ws, xp, call.packed, call.outputs, out_image);
+      forward_pool<decltype(pool)::value>(g, ws, xp, call.packed, out_image);
     });
   }
 }

@@ -2,8 +2,6 @@
 // sigmoid and the average pool in registers.
 #pragma once
 
-#include <algorithm>
-
 #include "conv.h"
 
 namespace lenet_ext {
@@ -12,10 +10,8 @@ namespace LENET_ISA {
 
 template <int CB>
 inline void column_forward_block(const ConvPoolGeometry& g, const Workspace& ws, const float* xp,
-                                 const PackedWeights& packed, int64_t co0, IndexRange outputs, float* out_image) {
-  // The rows whose first output is in range.
-  const IndexRange rows{(outputs.begin + g.out_width - 1) / g.out_width, (outputs.end + g.out_width - 1) / g.out_width};
-  for_each_column_tile<CB>(g, ws, xp, packed, co0, rows,
+                                 const PackedWeights& packed, int64_t co0, float* out_image) {
+  for_each_column_tile<CB>(g, ws, xp, packed, co0,
                            [&](vec (&acc)[CB][2][2], int64_t ph, int64_t j0, int64_t cols) {
     for (int c = 0; c < CB; ++c) {
       const float b = packed.bias[co0 + c];
@@ -53,16 +49,12 @@ __attribute__((noinline)) void forward_strip(const ConvPoolGeometry& g, const Wo
 
 template <int P>
 void forward_pool(const ConvPoolGeometry& g, const Workspace& ws, const float* xp,
-                  const PackedWeights& packed, IndexRange outputs, float* out_image) {
+                  const PackedWeights& packed, float* out_image) {
   constexpr int PW = StripWidth<P>::value;
-  if (outputs.begin >= outputs.end) return;
   for (int64_t cb = 0; cb < ws.channel_blocks; ++cb) {
     const float* w = packed.block(cb);
-    for (int64_t ph = outputs.begin / g.out_width; ph <= (outputs.end - 1) / g.out_width; ++ph) {
-      const int64_t row_start = ph * g.out_width;
-      const IndexRange columns{std::max<int64_t>(outputs.begin - row_start, 0),
-                               std::min<int64_t>(outputs.end - row_start, g.out_width)};
-      for_each_strip<P, PW>(columns, [&](auto width, int64_t pw0) {
+    for (int64_t ph = 0; ph < g.out_height; ++ph) {
+      for_each_strip<P, PW>(IndexRange{0, g.out_width}, [&](auto width, int64_t pw0) {
         forward_strip<P, decltype(width)::value>(g, ws, xp, w, packed.block_bias(cb), cb * kLanes, ph, pw0, out_image);
       });
     }

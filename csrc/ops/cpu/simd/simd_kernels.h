@@ -16,23 +16,18 @@
 namespace lenet_ext {
 namespace cpu {
 
-// A range of indices, [begin, end): pooled outputs, images, features.
+// A range of indices, [begin, end): pooled columns, images.
 struct IndexRange {
   int64_t begin, end;
 };
 
-// A forward call's data: the pooled outputs `outputs` of images n_begin ..
-// n_end of x into out. outputs counts ph * out_width + pw (all of them:
-// {0, out_height * out_width}); threads that share one image take a range
-// each. The column layout (16 columns a vector) computes whole rows: a row
-// belongs to the range that holds its first output. xp is a per-thread
-// buffer of xp_size() floats, zeroed once.
+// A forward call's data: images n_begin .. n_end of x into out. xp is a
+// per-thread buffer of xp_size() floats, zeroed once.
 struct ForwardImages {
   const float* x;
   PackedWeights packed;
   float* out;
   float* xp;
-  IndexRange outputs;
 };
 
 // A backward call's data. grad_x (or nullptr) gets the input gradient of the
