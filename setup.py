@@ -139,7 +139,7 @@ def extension():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # -fopenmp: at::parallel_for is inlined here and runs serially without it.
     extra_compile_args = {"cxx": opt + ["-fopenmp"]}
-    extra_link_args = ["-fopenmp"] + shared_libstdcxx_link_args()
+    extra_link_args = ["-fopenmp"]  # and the libstdc++ that BuildExtension.run finds
     if env_flag("LENET_EXT_SANITIZE"):
         # Every UB report is an error (no recovery). vptr is left out: it
         # checks the dynamic types of torch's classes, whose type info lives
@@ -195,6 +195,10 @@ class BuildExtension(cpp_extension.BuildExtension):
 
     def run(self):
         check_compiler()
+        # Probed here, not when setup.py is read: only a build runs the compiler.
+        libstdcxx = shared_libstdcxx_link_args()
+        for ext in self.extensions:
+            ext.extra_link_args = ext.extra_link_args + libstdcxx
         print("lenet_ext: compiling the C++/CUDA kernels (a few minutes the first time; pip -v shows the compiler)",
               file=sys.stderr, flush=True)  # fmt: skip
         text = (
