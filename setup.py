@@ -139,7 +139,7 @@ def extension():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # -fopenmp: at::parallel_for is inlined here and runs serially without it.
     extra_compile_args = {"cxx": opt + ["-fopenmp"]}
-    extra_link_args = ["-fopenmp"]  # and the libstdc++ that BuildExtension.run finds
+    extra_link_args = ["-fopenmp"]  # BuildExtension.run adds torch's libstdc++ where the compiler has only a static one
     if env_flag("LENET_EXT_SANITIZE"):
         # Every UB report is an error (no recovery). vptr is left out: it
         # checks the dynamic types of torch's classes, whose type info lives
