@@ -4,6 +4,7 @@ devices run, opcheck, and bad input through every path."""
 
 import pytest
 import torch
+from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.library import opcheck
 
@@ -11,7 +12,7 @@ from lenet_ext import LeNet
 from lenet_ext.model import lenet_args
 from lenet_ext.ops import LENET_PARAMS
 
-from conftest import DEVICES, d2l_net, outputs_and_grads, requires_cuda, twin_pair
+from conftest import CPU_KERNELS, DEVICES, d2l_net, outputs_and_grads, requires_cuda, twin_pair
 from conftest import LENET_TOLERANCES as TOLERANCES
 
 
@@ -210,9 +211,30 @@ def test_whole_batch_implementation_matches_the_reference(batch):
     ids=["lenet", "column_layout", "odd_pools", "pool1_strips_of_8"],
 )
 def test_small_batches_shared_image_by_image(config, batch, num_threads):
-    """Batches of a few images give each thread whole images, unevenly where they do not divide."""
+    """Batches of a few images give each thread whole images, unevenly where they do not divide; for
+    training every activation backward reads comes back, as the layer-by-layer path (float64) returns it."""
     from test_tile_programs import random_lenet_args, reference
 
     args = random_lenet_args(batch, **config)
     with torch.inference_mode():
         torch.testing.assert_close(torch.ops.lenet_ext.lenet_forward(*args), reference(args), atol=2e-5, rtol=2e-4)
+        got = torch.ops.lenet_ext.lenet_train_forward(*args)
+        want = torch.ops.lenet_ext.lenet_train_forward(*(a.double() if isinstance(a, Tensor) else a for a in args))
+    assert len(got) == len(want) == 5
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == torch.float32 and g.is_contiguous()
+        torch.testing.assert_close(g, w.float(), atol=2e-5, rtol=2e-4)
+
+
+@pytest.mark.parametrize("op", ["lenet_forward", "lenet_train_forward"])
+@pytest.mark.parametrize("cpu_kernel", [k for k in CPU_KERNELS if k != "generic"], indirect=True)
+def test_small_batches_run_without_a_layer_by_layer_call(op, cpu_kernel):
+    """At a serving batch size both forwards run the five layers in one pass of the vectorised
+    kernels: no conv operator and no matrix product is dispatched on the way."""
+    x = torch.rand(4, 1, 28, 28)
+    args = [a.detach() if isinstance(a, Tensor) else a for a in lenet_args(x, LeNet())]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        getattr(torch.ops.lenet_ext, op)(*args)
+    names = {e.key for e in prof.key_averages()}
+    assert f"lenet_ext::{op}" in names
+    assert not names & {"lenet_ext::conv_sigmoid_avgpool2d", "aten::addmm", "aten::mm", "aten::linear"}, names

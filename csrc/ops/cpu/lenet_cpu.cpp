@@ -2,7 +2,8 @@
 // kTile images, so that a tile's activations stay in cache from one layer to
 // the next (64 images of the first block's output are 300 KB), and the tiles
 // in chunks, one per thread, each thread summing its own parameter gradients.
-// The steps are lenet.h's; the whole-batch version for other devices is
+// Forwards of a few images take lenet_small_batch.cpp's path instead. The
+// steps are lenet.h's; the whole-batch version for other devices is
 // ../lenet.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -117,13 +118,16 @@ LeNetActivations forward(const at::Tensor& x, const LeNetParams& p, bool keep_ac
 
 at::Tensor lenet_forward_cpu(const at::Tensor& x, LENET_PARAMS_ARGS) {
   const LeNetParams p = LENET_PARAMS;
-  if (at::Tensor logits = forward_small_batch(x, p); logits.defined()) return logits;
+  if (LeNetActivations r = forward_small_batch(x, p, /*keep_activations=*/false); r.logits.defined())
+    return r.logits;
   return forward(x, p, false, "lenet_forward").logits;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lenet_train_forward_cpu(
     const at::Tensor& x, LENET_PARAMS_ARGS) {
-  LeNetActivations r = forward(x, LENET_PARAMS, true, "lenet_train_forward");
+  const LeNetParams p = LENET_PARAMS;
+  LeNetActivations r = forward_small_batch(x, p, /*keep_activations=*/true);
+  if (!r.logits.defined()) r = forward(x, p, true, "lenet_train_forward");
   return {r.logits, r.block1, r.block2, r.fc1, r.fc2};
 }
 

@@ -92,17 +92,17 @@ std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
 
 }  // namespace
 
-at::Tensor forward_small_batch(const at::Tensor& x_arg, const LeNetParams& p) {
-  constexpr const char* op = "lenet_forward";
+LeNetActivations forward_small_batch(const at::Tensor& x_arg, const LeNetParams& p, bool keep_activations) {
+  const char* op = keep_activations ? "lenet_train_forward" : "lenet_forward";
   const cpu::SimdKernels* kernels = cpu::selected_kernels();
   if (kernels == nullptr || x_arg.scalar_type() != at::kFloat || x_arg.dim() != 4 || x_arg.size(0) == 0 ||
       x_arg.size(0) > kSmallBatch) {
-    return at::Tensor();
+    return {};
   }
   const LeNetSizes sizes = check_lenet_args(x_arg, p, op);
   const ConvPoolGeometry &g1 = sizes.block1, &g2 = sizes.block2;
   const int64_t batch = g1.batch, f0 = g2.out_channels * g2.out_height * g2.out_width;
-  if (!kernels->supported(g1) || !kernels->supported(g2)) return at::Tensor();
+  if (!kernels->supported(g1) || !kernels->supported(g2)) return {};
 
   const at::Tensor x = x_arg.contiguous();
   const at::Tensor conv1_w = p.conv1_weight.contiguous(), conv2_w = p.conv2_weight.contiguous();
@@ -112,7 +112,14 @@ at::Tensor forward_small_batch(const at::Tensor& x_arg, const LeNetParams& p) {
   const std::optional<at::Tensor> fc1_b = contiguous(p.fc1_bias), fc2_b = contiguous(p.fc2_bias);
   const std::optional<at::Tensor> fc3_b = contiguous(p.fc3_bias);
   const int64_t f1 = fc1_w.size(0), f2 = fc2_w.size(0), f3 = fc3_w.size(0);
-  at::Tensor logits = at::empty({batch, f3}, x.options());
+  LeNetActivations out;
+  out.logits = at::empty({batch, f3}, x.options());
+  if (keep_activations) {  // the activations go to the tensors lenet_backward reads, not to this thread's buffers
+    out.block1 = at::empty({batch, g1.out_channels, g1.out_height, g1.out_width}, x.options());
+    out.block2 = at::empty({batch, f0}, x.options());
+    out.fc1 = at::empty({batch, f1}, x.options());
+    out.fc2 = at::empty({batch, f2}, x.options());
+  }
 
   // Threads when they are free, each with whole images. One image stays on
   // one thread: splitting its layers takes a barrier between each two, and
@@ -132,15 +139,18 @@ at::Tensor forward_small_batch(const at::Tensor& x_arg, const LeNetParams& p) {
   const int64_t xp1_size = kernels->xp_size(g1);
   std::vector<float*> xp(threads);
   for (int t = 0; t < threads; ++t) xp[t] = b.xp[t].get(g1, g2, xp1_size, kernels->xp_size(g2));
-  float* block1_out = sized(b.block1, batch * g1.out_channels * g1.out_height * g1.out_width);
-  float* block2_out = sized(b.block2, batch * f0);
-  float* fc1_out = sized(b.fc1, batch * f1);
-  float* fc2_out = sized(b.fc2, batch * f2);
+  const auto activation = [&](const at::Tensor& kept, std::vector<float>& buffer, int64_t floats) {
+    return kept.defined() ? kept.mutable_data_ptr<float>() : sized(buffer, floats);
+  };
+  float* block1_out = activation(out.block1, b.block1, batch * g1.out_channels * g1.out_height * g1.out_width);
+  float* block2_out = activation(out.block2, b.block2, batch * f0);
+  float* fc1_out = activation(out.fc1, b.fc1, batch * f1);
+  float* fc2_out = activation(out.fc2, b.fc2, batch * f2);
   const cpu::DenseLayer fc1{fc1_w.const_data_ptr<float>(), data_or_null(fc1_b), f0, f1, true};
   const cpu::DenseLayer fc2{fc2_w.const_data_ptr<float>(), data_or_null(fc2_b), f1, f2, true};
   const cpu::DenseLayer fc3{fc3_w.const_data_ptr<float>(), data_or_null(fc3_b), f2, f3, false};
   const float* x_data = x.const_data_ptr<float>();
-  float* logits_data = logits.mutable_data_ptr<float>();
+  float* logits_data = out.logits.mutable_data_ptr<float>();
 
   // Nothing below throws: every check and allocation is above.
 #pragma omp parallel num_threads(threads) if (threads > 1)
@@ -157,7 +167,7 @@ at::Tensor forward_small_batch(const at::Tensor& x_arg, const LeNetParams& p) {
     kernels->dense_rows(fc2, fc1_out + first * f1, rows, fc2_out + first * f2);
     kernels->dense_rows(fc3, fc2_out + first * f2, rows, logits_data + first * f3);
   }
-  return logits;
+  return out;
 }
 
 }  // namespace lenet_ext

@@ -1,8 +1,9 @@
-// lenet_forward for a batch of a few images with no ATen call between the
-// layers: at batch 1 the dispatches, allocations and BLAS set-up of the
-// layer-by-layer path cost more than the arithmetic. The conv blocks run the
-// vectorised kernels of simd/, the dense layers simd/dense.h; activations
-// stay in per-thread buffers. Threads, when free, share the images.
+// lenet_forward and lenet_train_forward for a batch of a few images with no
+// ATen call between the layers: at batch 1 the dispatches, allocations and
+// BLAS set-up of the layer-by-layer path cost more than the arithmetic. The
+// conv blocks run the vectorised kernels of simd/, the dense layers
+// simd/dense.h; activations stay in per-thread buffers, or for training go
+// to the tensors lenet_backward reads. Threads, when free, share the images.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -17,10 +18,11 @@ namespace lenet_ext {
 // tiles): batch 4 33 against 52 us, 32: 201 against 227 us.
 constexpr int64_t kSmallBatch = 32;
 
-// The logits, or an undefined tensor when the path does not take the call
-// (not float32, batch 0 or over kSmallBatch, the generic kernels selected,
-// or sizes the vectorised kernels do not take). Bad arguments raise the
-// errors the layer-by-layer path raises.
-at::Tensor forward_small_batch(const at::Tensor& x, const LeNetParams& p);
+// The logits, and with keep_activations the activations lenet_backward reads
+// (lenet_train_forward); logits undefined when the path does not take the
+// call (not float32, batch 0 or over kSmallBatch, the generic kernels
+// selected, or sizes the vectorised kernels do not take). Bad arguments
+// raise the errors the layer-by-layer path raises.
+LeNetActivations forward_small_batch(const at::Tensor& x, const LeNetParams& p, bool keep_activations);
 
 }  // namespace lenet_ext
