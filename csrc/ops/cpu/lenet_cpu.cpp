@@ -2,9 +2,9 @@
 // kTile images, so that a tile's activations stay in cache from one layer to
 // the next (64 images of the first block's output are 300 KB), and the tiles
 // in chunks, one per thread, each thread summing its own parameter gradients.
-// Forwards of a few images take lenet_small_batch.cpp's path instead. The
-// steps are lenet.h's; the whole-batch version for other devices is
-// ../lenet.cpp.
+// Forwards of a few images take lenet_small_batch.cpp's path instead, and a
+// backward of one tile the whole-batch version that other devices run
+// (../lenet.cpp). The steps are lenet.h's.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -135,8 +135,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lenet_tra
 // gradient asked for. The chunk's first tile writes its slot before later
 // tiles add to it, so there is no zero fill (one of this size would be a
 // parallel region of its own, and waiting for its threads costs more than
-// the work); an empty batch runs no tile, and its gradients are zeros.
-LeNetGradArray chunk_sums(const LeNetParams& p, const LeNetBackwardCall& call, int64_t chunks, bool empty_batch) {
+// the work).
+LeNetGradArray chunk_sums(const LeNetParams& p, const LeNetBackwardCall& call, int64_t chunks) {
   LeNetGradArray sums;
   for (int i = kConv1W; i < kGrads; ++i) {
     if (!call.mask[i]) continue;
@@ -144,7 +144,7 @@ LeNetGradArray chunk_sums(const LeNetParams& p, const LeNetBackwardCall& call, i
     auto sizes = param.sizes().vec();
     sizes.insert(sizes.begin(), chunks);
     const auto options = param.options().memory_format(at::MemoryFormat::Contiguous);
-    sums[i] = empty_batch ? at::zeros(sizes, options) : at::empty(sizes, options);
+    sums[i] = at::empty(sizes, options);
   }
   return sums;
 }
@@ -155,10 +155,13 @@ LeNetGrads lenet_backward_cpu(const at::Tensor& grad_logits, const at::Tensor& x
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const LeNetParams p = LENET_PARAMS;
   const LeNetActivations saved{.block1 = block1, .block2 = block2, .fc1 = fc1, .fc2 = fc2};
+  // One tile: the layers' gradients straight into the results, with no
+  // per-chunk sums to allocate, fill and add. (It checks the arguments too.)
+  if (x.dim() == 0 || x.size(0) <= kTile) return lenet_backward_whole_batch(grad_logits, x, saved, p, output_mask);
   const LeNetBackwardCall call = check_backward_args(grad_logits, x, saved, p, output_mask);
   const int64_t batch = x.size(0);
   const int64_t chunks = batch_chunks(batch);
-  const LeNetGradArray sums = chunk_sums(p, call, chunks, batch == 0);
+  const LeNetGradArray sums = chunk_sums(p, call, chunks);
   at::Tensor grad_x = call.mask[kX] ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::Tensor();
 
   for_each_chunk(batch, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
