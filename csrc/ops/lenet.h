@@ -166,8 +166,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_block_backward(
 
 // lenet_backward on the whole batch at once: the dense layers through
 // dense_backward, the conv blocks through the conv operator's backward (the
-// implementation for devices without one of their own, and CUDA's for the
-// calls its tile programs do not take).
+// implementation for devices without one of their own, CUDA's for the calls
+// its tile programs do not take, and the CPU's for a batch of one tile).
 LeNetGrads lenet_backward_whole_batch(const at::Tensor& grad_logits, const at::Tensor& x,
                                       const LeNetActivations& saved, const LeNetParams& p,
                                       const LeNetGradMask& output_mask);
