@@ -24,11 +24,9 @@ namespace {
 
 constexpr int64_t kTile = 64;
 
-// Chunks of the batch: one per thread with at most as many chunks as tiles;
-// a batch of one tile or less is one chunk.
-int64_t batch_chunks(int64_t batch) {
-  return batch <= kTile ? 1 : cpu::chunk_count((batch + kTile - 1) / kTile);
-}
+// Chunks of a batch of more than one tile: one per thread, with at most as
+// many chunks as tiles.
+int64_t batch_chunks(int64_t batch) { return cpu::chunk_count((batch + kTile - 1) / kTile); }
 
 // Runs fn(chunk, begin, end) over the chunks of a batch, in parallel. The
 // conv operators fn calls run on its thread alone (see parallel.h).

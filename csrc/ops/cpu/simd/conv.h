@@ -110,17 +110,17 @@ inline void conv_strip(const ConvPoolGeometry& g, const Workspace& ws, const flo
   }
 }
 
-// Runs Strip over the pooled columns `columns` of a row in strips of PW (a
-// power of 2), then the rest in strips of PW / 2, PW / 4, ..., 1: narrow
-// strips have too few accumulators to hide the FMA latency, so as few as
-// possible.
+// Runs Strip over pooled columns first .. width - 1 of a row in strips of
+// PW (a power of 2), then the rest in strips of PW / 2, PW / 4, ..., 1:
+// narrow strips have too few accumulators to hide the FMA latency, so as
+// few as possible.
 template <int P, int PW, typename Strip>
-inline void for_each_strip(IndexRange columns, Strip&& strip) {
+inline void for_each_strip(int64_t first, int64_t width, Strip&& strip) {
   static_assert((PW & (PW - 1)) == 0, "strip widths are powers of 2");
-  int64_t pw = columns.begin;
-  for (; pw + PW <= columns.end; pw += PW) strip(std::integral_constant<int, PW>{}, pw);
+  int64_t pw = first;
+  for (; pw + PW <= width; pw += PW) strip(std::integral_constant<int, PW>{}, pw);
   if constexpr (PW > 1) {
-    if (pw < columns.end) for_each_strip<P, PW / 2>(IndexRange{pw, columns.end}, strip);
+    if (pw < width) for_each_strip<P, PW / 2>(pw, width, strip);
   }
 }
 

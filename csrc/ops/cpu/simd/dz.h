@@ -89,7 +89,7 @@ void dz_pool(const ConvPoolGeometry& g, const Workspace& ws, const float* xp, co
     const float* w = packed.block(cb);
     vec gb = load(grad_bias + cb * kLanes);
     for (int64_t ph = 0; ph < g.out_height; ++ph)
-      for_each_strip<P, PW>(IndexRange{0, g.out_width}, [&](auto width, int64_t pw0) {
+      for_each_strip<P, PW>(0, g.out_width, [&](auto width, int64_t pw0) {
         dz_strip<P, decltype(width)::value>(g, ws, xp, w, packed.block_bias(cb), cb * kLanes, ph, pw0,
                                             grad_image, dz_lanes, gb);
       });

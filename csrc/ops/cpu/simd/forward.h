@@ -54,7 +54,7 @@ void forward_pool(const ConvPoolGeometry& g, const Workspace& ws, const float* x
   for (int64_t cb = 0; cb < ws.channel_blocks; ++cb) {
     const float* w = packed.block(cb);
     for (int64_t ph = 0; ph < g.out_height; ++ph) {
-      for_each_strip<P, PW>(IndexRange{0, g.out_width}, [&](auto width, int64_t pw0) {
+      for_each_strip<P, PW>(0, g.out_width, [&](auto width, int64_t pw0) {
         forward_strip<P, decltype(width)::value>(g, ws, xp, w, packed.block_bias(cb), cb * kLanes, ph, pw0, out_image);
       });
     }

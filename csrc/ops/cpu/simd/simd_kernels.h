@@ -16,11 +16,6 @@
 namespace lenet_ext {
 namespace cpu {
 
-// A range of indices, [begin, end): pooled columns, images.
-struct IndexRange {
-  int64_t begin, end;
-};
-
 // A forward call's data: images n_begin .. n_end of x into out. xp is a
 // per-thread buffer of xp_size() floats, zeroed once.
 struct ForwardImages {
