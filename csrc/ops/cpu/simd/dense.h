@@ -1,7 +1,7 @@
-// A dense layer (Linear, optionally followed by a sigmoid) over a few rows:
-// the small-batch inference path runs LeNet's three dense layers here instead
-// of through ATen's addmm, whose dispatch and BLAS set-up cost more than the
-// arithmetic at batch 1 (fc1 is 48,000 multiply-adds).
+// A dense layer (Linear, optionally followed by a sigmoid) over a few rows,
+// and its backward: the small-batch paths run LeNet's three dense layers here
+// instead of through ATen's addmm and mm, whose dispatch and BLAS set-up cost
+// more than the arithmetic at batch 1 (fc1 is 48,000 multiply-adds).
 //
 // Blocks of four rows and four output features share their loads; the
 // products run along the input features in vectors, with a scalar tail.
@@ -78,6 +78,76 @@ inline void dense_rows(const DenseLayer& l, const float* in, int64_t rows, float
   for (; r < rows; ++r) dense_block_rows<1>(l, in + r * l.in_features, out + r * l.out_features);
   if (l.sigmoid)
     for (r = 0; r < rows; ++r) sigmoid_row(out + r * l.out_features, l.out_features);
+}
+
+// A part of a row: the first `count` (<= kLanes) floats, the rest zero.
+inline vec load_part(const float* p, int64_t count) { return count == kLanes ? load(p) : load_first(p, count); }
+inline void store_part(float* p, vec v, int64_t count) {
+  if (count == kLanes)
+    store(p, v);
+  else
+    store_first(p, v, count);
+}
+
+// The weight and bias gradients of R rows, written or added: each input
+// vector of a row is loaded once per output feature, for all R rows' terms.
+template <int R>
+inline void dense_param_grads(const DenseBackward& c, const float* in, const float* grad_z, bool accumulate) {
+  const int64_t n = c.in_features, m = c.out_features;
+  for (int64_t j = 0; j < m; ++j) {
+    float g[R];
+    for (int r = 0; r < R; ++r) g[r] = grad_z[r * m + j];
+    if (c.grad_bias) {
+      float b = accumulate ? c.grad_bias[j] : 0.0f;
+      for (int r = 0; r < R; ++r) b += g[r];
+      c.grad_bias[j] = b;
+    }
+    if (!c.grad_weight) continue;
+    float* row = c.grad_weight + j * n;
+    for (int64_t k = 0; k < n; k += kLanes) {
+      const int64_t count = n - k < kLanes ? n - k : kLanes;
+      vec acc = accumulate ? load_part(row + k, count) : vec{};
+      for (int r = 0; r < R; ++r) acc += splat(g[r]) * load_part(in + r * n + k, count);
+      store_part(row + k, acc, count);
+    }
+  }
+}
+
+// dL/din of R rows: lanes are 16 input features, each weight vector loaded
+// serves the R rows.
+template <int R>
+inline void dense_input_grad(const DenseBackward& c, const float* in, const float* grad_z, float* grad_in) {
+  const int64_t n = c.in_features, m = c.out_features;
+  for (int64_t k = 0; k < n; k += kLanes) {
+    const int64_t count = n - k < kLanes ? n - k : kLanes;
+    vec acc[R] = {};
+    for (int64_t j = 0; j < m; ++j) {
+      const vec w = load_part(c.weight + j * n + k, count);
+      for (int r = 0; r < R; ++r) acc[r] += splat(grad_z[r * m + j]) * w;
+    }
+    for (int r = 0; r < R; ++r) {
+      vec v = acc[r];
+      if (c.in_is_sigmoid) {
+        const vec s = load_part(in + r * n + k, count);
+        v = v * (1.0f - s) * s;  // as ATen's sigmoid_backward orders it
+      }
+      store_part(grad_in + r * n + k, v, count);
+    }
+  }
+}
+
+// The layer's backward over `rows` rows, four at a time.
+inline void dense_backward_rows(const DenseBackward& c, int64_t rows, bool accumulate) {
+  const int64_t n = c.in_features, m = c.out_features;
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    dense_param_grads<4>(c, c.in + r * n, c.grad_z + r * m, accumulate || r > 0);
+    if (c.grad_in) dense_input_grad<4>(c, c.in + r * n, c.grad_z + r * m, c.grad_in + r * n);
+  }
+  for (; r < rows; ++r) {
+    dense_param_grads<1>(c, c.in + r * n, c.grad_z + r * m, accumulate || r > 0);
+    if (c.grad_in) dense_input_grad<1>(c, c.in + r * n, c.grad_z + r * m, c.grad_in + r * n);
+  }
 }
 
 }  // namespace LENET_ISA

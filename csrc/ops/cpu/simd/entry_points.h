@@ -132,8 +132,8 @@ inline void backward_images(const ConvPoolGeometry& g, const BackwardImages& cal
   }
 }
 
-const SimdKernels kernels = {&supported,       &xp_size,          &dz_size,   &forward_images,
-                             &backward_images, &sum_weight_lanes, &dense_rows};
+const SimdKernels kernels = {&supported,       &xp_size,          &dz_size,    &forward_images,
+                             &backward_images, &sum_weight_lanes, &dense_rows, &dense_backward_rows};
 
 }  // namespace LENET_ISA
 }  // namespace cpu

@@ -51,6 +51,22 @@ struct DenseLayer {
   bool sigmoid;
 };
 
+// A dense layer's backward over a few contiguous rows. grad_z is dL/dz for
+// z = in . weight^T + bias (for a layer with a sigmoid, already through it).
+// Gradients not asked for are nullptr. grad_in gets grad_z . weight, times
+// in * (1 - in) when in_is_sigmoid (in is then the sigmoid output of the
+// layer below, so that grad_in is that layer's dL/dz).
+struct DenseBackward {
+  const float* weight;  // (out_features, in_features)
+  int64_t in_features, out_features;
+  const float* in;       // rows x in_features
+  const float* grad_z;   // rows x out_features
+  float* grad_weight;    // out_features x in_features
+  float* grad_bias;      // out_features
+  float* grad_in;        // rows x in_features
+  bool in_is_sigmoid;
+};
+
 struct SimdKernels {
   bool (*supported)(const ConvPoolGeometry& g);
   int64_t (*xp_size)(const ConvPoolGeometry& g);  // per-thread buffer sizes, in floats
@@ -63,6 +79,9 @@ struct SimdKernels {
   void (*sum_weight_lanes)(const ConvPoolGeometry& g, const float* lanes, float* out);
   // A dense layer over `rows` contiguous rows of in into contiguous rows of out.
   void (*dense_rows)(const DenseLayer& layer, const float* in, int64_t rows, float* out);
+  // The backward of a dense layer over `rows` rows; the weight and bias
+  // gradients are written, or with `accumulate` added to.
+  void (*dense_backward_rows)(const DenseBackward& call, int64_t rows, bool accumulate);
 };
 
 namespace baseline { extern const SimdKernels kernels; }
