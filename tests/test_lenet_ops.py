@@ -198,18 +198,21 @@ def test_whole_batch_implementation_matches_the_reference(batch):
         torch.testing.assert_close(got, expected, **TOLERANCES[torch.float64])
 
 
+# Geometries for the small-batch path (random_lenet_args of test_tile_programs.py).
+SMALL_BATCH_CONFIGS = {
+    "lenet": {},
+    "column_layout": dict(size=26),  # conv1's 13 x 13 outputs: the column layout, 16 columns a vector
+    "odd_pools": dict(size=13, k1=3, pad1=1, pool1=3, c1=5, k2=2, pad2=1, pool2=1, c2=3, f1=9, f2=7, f3=4),
+    "pool1_strips_of_8": dict(size=9, k1=1, pad1=0, pool1=1, c1=2, k2=3, pad2=2, pool2=4, c2=17, f1=5, f2=3, f3=2),
+    "rgb_no_bias": dict(in_channels=3, size=32, pad1=0, f3=47, bias=False),
+}
+GRAD_NAMES = ("x", "conv1_weight", "conv1_bias", "conv2_weight", "conv2_bias", "fc1_weight", "fc1_bias",
+              "fc2_weight", "fc2_bias", "fc3_weight", "fc3_bias")  # fmt: skip
+
+
 @pytest.mark.parametrize("num_threads", [1, 2, 3], indirect=True)
 @pytest.mark.parametrize("batch", [1, 2, 5])
-@pytest.mark.parametrize(
-    "config",
-    [
-        {},
-        dict(size=26),  # conv1's 13 x 13 outputs: the column layout, 16 columns a vector
-        dict(size=13, k1=3, pad1=1, pool1=3, c1=5, k2=2, pad2=1, pool2=1, c2=3, f1=9, f2=7, f3=4),
-        dict(size=9, k1=1, pad1=0, pool1=1, c1=2, k2=3, pad2=2, pool2=4, c2=17, f1=5, f2=3, f3=2),
-    ],
-    ids=["lenet", "column_layout", "odd_pools", "pool1_strips_of_8"],
-)
+@pytest.mark.parametrize("config", list(SMALL_BATCH_CONFIGS.values()), ids=list(SMALL_BATCH_CONFIGS))
 def test_small_batches_shared_image_by_image(config, batch, num_threads):
     """Batches of a few images give each thread whole images, unevenly where they do not divide; for
     training every activation backward reads comes back, as the layer-by-layer path (float64) returns it."""
@@ -226,15 +229,68 @@ def test_small_batches_shared_image_by_image(config, batch, num_threads):
         torch.testing.assert_close(g, w.float(), atol=2e-5, rtol=2e-4)
 
 
-@pytest.mark.parametrize("op", ["lenet_forward", "lenet_train_forward"])
+@pytest.mark.parametrize("num_threads", [1, 2, 3], indirect=True)
+@pytest.mark.parametrize("batch", [1, 2, 5, 32])
+@pytest.mark.parametrize("config", list(SMALL_BATCH_CONFIGS.values()), ids=list(SMALL_BATCH_CONFIGS))
+def test_small_batch_backward_shared_image_by_image(config, batch, num_threads):
+    """lenet_backward of a few images: each thread takes whole images and sums its own parameter
+    gradients, added in thread order; every gradient against the layer-by-layer path in float64."""
+    from test_tile_programs import assert_grads_match, backward_inputs, random_lenet_args, reference_grads
+
+    args = random_lenet_args(batch, **config)
+    inputs = backward_inputs(args)
+    mask = [True] * 11
+    got = torch.ops.lenet_ext.lenet_backward(*inputs, *args[1:], mask)
+    assert_grads_match(got, reference_grads(inputs, args, mask), mask)
+
+
+@pytest.mark.parametrize("num_threads", [1, 2], indirect=True)
+@pytest.mark.parametrize(
+    "asked",
+    [["x"], ["conv1_weight"], ["conv2_bias"], ["fc1_weight", "fc3_bias"], ["fc2_bias"], ["fc3_weight"],
+     ["x", "fc2_weight"], []],
+)  # fmt: skip
+def test_small_batch_backward_computes_what_is_asked(asked, num_threads):
+    """Only the gradients asked for come back, and each is the same as when all are asked for:
+    the chain stops at the lowest layer asked for."""
+    from test_tile_programs import assert_grads_match, backward_inputs, random_lenet_args, reference_grads
+
+    mask = [name in asked for name in GRAD_NAMES]
+    args = random_lenet_args(3)
+    inputs = backward_inputs(args)
+    got = torch.ops.lenet_ext.lenet_backward(*inputs, *args[1:], mask)
+    assert [g is not None for g in got] == mask
+    assert_grads_match(got, reference_grads(inputs, args, mask), mask)
+
+
+def test_small_batch_backward_for_models_of_other_sizes_in_turn():
+    """The per-thread buffers whose zero borders the kernels rely on are zeroed again when the
+    layers change, and kept while they do not: models of other sizes in turn, twice."""
+    from test_tile_programs import assert_grads_match, backward_inputs, random_lenet_args, reference_grads
+
+    mask = [True] * 11
+    for _ in range(2):
+        for batch, config in [(1, {}), (3, SMALL_BATCH_CONFIGS["odd_pools"]), (2, {}), (1, SMALL_BATCH_CONFIGS["rgb_no_bias"])]:
+            args = random_lenet_args(batch, **config)
+            inputs = backward_inputs(args)
+            got = torch.ops.lenet_ext.lenet_backward(*inputs, *args[1:], mask)
+            assert_grads_match(got, reference_grads(inputs, args, mask), mask)
+
+
+@pytest.mark.parametrize("op", ["lenet_forward", "lenet_train_forward", "lenet_backward"])
 @pytest.mark.parametrize("cpu_kernel", [k for k in CPU_KERNELS if k != "generic"], indirect=True)
 def test_small_batches_run_without_a_layer_by_layer_call(op, cpu_kernel):
-    """At a serving batch size both forwards run the five layers in one pass of the vectorised
-    kernels: no conv operator and no matrix product is dispatched on the way."""
+    """At a serving batch size both forwards, and the backward, run the five layers in one pass of
+    the vectorised kernels: no conv operator and no matrix product is dispatched on the way."""
     x = torch.rand(4, 1, 28, 28)
     args = [a.detach() if isinstance(a, Tensor) else a for a in lenet_args(x, LeNet())]
+    if op == "lenet_backward":
+        logits, *saved = torch.ops.lenet_ext.lenet_train_forward(*args)
+        args = [torch.randn_like(logits), x, *saved, *args[1:], [True] * 11]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         getattr(torch.ops.lenet_ext, op)(*args)
     names = {e.key for e in prof.key_averages()}
     assert f"lenet_ext::{op}" in names
-    assert not names & {"lenet_ext::conv_sigmoid_avgpool2d", "aten::addmm", "aten::mm", "aten::linear"}, names
+    layer_calls = {"lenet_ext::conv_sigmoid_avgpool2d", "lenet_ext::conv_sigmoid_avgpool2d_backward", "aten::addmm",
+                   "aten::mm", "aten::linear", "aten::sum", "aten::sigmoid_backward"}  # fmt: skip
+    assert not names & layer_calls, names

@@ -2,8 +2,8 @@
 // kTile images, so that a tile's activations stay in cache from one layer to
 // the next (64 images of the first block's output are 300 KB), and the tiles
 // in chunks, one per thread, each thread summing its own parameter gradients.
-// Forwards of a few images take lenet_small_batch.cpp's path instead, and a
-// backward of one tile the whole-batch version that other devices run
+// A few images take the one-pass path of lenet_small_batch.h instead, and
+// a backward of one tile the whole-batch version that other devices run
 // (../lenet.cpp). The steps are lenet.h's.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -153,6 +153,7 @@ LeNetGrads lenet_backward_cpu(const at::Tensor& grad_logits, const at::Tensor& x
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const LeNetParams p = LENET_PARAMS;
   const LeNetActivations saved{.block1 = block1, .block2 = block2, .fc1 = fc1, .fc2 = fc2};
+  if (std::optional<LeNetGrads> grads = backward_small_batch(grad_logits, x, saved, p, output_mask)) return *grads;
   // One tile: the layers' gradients straight into the results, with no
   // per-chunk sums to allocate, fill and add. (It checks the arguments too.)
   if (x.dim() == 0 || x.size(0) <= kTile) return lenet_backward_whole_batch(grad_logits, x, saved, p, output_mask);

@@ -1,12 +1,18 @@
-// lenet_forward and lenet_train_forward for a batch of a few images with no
-// ATen call between the layers: at batch 1 the dispatches, allocations and
-// BLAS set-up of the layer-by-layer path cost more than the arithmetic. The
-// conv blocks run the vectorised kernels of simd/, the dense layers
-// simd/dense.h; activations stay in per-thread buffers, or for training go
-// to the tensors lenet_backward reads. Threads, when free, share the images.
+// LeNet's three operators for a batch of a few images with no ATen call
+// between the layers: at batch 1 the dispatches, allocations and BLAS set-up
+// of the layer-by-layer path cost more than the arithmetic. The conv blocks
+// run the vectorised kernels of simd/, the dense layers simd/dense.h;
+// activations and gradients stay in per-thread buffers (small_batch_state.h),
+// or for training go to the tensors lenet_backward reads. Threads, when free,
+// share the images.
+//
+//   lenet_forward, lenet_train_forward   lenet_small_batch.cpp
+//   lenet_backward                       lenet_small_batch_backward.cpp
 #pragma once
 
 #include <ATen/core/Tensor.h>
+
+#include <optional>
 
 #include "../lenet.h"
 
@@ -15,7 +21,9 @@ namespace lenet_ext {
 // Batches up to this size take the path; larger ones gain more from the
 // 64-image tiles of lenet_cpu.cpp and from BLAS than they lose to their
 // set-up. Measured on 2 threads (operator alone, this path against the
-// tiles): batch 4 33 against 52 us, 32: 201 against 227 us.
+// layer-by-layer one): lenet_forward at batch 4 33 against 52 us, at 32 201
+// against 227 us; lenet_backward at batch 8 195 against 248 us, at 32 the
+// same within the noise (576 against 560 us).
 constexpr int64_t kSmallBatch = 32;
 
 // The logits, and with keep_activations the activations lenet_backward reads
@@ -24,5 +32,11 @@ constexpr int64_t kSmallBatch = 32;
 // selected, or sizes the vectorised kernels do not take). Bad arguments
 // raise the errors the layer-by-layer path raises.
 LeNetActivations forward_small_batch(const at::Tensor& x, const LeNetParams& p, bool keep_activations);
+
+// lenet_backward's gradients, or nullopt when the path does not take the
+// call (as above). Bad arguments raise lenet_backward's errors.
+std::optional<LeNetGrads> backward_small_batch(const at::Tensor& grad_logits, const at::Tensor& x,
+                                               const LeNetActivations& saved, const LeNetParams& p,
+                                               const LeNetGradMask& output_mask);
 
 }  // namespace lenet_ext
