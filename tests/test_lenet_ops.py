@@ -14,6 +14,7 @@ from lenet_ext.ops import LENET_PARAMS
 
 from conftest import CPU_KERNELS, DEVICES, d2l_net, outputs_and_grads, requires_cuda, twin_pair
 from conftest import LENET_TOLERANCES as TOLERANCES
+from test_tile_programs import assert_grads_match, backward_inputs, random_lenet_args, reference, reference_grads
 
 
 @pytest.fixture
@@ -216,8 +217,6 @@ GRAD_NAMES = ("x", "conv1_weight", "conv1_bias", "conv2_weight", "conv2_bias", "
 def test_small_batches_shared_image_by_image(config, batch, num_threads):
     """Batches of a few images give each thread whole images, unevenly where they do not divide; for
     training every activation backward reads comes back, as the layer-by-layer path (float64) returns it."""
-    from test_tile_programs import random_lenet_args, reference
-
     args = random_lenet_args(batch, **config)
     with torch.inference_mode():
         torch.testing.assert_close(torch.ops.lenet_ext.lenet_forward(*args), reference(args), atol=2e-5, rtol=2e-4)
@@ -235,8 +234,6 @@ def test_small_batches_shared_image_by_image(config, batch, num_threads):
 def test_small_batch_backward_shared_image_by_image(config, batch, num_threads):
     """lenet_backward of a few images: each thread takes whole images and sums its own parameter
     gradients, added in thread order; every gradient against the layer-by-layer path in float64."""
-    from test_tile_programs import assert_grads_match, backward_inputs, random_lenet_args, reference_grads
-
     args = random_lenet_args(batch, **config)
     inputs = backward_inputs(args)
     mask = [True] * 11
@@ -251,10 +248,8 @@ def test_small_batch_backward_shared_image_by_image(config, batch, num_threads):
      ["x", "fc2_weight"], []],
 )  # fmt: skip
 def test_small_batch_backward_computes_what_is_asked(asked, num_threads):
-    """Only the gradients asked for come back, and each is the same as when all are asked for:
+    """Only the gradients asked for come back, each against the layer-by-layer path in float64:
     the chain stops at the lowest layer asked for."""
-    from test_tile_programs import assert_grads_match, backward_inputs, random_lenet_args, reference_grads
-
     mask = [name in asked for name in GRAD_NAMES]
     args = random_lenet_args(3)
     inputs = backward_inputs(args)
@@ -266,11 +261,11 @@ def test_small_batch_backward_computes_what_is_asked(asked, num_threads):
 def test_small_batch_backward_for_models_of_other_sizes_in_turn():
     """The per-thread buffers whose zero borders the kernels rely on are zeroed again when the
     layers change, and kept while they do not: models of other sizes in turn, twice."""
-    from test_tile_programs import assert_grads_match, backward_inputs, random_lenet_args, reference_grads
-
     mask = [True] * 11
+    models = [(1, "lenet"), (3, "odd_pools"), (2, "lenet"), (1, "rgb_no_bias")]
     for _ in range(2):
-        for batch, config in [(1, {}), (3, SMALL_BATCH_CONFIGS["odd_pools"]), (2, {}), (1, SMALL_BATCH_CONFIGS["rgb_no_bias"])]:
+        for batch, name in models:
+            config = SMALL_BATCH_CONFIGS[name]
             args = random_lenet_args(batch, **config)
             inputs = backward_inputs(args)
             got = torch.ops.lenet_ext.lenet_backward(*inputs, *args[1:], mask)

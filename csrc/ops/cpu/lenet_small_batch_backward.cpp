@@ -66,6 +66,7 @@ std::optional<LeNetGrads> backward_small_batch(const at::Tensor& grad_logits_arg
   const int64_t weight_lanes[2] = {conv_w[0].numel() * cpu::kLanes, conv_w[1].numel() * cpu::kLanes};
   const int64_t bias_lanes[2] = {cpu::PackedWeights::blocks(g[0].out_channels) * cpu::kLanes,
                                  cpu::PackedWeights::blocks(g[1].out_channels) * cpu::kLanes};
+  const int64_t dense_floats = width[1] * (width[0] + 1) + width[2] * (width[1] + 1) + width[3] * (width[2] + 1);
   std::vector<float*> xp(threads), dz(threads);
   std::vector<std::array<DenseSums, 3>> dense(threads);
   for (int t = 0; t < threads; ++t) {
@@ -76,8 +77,7 @@ std::optional<LeNetGrads> backward_small_batch(const at::Tensor& grad_logits_arg
       cpu::sized(share.conv[b].weight_lanes, weight_lanes[b]);
       cpu::sized(share.conv[b].bias_lanes, bias_lanes[b]);
     }
-    float* sums = t == 0 ? nullptr : cpu::sized(share.dense_grads, width[1] * (width[0] + 1) + width[2] * (width[1] + 1) +
-                                                                       width[3] * (width[2] + 1));
+    float* sums = t == 0 ? nullptr : cpu::sized(share.dense_grads, dense_floats);
     for (int l = 0; l < 3; ++l) {
       const LeNetGrad w = LeNetGrad(kFc1W + 2 * l), b = LeNetGrad(kFc1B + 2 * l);
       if (t == 0) {
@@ -104,7 +104,7 @@ std::optional<LeNetGrads> backward_small_batch(const at::Tensor& grad_logits_arg
       kernels->dense_backward_rows({fc_w[l].const_data_ptr<float>(), in, out, layer_in[l] + first * in,
                                     grad_out + first * out, dense[t][l].weight, dense[t][l].bias,
                                     chain_goes_on ? grad_in + first * in : nullptr, /*in_is_sigmoid=*/l > 0},
-                                   end - first, false);
+                                   end - first);
       if (!chain_goes_on) return;
     }
     // Conv block 2, then block 1 when a gradient below block 2 is asked for.

@@ -136,16 +136,17 @@ inline void dense_input_grad(const DenseBackward& c, const float* in, const floa
   }
 }
 
-// The layer's backward over `rows` rows, four at a time.
-inline void dense_backward_rows(const DenseBackward& c, int64_t rows, bool accumulate) {
+// The layer's backward over `rows` (>= 1) rows, four at a time: the first
+// block writes the parameter gradients, the others add to them.
+inline void dense_backward_rows(const DenseBackward& c, int64_t rows) {
   const int64_t n = c.in_features, m = c.out_features;
   int64_t r = 0;
   for (; r + 4 <= rows; r += 4) {
-    dense_param_grads<4>(c, c.in + r * n, c.grad_z + r * m, accumulate || r > 0);
+    dense_param_grads<4>(c, c.in + r * n, c.grad_z + r * m, r > 0);
     if (c.grad_in) dense_input_grad<4>(c, c.in + r * n, c.grad_z + r * m, c.grad_in + r * n);
   }
   for (; r < rows; ++r) {
-    dense_param_grads<1>(c, c.in + r * n, c.grad_z + r * m, accumulate || r > 0);
+    dense_param_grads<1>(c, c.in + r * n, c.grad_z + r * m, r > 0);
     if (c.grad_in) dense_input_grad<1>(c, c.in + r * n, c.grad_z + r * m, c.grad_in + r * n);
   }
 }

@@ -79,9 +79,9 @@ struct SimdKernels {
   void (*sum_weight_lanes)(const ConvPoolGeometry& g, const float* lanes, float* out);
   // A dense layer over `rows` contiguous rows of in into contiguous rows of out.
   void (*dense_rows)(const DenseLayer& layer, const float* in, int64_t rows, float* out);
-  // The backward of a dense layer over `rows` rows; the weight and bias
-  // gradients are written, or with `accumulate` added to.
-  void (*dense_backward_rows)(const DenseBackward& call, int64_t rows, bool accumulate);
+  // The backward of a dense layer over `rows` (>= 1) rows, writing the
+  // weight and bias gradients of their sum over the rows.
+  void (*dense_backward_rows)(const DenseBackward& call, int64_t rows);
 };
 
 namespace baseline { extern const SimdKernels kernels; }
