@@ -265,8 +265,7 @@ def test_small_batch_backward_for_models_of_other_sizes_in_turn():
     models = [(1, "lenet"), (3, "odd_pools"), (2, "lenet"), (1, "rgb_no_bias")]
     for _ in range(2):
         for batch, name in models:
-            config = SMALL_BATCH_CONFIGS[name]
-            args = random_lenet_args(batch, **config)
+            args = random_lenet_args(batch, **SMALL_BATCH_CONFIGS[name])
             inputs = backward_inputs(args)
             got = torch.ops.lenet_ext.lenet_backward(*inputs, *args[1:], mask)
             assert_grads_match(got, reference_grads(inputs, args, mask), mask)

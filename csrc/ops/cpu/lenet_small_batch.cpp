@@ -10,11 +10,8 @@ namespace lenet_ext {
 
 LeNetActivations forward_small_batch(const at::Tensor& x_arg, const LeNetParams& p, bool keep_activations) {
   const char* op = keep_activations ? "lenet_train_forward" : "lenet_forward";
-  const cpu::SimdKernels* kernels = cpu::selected_kernels();
-  if (kernels == nullptr || x_arg.scalar_type() != at::kFloat || x_arg.dim() != 4 || x_arg.size(0) == 0 ||
-      x_arg.size(0) > kSmallBatch) {
-    return {};
-  }
+  const cpu::SimdKernels* kernels = cpu::small_batch_kernels(x_arg);
+  if (kernels == nullptr) return {};
   const LeNetSizes sizes = check_lenet_args(x_arg, p, op);
   const ConvPoolGeometry &g1 = sizes.block1, &g2 = sizes.block2;
   const int64_t batch = g1.batch, f0 = g2.out_channels * g2.out_height * g2.out_width;

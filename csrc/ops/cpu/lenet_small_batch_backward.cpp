@@ -30,11 +30,8 @@ struct DenseSums {
 std::optional<LeNetGrads> backward_small_batch(const at::Tensor& grad_logits_arg, const at::Tensor& x_arg,
                                                const LeNetActivations& saved, const LeNetParams& p,
                                                const LeNetGradMask& output_mask) {
-  const cpu::SimdKernels* kernels = cpu::selected_kernels();
-  if (kernels == nullptr || x_arg.scalar_type() != at::kFloat || x_arg.dim() != 4 || x_arg.size(0) == 0 ||
-      x_arg.size(0) > kSmallBatch) {
-    return std::nullopt;
-  }
+  const cpu::SimdKernels* kernels = cpu::small_batch_kernels(x_arg);
+  if (kernels == nullptr) return std::nullopt;
   const LeNetBackwardCall call = check_backward_args(grad_logits_arg, x_arg, saved, p, output_mask);
   const ConvPoolGeometry g[2] = {call.block1, call.block2};
   if (!kernels->supported(g[0]) || !kernels->supported(g[1])) return std::nullopt;

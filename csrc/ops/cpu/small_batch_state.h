@@ -16,10 +16,21 @@
 #include <optional>
 #include <vector>
 
+#include "lenet_small_batch.h"
 #include "simd/simd_kernels.h"
 
 namespace lenet_ext {
 namespace cpu {
+
+// The vectorised kernels a call on x runs on the small-batch path, or
+// nullptr when the path does not take it: not a 4-d float32 x, batch 0 or
+// over kSmallBatch, or the generic kernels selected.
+inline const SimdKernels* small_batch_kernels(const at::Tensor& x) {
+  const SimdKernels* kernels = selected_kernels();
+  const bool taken = kernels != nullptr && x.scalar_type() == at::kFloat && x.dim() == 4 && x.size(0) > 0 &&
+                     x.size(0) <= kSmallBatch;
+  return taken ? kernels : nullptr;
+}
 
 inline float* sized(std::vector<float>& buffer, int64_t floats) {
   if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(floats);
