@@ -212,7 +212,7 @@ GRAD_NAMES = ("x", "conv1_weight", "conv1_bias", "conv2_weight", "conv2_bias", "
 
 
 @pytest.mark.parametrize("num_threads", [1, 2, 3], indirect=True)
-@pytest.mark.parametrize("batch", [1, 2, 5])
+@pytest.mark.parametrize("batch", [1, 2, 5, 64])
 @pytest.mark.parametrize("config", list(SMALL_BATCH_CONFIGS.values()), ids=list(SMALL_BATCH_CONFIGS))
 def test_small_batches_shared_image_by_image(config, batch, num_threads):
     """Batches of a few images give each thread whole images, unevenly where they do not divide; for
@@ -229,7 +229,7 @@ def test_small_batches_shared_image_by_image(config, batch, num_threads):
 
 
 @pytest.mark.parametrize("num_threads", [1, 2, 3], indirect=True)
-@pytest.mark.parametrize("batch", [1, 2, 5, 32])
+@pytest.mark.parametrize("batch", [1, 2, 5, 47, 64])
 @pytest.mark.parametrize("config", list(SMALL_BATCH_CONFIGS.values()), ids=list(SMALL_BATCH_CONFIGS))
 def test_small_batch_backward_shared_image_by_image(config, batch, num_threads):
     """lenet_backward of a few images: each thread takes whole images and sums its own parameter
@@ -271,12 +271,13 @@ def test_small_batch_backward_for_models_of_other_sizes_in_turn():
             assert_grads_match(got, reference_grads(inputs, args, mask), mask)
 
 
+@pytest.mark.parametrize("batch", [4, 64])
 @pytest.mark.parametrize("op", ["lenet_forward", "lenet_train_forward", "lenet_backward"])
 @pytest.mark.parametrize("cpu_kernel", [k for k in CPU_KERNELS if k != "generic"], indirect=True)
-def test_small_batches_run_without_a_layer_by_layer_call(op, cpu_kernel):
-    """At a serving batch size both forwards, and the backward, run the five layers in one pass of
+def test_small_batches_run_without_a_layer_by_layer_call(op, cpu_kernel, batch):
+    """Up to a tile of 64 images both forwards, and the backward, run the five layers in one pass of
     the vectorised kernels: no conv operator and no matrix product is dispatched on the way."""
-    x = torch.rand(4, 1, 28, 28)
+    x = torch.rand(batch, 1, 28, 28)
     args = [a.detach() if isinstance(a, Tensor) else a for a in lenet_args(x, LeNet())]
     if op == "lenet_backward":
         logits, *saved = torch.ops.lenet_ext.lenet_train_forward(*args)

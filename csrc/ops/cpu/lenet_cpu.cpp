@@ -2,8 +2,9 @@
 // kTile images, so that a tile's activations stay in cache from one layer to
 // the next (64 images of the first block's output are 300 KB), and the tiles
 // in chunks, one per thread, each thread summing its own parameter gradients.
-// A few images take the one-pass path of lenet_small_batch.h instead, and
-// a backward of one tile the whole-batch version that other devices run
+// A batch of at most one tile takes the one-pass path of lenet_small_batch.h
+// instead where its kernels apply (float32, vectorised kernels), and
+// otherwise, for a backward, the whole-batch version that other devices run
 // (../lenet.cpp). The steps are lenet.h's.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

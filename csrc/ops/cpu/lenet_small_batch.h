@@ -18,13 +18,17 @@
 
 namespace lenet_ext {
 
-// Batches up to this size take the path; larger ones gain more from the
-// 64-image tiles of lenet_cpu.cpp and from BLAS than they lose to their
-// set-up. Measured on 2 threads (operator alone, this path against the
-// layer-by-layer one): lenet_forward at batch 4 33 against 52 us, at 32 201
-// against 227 us; lenet_backward at batch 8 195 against 248 us, at 32 the
-// same within the noise (576 against 560 us).
-constexpr int64_t kSmallBatch = 32;
+// Batches up to this size, one of lenet_cpu.cpp's tiles, take the path: one
+// parallel region for the whole call, where the layer-by-layer path pays for
+// a region, a dispatch and an allocation per layer. Measured on 2 threads
+// (operator alone, this path against the layer-by-layer one): lenet_forward
+// at batch 4 33 against 52 us, at 33 204 against 228 us, at 64 379 against
+// 398 us; lenet_backward at batch 8 195 against 248 us, at 33 500 against
+// 535 us, at 64 892 against 927 us. On one thread the two paths are equal
+// within 2% at 33 and 64. Over 64 the two paths come within a few percent
+// of each other (equal within the noise at 128 and 256), and only the tiles
+// keep a tile's activations in cache at any batch size.
+constexpr int64_t kSmallBatch = 64;
 
 // The logits, and with keep_activations the activations lenet_backward reads
 // (lenet_train_forward); logits undefined when the path does not take the
