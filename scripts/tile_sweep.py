@@ -1,6 +1,6 @@
 """Times each CUDA tile program at each tile size (images per thread block), for choose_tile's rule.
 
-    python scripts/tile_sweep.py [--tiles auto,1,2,4,5,8,16] [--output tiles.json]
+    python scripts/tile_sweep.py [--tiles auto,1,2,4,5,8,10,16] [--output tiles.json]
 
 For each workload the speed targets name (LeNet inference at batch 256, 8192
 and 65536, a training step at 256 and 8192) and the conv operator's forward
@@ -11,11 +11,12 @@ count_launches.py measures it. The programs of a step run one after another,
 so each program's row shows its own best tile, whatever the others take;
 "auto" is the tile choose_tile picks now. A tile too large for shared memory
 falls back to the largest half of it that fits, so two columns can agree.
-5 is there for the work's balance: LeNet's forward has 50 conv2 items (a
-group of eight channels at a pooled position) per image, and 250 are one
-nearly whole round of a block's 256 threads where 400 (a tile of 8) leave
-the second round half full, and the forward program's buffers leave room for
-three blocks per multiprocessor (228 KB of shared memory) instead of two.
+5 and 10 are there for the work's balance: LeNet's forward has 50 conv2
+items (a group of eight channels at a pooled position) per image, and a
+conv pass of 5 images (a tile of 5, or of 10 in two passes) makes 250, one
+nearly whole round of a block's 256 threads; a tile of 10 also reads the
+dense layers' weights once for ten images. Both leave room for three blocks
+of the forward program per multiprocessor (228 KB of shared memory).
 On the CPU (--device cpu) it checks the script at small batches (the tile
 programs are CUDA's; the CPU runs its own kernels whatever the tile).
 """
@@ -72,7 +73,7 @@ def workloads(device):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tiles", default="auto,1,2,4,5,8,16", help="comma-separated (default auto,1,2,4,5,8,16)")
+    parser.add_argument("--tiles", default="auto,1,2,4,5,8,10,16", help="comma-separated (default auto,1,2,4,5,8,10,16)")
     parser.add_argument("--output", help="write the times to this JSON file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)

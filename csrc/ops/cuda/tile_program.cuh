@@ -18,6 +18,7 @@
 #include <limits>
 #include <map>
 #include <mutex>
+#include <type_traits>
 #include <utility>
 
 #include "../cuda_kernel_choice.h"
@@ -41,9 +42,22 @@ __device__ __forceinline__ void stamp_phase_clock(long long* phase_clocks, int s
   if (thread == 0) phase_clocks[int64_t(block) * Stamps + stamp] = clock64();
 }
 
+// The blocks of a Program that each multiprocessor must hold at once, which
+// caps its registers: its kMinResidentBlocks, or 0 for a program that names
+// none: then the compiler's own choice, as with no minimum at all (a minimum
+// of 1 lets it take up to 255 registers a thread, and it does).
+template <typename Program, typename = void>
+struct MinResidentBlocks {
+  static constexpr int value = 0;
+};
+template <typename Program>
+struct MinResidentBlocks<Program, std::void_t<decltype(Program::kMinResidentBlocks)>> {
+  static constexpr int value = Program::kMinResidentBlocks;
+};
+
 // phase_clocks: null, or the blocks' clock64() stamps (phase_clocks.h).
 template <typename Program>
-__global__ void __launch_bounds__(kTileProgramThreads)
+__global__ void __launch_bounds__(kTileProgramThreads, MinResidentBlocks<Program>::value)
     tile_program_kernel(const typename Program::Params p, long long* phase_clocks) {
   extern __shared__ __align__(16) float smem[];  // 16: the programs read float4s
   constexpr int kStamps = Program::kPhases + 1;

@@ -215,13 +215,14 @@ LENET_HOST_DEVICE void stage_weights(const ConvTileShape& s, const float* weight
     smem[s.bias_at + i] = bias && i < s.out_channels ? bias[i] : 0.0f;
 }
 
-// The tile's images inside their zero padding; images past the batch are all
-// zeros. Four loads in flight per thread on the GPU: each waits on global memory.
-LENET_HOST_DEVICE void stage_images(const ConvTileShape& s, int64_t batch, const float* x, float* smem,
-                                    int64_t tile_index, int tid, int threads) {
-  // A plane is one input channel of one image; the tile's real images have the first real_planes.
-  const int64_t first_image = tile_index * s.tile;
-  const int real_planes = tile_images(batch, first_image, s.tile) * s.in_channels;
+// s.tile images from first_image on, inside their zero padding; those from
+// the real_images-th on (past the batch, or past a LeNet tile's own images)
+// are all zeros. Four loads in flight per thread on the GPU: each waits on
+// global memory.
+LENET_HOST_DEVICE void stage_images(const ConvTileShape& s, const float* x, float* smem, int64_t first_image,
+                                    int real_images, int tid, int threads) {
+  // A plane is one input channel of one image; the real images have the first real_planes.
+  const int real_planes = real_images * s.in_channels;
   const float* tile_x = x + first_image * s.in_channels * s.height * s.width;
   IndexWalk<3> at(tid, threads, {0, s.padded_h, s.padded_w});  // (plane, padded row, padded column)
 #if defined(__CUDA_ARCH__)
@@ -239,7 +240,8 @@ LENET_HOST_DEVICE void stage_images(const ConvTileShape& s, int64_t batch, const
 LENET_HOST_DEVICE void stage(const ConvTileShape& s, int64_t batch, const float* x, const float* weight,
                              const float* bias, float* smem, int64_t tile_index, int tid, int threads) {
   stage_weights(s, weight, bias, smem, tid, threads);
-  stage_images(s, batch, x, smem, tile_index, tid, threads);
+  const int64_t first_image = tile_index * s.tile;
+  stage_images(s, x, smem, first_image, tile_images(batch, first_image, s.tile), tid, threads);
 }
 
 // z of output channels first, first + 1, ... (G of them) at conv position

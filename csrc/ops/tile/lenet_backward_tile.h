@@ -109,7 +109,7 @@ LENET_HOST_DEVICE void transposed_product(const float* weight, int rows, int col
 LENET_HOST_DEVICE void transposed_product(const float* weight, int rows, int cols, const float* g, int tile, int i,
                                           int first, float (&out)[kDenseImages]) {
   const int images = tile - first < kDenseImages ? tile - first : kDenseImages;
-  tile_phases::with_image_count(images, [&](auto m) {
+  tile_phases::with_image_count<kDenseImages>(images, [&](auto m) {
     if (rows % 4 == 0)
       transposed_product<4, m>(weight, rows, cols, g, i, first, out);
     else

@@ -5,8 +5,15 @@
 // is read from global memory, and only the logits are written to it, plus,
 // for lenet_train_forward, the activations its backward reads.
 //
-//   stage | conv block 1 | conv block 2 | fc1 slices | fc1 | fc2 slices | fc2
-//   | fc3 slices | logits
+//   stage | conv block 1 | conv block 2, staging the second pass | conv block
+//   1, second pass | conv block 2, second pass | fc1 slices | fc1 | fc2
+//   slices | fc2 | fc3 slices | logits
+//
+// The conv blocks take a tile's images in two passes when it has more than
+// kConvPassImages of them, through buffers for one pass, and the dense
+// phases take the whole tile at once: each fc1 weight a block reads from L2
+// then serves twice the images, where fc1's weights (192 KB for LeNet) are
+// most of what a block reads.
 //
 // The phases are __host__ __device__ and take the thread's coordinates as
 // arguments, so the same code runs in two places:
@@ -37,9 +44,16 @@ constexpr int kConv2ChannelsPerItem = 8;
 // kDenseSlices slices: slice s takes every kDenseSlices-th group of four
 // inputs, so the slices of a feature read consecutive 16-byte pieces of its
 // weight row and a warp reads whole 128-byte lines of four rows. A thread
-// keeps the sums of kDenseImages images in registers.
+// keeps the sums of kForwardDenseImages images in registers, so that each
+// weight it loads serves a whole tile of two conv passes; lenet_backward's
+// products (lenet_backward_tile.h) keep kDenseImages.
 constexpr int kDenseSlices = 8;
 constexpr int kDenseImages = 8;
+// A conv pass takes at most this many images when a tile has two: LeNet's
+// conv block 2 has 50 items per image (two groups of eight channels at 25
+// positions), and 5 images are 250, one nearly whole round of 256 threads.
+constexpr int kConvPassImages = 5;
+constexpr int kForwardDenseImages = 2 * kConvPassImages;
 // A slice loads the weights of this many of its groups before it uses any:
 // their trips to L2 overlap, where one load at a time made each of the
 // slice's groups wait for its own (the whole phase, at small tiles). LeNet's
@@ -51,16 +65,19 @@ constexpr int kDenseWeightLoads = 7;
 // Sizes of one call and where each of the tile's buffers sits in shared
 // memory (offsets in floats). Computed once on the host by make_tile_shape.
 // The conv blocks are two views of the conv operator's tile layout
-// (conv_sigmoid_avgpool2d_tile.h) with their buffers at this program's
-// offsets: conv1 reads x, conv2 reads block 1's output with conv2's zero
-// padding around it, and both stage their weights group by group. The dense
-// layers' slices reuse the space of x and block 1, which are dead by then.
+// (conv_sigmoid_avgpool2d_tile.h), of one pass's images, with their buffers
+// at this program's offsets: conv1 reads x, conv2 reads block 1's output
+// with conv2's zero padding around it, and both stage their weights group
+// by group. The dense layers' slices reuse the space of x and block 1, and
+// fc1's and fc2's outputs that of block 2, each dead by then.
 struct LeNetTileShape {
-  ConvTileShape conv1, conv2;
+  ConvTileShape conv1, conv2;         // their tile: the images of one conv pass
   int f0, f1, f2, f3;                 // dense widths: f0 = c2 * h2 * w2 in, f3 = classes out
   int tile;                           // images per thread block
+  int conv_passes;                    // 1, or 2 when tile > kConvPassImages
   int slices_at;                      // the dense layers' slices, over x and block 1
-  int block2_at, fc1_at, fc2_at;      // per-image buffers, `tile` of each, 16-byte aligned
+  int block2_at;                      // block 2's output, conv_passes * conv1.tile images
+  int fc1_at, fc2_at;                 // `tile` images each, over block 2, 16-byte aligned
   int floats;                         // shared memory in all
 };
 
@@ -96,8 +113,10 @@ inline LeNetTileShape make_tile_shape(int in_channels, int height, int width, in
   const ConvPoolGeometry g1 = block(in_channels, height, width, c1, k1, pad1, pool1);
   const ConvPoolGeometry g2 = block(c1, int(g1.out_height), int(g1.out_width), c2, k2, pad2, pool2);
   LeNetTileShape s{};
-  s.conv1 = make_conv_tile_shape(g1, tile, 0, kConv1ChannelsPerItem);
-  s.conv2 = make_conv_tile_shape(g2, tile, 0, kConv2ChannelsPerItem);
+  s.conv_passes = tile > kConvPassImages ? 2 : 1;
+  const int pass_images = (tile + s.conv_passes - 1) / s.conv_passes;
+  s.conv1 = make_conv_tile_shape(g1, pass_images, 0, kConv1ChannelsPerItem);
+  s.conv2 = make_conv_tile_shape(g2, pass_images, 0, kConv2ChannelsPerItem);
   s.f0 = c2 * s.conv2.out_h * s.conv2.out_w, s.f1 = f1, s.f2 = f2, s.f3 = f3;
   s.tile = tile;
   AlignedBuffers buffers(0);
@@ -105,15 +124,16 @@ inline LeNetTileShape make_tile_shape(int in_channels, int height, int width, in
     conv->weight_at = buffers.take(conv->in_channels * conv->kernel * conv->kernel * conv->channel_stride);
     conv->bias_at = buffers.take(conv->channel_stride);
   }
-  const int x_floats = tile * in_channels * s.conv1.padded_h * s.conv1.padded_w;
-  const int block1_floats = tile * c1 * s.conv2.padded_h * s.conv2.padded_w;
+  const int x_floats = pass_images * in_channels * s.conv1.padded_h * s.conv1.padded_w;
+  const int block1_floats = pass_images * c1 * s.conv2.padded_h * s.conv2.padded_w;
   const int widest = f1 > f2 ? (f1 > f3 ? f1 : f3) : (f2 > f3 ? f2 : f3);
   const int slice_floats = tile * widest * kDenseSlices;
   s.slices_at = s.conv1.x_at =
       buffers.take(x_floats + block1_floats > slice_floats ? x_floats + block1_floats : slice_floats);
   s.conv2.x_at = s.conv1.x_at + x_floats;
-  s.block2_at = buffers.take(tile * s.f0);
-  s.fc1_at = buffers.take(tile * f1), s.fc2_at = buffers.take(tile * f2);
+  const int fc1_floats = (tile * f1 + 3) / 4 * 4, block2_floats = s.conv_passes * pass_images * s.f0;
+  s.block2_at = buffers.take(block2_floats > fc1_floats + tile * f2 ? block2_floats : fc1_floats + tile * f2);
+  s.fc1_at = s.block2_at, s.fc2_at = s.block2_at + fc1_floats;
   s.floats = s.conv1.floats = s.conv2.floats = buffers.end;
   return s;
 }
@@ -127,17 +147,38 @@ inline LeNetTileShape retile(const LeNetTileShape& s, int tile) {
 
 namespace tile_phases {
 
-// Phase 0: both conv blocks' weights and biases, and the tile's images with
-// their zero padding; block 1's padded buffer is zeroed when conv2 pads
-// (phase 1 fills its interior, which without padding is all of it).
-LENET_HOST_DEVICE void stage(const LeNetTileParams& p, float* smem, int64_t tile_index, int tid, int threads) {
+// The first image of a tile's conv pass, its slot among the tile's images,
+// and how many of its images are real (the rest, past the batch or past the
+// tile, are zeros that no phase stores to global memory).
+struct ConvPass {
+  int64_t first_image;
+  int first_slot, real_images;
+};
+
+LENET_HOST_DEVICE ConvPass conv_pass(const LeNetTileParams& p, int64_t tile_index, int pass) {
   const LeNetTileShape& s = p.s;
+  const int first_slot = pass * s.conv1.tile;
+  const int64_t first_image = tile_index * s.tile + first_slot;
+  int real = s.conv1.tile < s.tile - first_slot ? s.conv1.tile : s.tile - first_slot;
+  if (p.batch - first_image < real) real = p.batch - first_image > 0 ? static_cast<int>(p.batch - first_image) : 0;
+  return ConvPass{first_image, first_slot, real};
+}
+
+// A pass's images with their zero padding (phase 0 for the first pass, with
+// both conv blocks' weights and biases; phase 2, behind conv block 2, for the
+// second). Block 1's padded buffer is zeroed when conv2 pads, once: the
+// passes' conv block 1 fill its interior, which without padding is all of it.
+LENET_HOST_DEVICE void stage(const LeNetTileParams& p, float* smem, int64_t tile_index, int pass, int tid,
+                             int threads) {
+  const LeNetTileShape& s = p.s;
+  const ConvPass at = conv_pass(p, tile_index, pass);
+  conv_tile_phases::stage_images(s.conv1, p.x, smem, at.first_image, at.real_images, tid, threads);
+  if (pass > 0) return;
   conv_tile_phases::stage_weights(s.conv1, p.conv1_w, p.conv1_b, smem, tid, threads);
   conv_tile_phases::stage_weights(s.conv2, p.conv2_w, p.conv2_b, smem, tid, threads);
-  conv_tile_phases::stage_images(s.conv1, p.batch, p.x, smem, tile_index, tid, threads);
   const ConvTileShape& b1 = s.conv2;  // block 1's output, as conv2 reads it
   if (b1.padding == 0) return;
-  for (int i = tid; i < s.tile * b1.in_channels * b1.padded_h * b1.padded_w; i += threads) smem[b1.x_at + i] = 0.0f;
+  for (int i = tid; i < b1.tile * b1.in_channels * b1.padded_h * b1.padded_w; i += threads) smem[b1.x_at + i] = 0.0f;
 }
 
 // A conv block's pooled outputs of one group of G channels, its first
@@ -154,10 +195,12 @@ LENET_HOST_DEVICE void store_group(const float (&out)[G], int channels, float* t
   }
 }
 
-// Phase 1: conv block 1 into the interior of its padded buffer, a channel
+// Conv block 1 of a pass into the interior of its padded buffer, a channel
 // group of one pooled output per item.
-LENET_HOST_DEVICE void conv_block1(const LeNetTileParams& p, float* smem, int64_t tile_index, int tid, int threads) {
+LENET_HOST_DEVICE void conv_block1(const LeNetTileParams& p, float* smem, int64_t tile_index, int pass, int tid,
+                                   int threads) {
   const ConvTileShape &c1 = p.s.conv1, &b1 = p.s.conv2;
+  const ConvPass at = conv_pass(p, tile_index, pass);
   using conv_tile_phases::ChannelGroupItem;
   const auto per_item = [&](const ChannelGroupItem& item) {
     const auto [image, first, ph, pw] = item;
@@ -166,18 +209,22 @@ LENET_HOST_DEVICE void conv_block1(const LeNetTileParams& p, float* smem, int64_
     // Channel first + c's output is c planes on, in shared memory and in p.block1.
     float* to_smem = smem + b1.x_at +
                      ((image * b1.in_channels + first) * b1.padded_h + ph + b1.padding) * b1.padded_w + pw + b1.padding;
-    const int64_t n = tile_index * p.s.tile + image;
-    float* to_global =
-        p.block1 && n < p.batch ? p.block1 + ((n * c1.out_channels + first) * c1.out_h + ph) * c1.out_w + pw : nullptr;
+    const int64_t n = at.first_image + image;
+    float* to_global = p.block1 && image < at.real_images
+                           ? p.block1 + ((n * c1.out_channels + first) * c1.out_h + ph) * c1.out_w + pw
+                           : nullptr;
     store_group(out, c1.out_channels - first, to_smem, b1.padded_h * b1.padded_w, to_global, c1.out_h * c1.out_w);
   };
   conv_tile_phases::for_each_channel_group_item<kConv1ChannelsPerItem>(c1, c1.out_h, c1.out_w, tid, threads, per_item);
 }
 
-// Phase 2: conv block 2, flattened as nn.Flatten orders it (c, h, w).
-LENET_HOST_DEVICE void conv_block2(const LeNetTileParams& p, float* smem, int64_t tile_index, int tid, int threads) {
+// Conv block 2 of a pass, flattened as nn.Flatten orders it (c, h, w), into
+// the pass's slots of block 2's buffer.
+LENET_HOST_DEVICE void conv_block2(const LeNetTileParams& p, float* smem, int64_t tile_index, int pass, int tid,
+                                   int threads) {
   const LeNetTileShape& s = p.s;
   const ConvTileShape& c2 = s.conv2;
+  const ConvPass at = conv_pass(p, tile_index, pass);
   using conv_tile_phases::ChannelGroupItem;
   const auto per_item = [&](const ChannelGroupItem& item) {
     const auto [image, first, ph, pw] = item;
@@ -185,9 +232,8 @@ LENET_HOST_DEVICE void conv_block2(const LeNetTileParams& p, float* smem, int64_
     conv_tile_phases::pooled_group(c2, smem, image, first, ph, pw, out);
     // Channel first + c's feature is c planes on.
     const int feature = (first * c2.out_h + ph) * c2.out_w + pw;
-    float* to_smem = smem + s.block2_at + image * s.f0 + feature;
-    const int64_t n = tile_index * s.tile + image;
-    float* to_global = p.block2 && n < p.batch ? p.block2 + n * s.f0 + feature : nullptr;
+    float* to_smem = smem + s.block2_at + (at.first_slot + image) * s.f0 + feature;
+    float* to_global = p.block2 && image < at.real_images ? p.block2 + (at.first_image + image) * s.f0 + feature : nullptr;
     store_group(out, c2.out_channels - first, to_smem, c2.out_h * c2.out_w, to_global, c2.out_h * c2.out_w);
   };
   conv_tile_phases::for_each_channel_group_item<kConv2ChannelsPerItem>(c2, c2.out_h, c2.out_w, tid, threads, per_item);
@@ -200,7 +246,7 @@ LENET_HOST_DEVICE void conv_block2(const LeNetTileParams& p, float* smem, int64_
 // is one load and W multiply-adds.
 template <int W, int M>
 LENET_HOST_DEVICE void dense_slice(const TileDenseLayer& layer, const float* in, int j, int slice, int first,
-                                   float (&sum)[kDenseImages]) {
+                                   float (&sum)[kForwardDenseImages]) {
   // The slice's groups are kDenseSlices groups apart: group `base + u *
   // kDenseSlices` lies u * kStep floats past group `base`: a trip's loads
   // are constant offsets from its pointers, not sums with the group index.
@@ -237,19 +283,17 @@ LENET_HOST_DEVICE void dense_slice(const TileDenseLayer& layer, const float* in,
   }
 }
 
-// Calls fn(std::integral_constant<int, M>{}) with M = images, 1 <= images <= kDenseImages.
-template <typename Fn>
+// Calls fn(std::integral_constant<int, M>{}) with M = images, for
+// 1 <= images <= Max (Max for any larger count).
+template <int Max, int M = 1, typename Fn>
 LENET_HOST_DEVICE void with_image_count(int images, const Fn& fn) {
-  static_assert(kDenseImages == 8, "one case per image count");
-  switch (images) {
-    case 1: fn(std::integral_constant<int, 1>{}); break;
-    case 2: fn(std::integral_constant<int, 2>{}); break;
-    case 3: fn(std::integral_constant<int, 3>{}); break;
-    case 4: fn(std::integral_constant<int, 4>{}); break;
-    case 5: fn(std::integral_constant<int, 5>{}); break;
-    case 6: fn(std::integral_constant<int, 6>{}); break;
-    case 7: fn(std::integral_constant<int, 7>{}); break;
-    default: fn(std::integral_constant<int, 8>{});
+  if constexpr (M == Max) {
+    fn(std::integral_constant<int, M>{});
+  } else {
+    if (images == M)
+      fn(std::integral_constant<int, M>{});
+    else
+      with_image_count<Max, M + 1>(images, fn);
   }
 }
 
@@ -260,17 +304,17 @@ LENET_HOST_DEVICE void dense_slices(const TileDenseLayer& layer, const float* in
   const int items = layer.out_features * kDenseSlices;
   for (int i = tid; i < items; i += threads) {
     const int j = i / kDenseSlices, slice = i % kDenseSlices;
-    for (int first = 0; first < tile; first += kDenseImages) {
-      float sum[kDenseImages] = {};
-      const int images = tile - first < kDenseImages ? tile - first : kDenseImages;
-      with_image_count(images, [&](auto m) {
+    for (int first = 0; first < tile; first += kForwardDenseImages) {
+      float sum[kForwardDenseImages] = {};
+      const int images = tile - first < kForwardDenseImages ? tile - first : kForwardDenseImages;
+      with_image_count<kForwardDenseImages>(images, [&](auto m) {
         if (layer.in_float4s)
           dense_slice<4, m>(layer, in, j, slice, first, sum);
         else
           dense_slice<1, m>(layer, in, j, slice, first, sum);
       });
       LENET_UNROLL
-      for (int m = 0; m < kDenseImages; ++m)
+      for (int m = 0; m < kForwardDenseImages; ++m)
         if (m < images) slices[(first + m) * items + i] = sum[m];
     }
   }
@@ -302,18 +346,23 @@ LENET_HOST_DEVICE void dense_finish(const TileDenseLayer& layer, const float* sl
 struct LeNetTileProgram {
   using Params = LeNetTileParams;
   static constexpr const char* kName = "LeNetTileProgram";
-  static constexpr int kPhases = 9;
-  static constexpr const char* kPhaseNames[kPhases] = {"stage", "conv block 1", "conv block 2", "fc1 slices", "fc1",
-                                                      "fc2 slices", "fc2", "fc3 slices", "logits"};
+  static constexpr int kPhases = 11;
+  static constexpr const char* kPhaseNames[kPhases] = {
+      "stage", "conv block 1", "conv block 2, staging the second pass", "conv block 1, second pass",
+      "conv block 2, second pass", "fc1 slices", "fc1", "fc2 slices", "fc2", "fc3 slices", "logits"};
   // Images per block that choose_tile (../cuda/tile_program.cuh) tries, in order.
-  // 5 before 8: LeNet's conv block 2 has 50 items per image (two groups of
-  // eight channels at 25 positions), so a tile of 5 gives its phase one
-  // nearly whole round of 256 threads where 8 leaves the second round half
-  // full, and its smaller buffers leave room for a third block per
-  // multiprocessor. On an H100, with conv items of four channels (twice the
-  // items), a tile of 5 took 2-6% less time than 8 at 8,192 and 65,536
-  // images (scripts/tile_sweep.py).
-  static constexpr int kTileCandidates[] = {5, 4, 2, 1};
+  // 10: two conv passes of kConvPassImages, with the dense layers' weights
+  // read once for the ten; its buffers, like 5's, leave room for three
+  // blocks per multiprocessor. 5 before 4: conv block 2's phase of 5 images
+  // is one nearly whole round of 256 threads. scripts/tile_sweep.py times
+  // each tile.
+  static constexpr int kTileCandidates[] = {10, 5, 4, 2, 1};
+  // Three blocks per multiprocessor, as their buffers allow at a tile of 10
+  // (LeNet's: 17,576 floats, 68.7 KiB; three, each with the 1 KiB a block
+  // reserves, fit an H100's 228 KiB): registers at most 85 a thread, where
+  // the dense phases' ten images would take the compiler to 97 on sm_90, and
+  // the multiprocessor down to two blocks.
+  static constexpr int kMinResidentBlocks = 3;
 
   // One phase for thread tid of `threads`.
   static LENET_HOST_DEVICE void run_phase(int phase, const Params& p, float* smem, int64_t tile_index, int tid,
@@ -324,15 +373,23 @@ struct LeNetTileProgram {
     const int64_t first = tile_index * s.tile;
     const int images = tile_images(p.batch, first, s.tile);
     float* slices = smem + s.slices_at;
+    const bool two_passes = s.conv_passes == 2;
     switch (phase) {
-      case 0: stage(p, smem, tile_index, tid, threads); break;
-      case 1: conv_block1(p, smem, tile_index, tid, threads); break;
-      case 2: conv_block2(p, smem, tile_index, tid, threads); break;
-      case 3: dense_slices(p.fc1, smem + s.block2_at, s.tile, slices, tid, threads); break;
-      case 4: dense_finish(p.fc1, slices, s.tile, images, true, smem + s.fc1_at, p.fc1_out, first, tid, threads); break;
-      case 5: dense_slices(p.fc2, smem + s.fc1_at, s.tile, slices, tid, threads); break;
-      case 6: dense_finish(p.fc2, slices, s.tile, images, true, smem + s.fc2_at, p.fc2_out, first, tid, threads); break;
-      case 7: dense_slices(p.fc3, smem + s.fc2_at, s.tile, slices, tid, threads); break;
+      case 0: stage(p, smem, tile_index, 0, tid, threads); break;
+      case 1: conv_block1(p, smem, tile_index, 0, tid, threads); break;
+      case 2:
+        conv_block2(p, smem, tile_index, 0, tid, threads);
+        // x is dead once conv block 1 has read it: the second pass's images
+        // load while other warps still compute, behind this phase's work.
+        if (two_passes) stage(p, smem, tile_index, 1, tid, threads);
+        break;
+      case 3: if (two_passes) conv_block1(p, smem, tile_index, 1, tid, threads); break;
+      case 4: if (two_passes) conv_block2(p, smem, tile_index, 1, tid, threads); break;
+      case 5: dense_slices(p.fc1, smem + s.block2_at, s.tile, slices, tid, threads); break;
+      case 6: dense_finish(p.fc1, slices, s.tile, images, true, smem + s.fc1_at, p.fc1_out, first, tid, threads); break;
+      case 7: dense_slices(p.fc2, smem + s.fc1_at, s.tile, slices, tid, threads); break;
+      case 8: dense_finish(p.fc2, slices, s.tile, images, true, smem + s.fc2_at, p.fc2_out, first, tid, threads); break;
+      case 9: dense_slices(p.fc3, smem + s.fc2_at, s.tile, slices, tid, threads); break;
       default: dense_finish(p.fc3, slices, s.tile, images, false, nullptr, p.logits, first, tid, threads);
     }
   }

@@ -58,7 +58,9 @@ void emulate_tile_program(const char* op, const typename Program::Params& params
   const auto run = [&](int phase, float* memory, int64_t tile, int tid) {
     Program::run_phase(phase, params, memory, tile, tid, static_cast<int>(threads));
   };
-  for (int64_t t = 0; t < tiles; ++t) {
+  // The last block first: one that writes past its own images into the
+  // next tile's rows of an output then overwrites values already final.
+  for (int64_t t = tiles - 1; t >= 0; --t) {
     // Whatever a previous block left behind; the program must not read it.
     std::fill(smem.begin(), smem.end(), std::nanf(""));
     for (int phase = 0; phase < Program::kPhases; ++phase) {
