@@ -15,6 +15,7 @@ Build switches (environment variables):
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,34 @@ except ImportError:
     )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+# The first setuptools that builds wheels without the wheel package.
+WHEEL_BUILDING_SETUPTOOLS = (70, 1)
+
+
+def check_wheel_builder():
+    """pip builds a wheel (dist_info for its metadata, then bdist_wheel or editable_wheel)
+    with the setuptools it finds when it runs without build isolation. Before 70.1 that
+    needs the wheel package, which a new virtual environment of Python 3.11 or older does
+    not have beside its setuptools 65; without it setuptools says only "invalid command
+    'bdist_wheel'"."""
+    if not {"dist_info", "bdist_wheel", "editable_wheel"} & set(sys.argv[1:]):
+        return
+    version = tuple(int(part) for part in re.findall(r"\d+", setuptools.__version__)[:2])
+    if version >= WHEEL_BUILDING_SETUPTOOLS:
+        return
+    try:
+        import wheel  # noqa: F401
+    except ImportError:
+        sys.exit(
+            f"lenet_ext: pip builds the wheel with the setuptools installed here ({setuptools.__version__}), "
+            "which needs the wheel package for it, and that is not installed. Upgrade setuptools first:\n"
+            '  pip install -U "setuptools>=70.1"\n'
+            "then build again (pip install --no-build-isolation ...)."
+        )
+
+
+check_wheel_builder()
 
 # Used when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset: Ampere (8.0)
 # and Hopper (9.0) as machine code, plus PTX of 9.0 that newer GPUs can JIT.

@@ -78,6 +78,42 @@ def test_setup_without_torch_stops_with_instructions():
     assert "pip install --no-build-isolation" in result.stderr
 
 
+def run_setup_to_its_wheel_check(setuptools_version, wheel_installed, command):
+    """setup.py as pip would run `command` with this setuptools, with or without the wheel
+    package, cut off after check_wheel_builder (before any build)."""
+    source = open(os.path.join(ROOT, "setup.py")).read()
+    call = "\ncheck_wheel_builder()\n"
+    script = "\n".join([
+        "import sys, setuptools",
+        f"setuptools.__version__ = {setuptools_version!r}",
+        f"sys.modules['wheel'] = {'setuptools' if wheel_installed else 'None'}",  # None: `import wheel` fails
+        f"sys.argv = ['setup.py', {command!r}]",
+        f"exec(compile({source[: source.index(call) + len(call)]!r}, 'setup.py', 'exec'), {{'__file__': 'setup.py'}})",
+    ])  # fmt: skip
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    "setuptools_version, wheel_installed, command, stops",
+    [("65.5.0", False, "dist_info", True), ("70.0.0", False, "editable_wheel", True),
+     ("65.5.0", True, "dist_info", False), ("70.1.0", False, "bdist_wheel", False),
+     ("65.5.0", False, "build_ext", False)],
+)  # fmt: skip
+def test_setup_with_a_setuptools_that_cannot_build_wheels_stops_with_the_fix(
+    setuptools_version, wheel_installed, command, stops
+):
+    """pip builds a wheel with the setuptools it finds (--no-build-isolation); one older than 70.1
+    without the wheel package would only say "invalid command 'bdist_wheel'". build_ext (an
+    in-place build) needs no wheel."""
+    result = run_setup_to_its_wheel_check(setuptools_version, wheel_installed, command)
+    if stops:
+        assert result.returncode != 0
+        assert f"the setuptools installed here ({setuptools_version})" in result.stderr
+        assert 'pip install -U "setuptools>=70.1"' in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+
+
 def test_setup_with_clang_stops_with_the_fix(tmp_path):
     """The CPU kernels need GCC; a clang CXX is refused before anything compiles."""
     clang = tmp_path / "clang++"
