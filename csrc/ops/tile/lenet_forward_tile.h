@@ -374,17 +374,22 @@ struct LeNetTileProgram {
     const int images = tile_images(p.batch, first, s.tile);
     float* slices = smem + s.slices_at;
     const bool two_passes = s.conv_passes == 2;
+    // Each conv block has one call for both passes (phases 1 and 3, 2 and 4),
+    // so that its code is compiled once: blocks of a multiprocessor in either
+    // pass then share its loops in the instruction cache.
     switch (phase) {
       case 0: stage(p, smem, tile_index, 0, tid, threads); break;
-      case 1: conv_block1(p, smem, tile_index, 0, tid, threads); break;
+      case 1:
+      case 3:
+        if (phase == 1 || two_passes) conv_block1(p, smem, tile_index, phase / 3, tid, threads);
+        break;
       case 2:
-        conv_block2(p, smem, tile_index, 0, tid, threads);
+      case 4:
+        if (phase == 2 || two_passes) conv_block2(p, smem, tile_index, phase / 4, tid, threads);
         // x is dead once conv block 1 has read it: the second pass's images
         // load while other warps still compute, behind this phase's work.
-        if (two_passes) stage(p, smem, tile_index, 1, tid, threads);
+        if (phase == 2 && two_passes) stage(p, smem, tile_index, 1, tid, threads);
         break;
-      case 3: if (two_passes) conv_block1(p, smem, tile_index, 1, tid, threads); break;
-      case 4: if (two_passes) conv_block2(p, smem, tile_index, 1, tid, threads); break;
       case 5: dense_slices(p.fc1, smem + s.block2_at, s.tile, slices, tid, threads); break;
       case 6: dense_finish(p.fc1, slices, s.tile, images, true, smem + s.fc1_at, p.fc1_out, first, tid, threads); break;
       case 7: dense_slices(p.fc2, smem + s.fc1_at, s.tile, slices, tid, threads); break;
