@@ -24,6 +24,7 @@ namespace lenet_ext {
 namespace {
 
 constexpr int64_t kTile = 64;
+static_assert(kSmallBatch == kTile, "a batch of at most one tile takes the one-pass path (lenet_small_batch.h)");
 
 // Chunks of a batch of more than one tile: one per thread, with at most as
 // many chunks as tiles.

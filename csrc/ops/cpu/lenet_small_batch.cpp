@@ -37,10 +37,8 @@ LeNetActivations forward_small_batch(const at::Tensor& x_arg, const LeNetParams&
   const int threads = cpu::small_batch_threads(batch);
   cpu::SmallBatchState& b = cpu::small_batch_state();
   const cpu::PackedWeights packed1 = b.conv1.get(conv1_w, conv1_b), packed2 = b.conv2.get(conv2_w, conv2_b);
-  if (static_cast<int>(b.xp.size()) < threads) b.xp.resize(threads);
+  const std::vector<float*> xp = b.padded_inputs(*kernels, g1, g2, threads);
   const int64_t xp1_size = kernels->xp_size(g1);
-  std::vector<float*> xp(threads);
-  for (int t = 0; t < threads; ++t) xp[t] = b.xp[t].get(g1, g2, xp1_size + kernels->xp_size(g2));
   const auto activation = [&](const at::Tensor& kept, std::vector<float>& buffer, int64_t floats) {
     return kept.defined() ? kept.mutable_data_ptr<float>() : cpu::sized(buffer, floats);
   };

@@ -57,18 +57,17 @@ std::optional<LeNetGrads> backward_small_batch(const at::Tensor& grad_logits_arg
   cpu::SmallBatchState& st = cpu::small_batch_state();
   const cpu::PackedWeights packed[2] = {st.conv1.get(conv_w[0], cpu::contiguous(p.conv1_bias)),
                                         st.conv2.get(conv_w[1], cpu::contiguous(p.conv2_bias))};
-  if (static_cast<int>(st.xp.size()) < threads) st.xp.resize(threads);
+  const std::vector<float*> xp = st.padded_inputs(*kernels, g[0], g[1], threads);
   if (static_cast<int>(st.backward.size()) < threads) st.backward.resize(threads);
   const int64_t xp1_size = kernels->xp_size(g[0]), dz1_size = kernels->dz_size(g[0]);
   const int64_t weight_lanes[2] = {conv_w[0].numel() * cpu::kLanes, conv_w[1].numel() * cpu::kLanes};
   const int64_t bias_lanes[2] = {cpu::PackedWeights::blocks(g[0].out_channels) * cpu::kLanes,
                                  cpu::PackedWeights::blocks(g[1].out_channels) * cpu::kLanes};
   const int64_t dense_floats = width[1] * (width[0] + 1) + width[2] * (width[1] + 1) + width[3] * (width[2] + 1);
-  std::vector<float*> xp(threads), dz(threads);
+  std::vector<float*> dz(threads);
   std::vector<std::array<DenseSums, 3>> dense(threads);
   for (int t = 0; t < threads; ++t) {
     cpu::BackwardShare& share = st.backward[t];
-    xp[t] = st.xp[t].get(g[0], g[1], xp1_size + kernels->xp_size(g[1]));
     dz[t] = share.dz.get(g[0], g[1], dz1_size + kernels->dz_size(g[1]));
     for (int b = 0; b < 2; ++b) {
       cpu::sized(share.conv[b].weight_lanes, weight_lanes[b]);
@@ -131,10 +130,10 @@ std::optional<LeNetGrads> backward_small_batch(const at::Tensor& grad_logits_arg
     if (mask[w]) {
       float* out = grads[w].mutable_data_ptr<float>();
       kernels->sum_weight_lanes(g[b], st.backward[0].conv[b].weight_lanes.data(), out);
-      std::vector<float> sums(grads[w].numel());
+      float* sums = cpu::sized(st.thread_weight_grad, grads[w].numel());
       for (int t = 1; t < threads; ++t) {
-        kernels->sum_weight_lanes(g[b], st.backward[t].conv[b].weight_lanes.data(), sums.data());
-        add(out, sums.data(), grads[w].numel());
+        kernels->sum_weight_lanes(g[b], st.backward[t].conv[b].weight_lanes.data(), sums);
+        add(out, sums, grads[w].numel());
       }
     }
     if (mask[bias]) {

@@ -117,6 +117,17 @@ struct SmallBatchState {
   std::vector<BackwardShare> backward;  // one per thread of the call
   std::vector<float> block1, block2, fc1, fc2;  // a forward's activations, when not kept
   std::vector<float> grad_fc1, grad_fc2, grad_block1, grad_block2;  // a backward's gradients between the layers
+  std::vector<float> thread_weight_grad;  // one thread's conv weight gradient, summed from its lanes
+
+  // Each of `threads` threads' xp buffer for both conv blocks, block 2's
+  // kernels.xp_size(g1) floats on.
+  std::vector<float*> padded_inputs(const SimdKernels& kernels, const ConvPoolGeometry& g1,
+                                    const ConvPoolGeometry& g2, int threads) {
+    if (static_cast<int>(xp.size()) < threads) xp.resize(threads);
+    std::vector<float*> buffers(threads);
+    for (int t = 0; t < threads; ++t) buffers[t] = xp[t].get(g1, g2, kernels.xp_size(g1) + kernels.xp_size(g2));
+    return buffers;
+  }
 };
 
 // The calling thread's state.
