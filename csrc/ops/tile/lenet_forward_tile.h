@@ -159,9 +159,9 @@ LENET_HOST_DEVICE ConvPass conv_pass(const LeNetTileParams& p, int64_t tile_inde
   const LeNetTileShape& s = p.s;
   const int first_slot = pass * s.conv1.tile;
   const int64_t first_image = tile_index * s.tile + first_slot;
-  int real = s.conv1.tile < s.tile - first_slot ? s.conv1.tile : s.tile - first_slot;
-  if (p.batch - first_image < real) real = p.batch - first_image > 0 ? static_cast<int>(p.batch - first_image) : 0;
-  return ConvPass{first_image, first_slot, real};
+  const int own = s.conv1.tile < s.tile - first_slot ? s.conv1.tile : s.tile - first_slot;
+  const int real = tile_images(p.batch, first_image, own);
+  return ConvPass{first_image, first_slot, real > 0 ? real : 0};
 }
 
 // A pass's images with their zero padding (phase 0 for the first pass, with
