@@ -71,7 +71,7 @@ void backward_simd(const cpu::SimdKernels& kernels, const ConvPoolGeometry& g,
     std::vector<float> dz(kernels.dz_size(g), 0.0f);
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       // Weight gradients with their 16 lanes unsummed until the chunk ends.
-      std::vector<float> grad_weight_lanes(need_w ? weight_numel * cpu::kLanes : 0, 0.0f);
+      std::vector<float> grad_weight_lanes(need_w ? kernels.weight_lanes_size(g) : 0, 0.0f);
       std::vector<float> grad_bias_lanes(bias_lanes, 0.0f);
       const cpu::BackwardImages call{grad_out.const_data_ptr<float>(),
                                      x.const_data_ptr<float>(),

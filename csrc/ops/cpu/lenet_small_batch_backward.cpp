@@ -60,7 +60,7 @@ std::optional<LeNetGrads> backward_small_batch(const at::Tensor& grad_logits_arg
   const std::vector<float*> xp = st.padded_inputs(*kernels, g[0], g[1], threads);
   if (static_cast<int>(st.backward.size()) < threads) st.backward.resize(threads);
   const int64_t xp1_size = kernels->xp_size(g[0]), dz1_size = kernels->dz_size(g[0]);
-  const int64_t weight_lanes[2] = {conv_w[0].numel() * cpu::kLanes, conv_w[1].numel() * cpu::kLanes};
+  const int64_t weight_lanes[2] = {kernels->weight_lanes_size(g[0]), kernels->weight_lanes_size(g[1])};
   const int64_t bias_lanes[2] = {cpu::PackedWeights::blocks(g[0].out_channels) * cpu::kLanes,
                                  cpu::PackedWeights::blocks(g[1].out_channels) * cpu::kLanes};
   const int64_t dense_floats = width[1] * (width[0] + 1) + width[2] * (width[1] + 1) + width[3] * (width[2] + 1);

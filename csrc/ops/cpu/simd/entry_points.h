@@ -39,6 +39,13 @@ inline bool supported(const ConvPoolGeometry& g) { return g.pool >= 1 && g.pool 
 
 inline int64_t xp_size(const ConvPoolGeometry& g) { return Workspace(g).xp_size(g); }
 inline int64_t dz_size(const ConvPoolGeometry& g) { return Workspace(g).dz_size(g, use_column_lanes(g)); }
+// sum_weight_lanes' layouts: 16 column lanes per weight, or each weight in
+// the lane of its output channel, C_out rounded up to whole vectors (16
+// times fewer floats, which every backward call zeroes).
+inline int64_t weight_lanes_size(const ConvPoolGeometry& g) {
+  const int64_t per_channel = g.in_channels * g.kernel * g.kernel;
+  return use_column_lanes(g) ? g.out_channels * per_channel * kLanes : round16(g.out_channels) * per_channel;
+}
 
 // Calls f(std::integral_constant<int, P>{}) for the pool size P of g.
 template <typename F>
@@ -132,8 +139,9 @@ inline void backward_images(const ConvPoolGeometry& g, const BackwardImages& cal
   }
 }
 
-const SimdKernels kernels = {&supported,       &xp_size,          &dz_size,    &forward_images,
-                             &backward_images, &sum_weight_lanes, &dense_rows, &dense_backward_rows};
+const SimdKernels kernels = {&supported,       &xp_size,          &dz_size,          &weight_lanes_size,
+                             &forward_images,  &backward_images,  &sum_weight_lanes, &dense_rows,
+                             &dense_backward_rows};
 
 }  // namespace LENET_ISA
 }  // namespace cpu

@@ -30,7 +30,8 @@ struct ForwardImages {
 // grad_bias_lanes accumulate across calls, lanes unsummed (see
 // sum_weight_lanes). weight is the unpacked (C_out, C_in, K, K) weight, which
 // the input gradient reads. xp and dz are per-thread buffers of xp_size()
-// and dz_size() floats, zeroed once.
+// and dz_size() floats, zeroed once; grad_weight_lanes has weight_lanes_size()
+// floats.
 struct BackwardImages {
   const float* grad_out;
   const float* x;
@@ -71,11 +72,13 @@ struct SimdKernels {
   bool (*supported)(const ConvPoolGeometry& g);
   int64_t (*xp_size)(const ConvPoolGeometry& g);  // per-thread buffer sizes, in floats
   int64_t (*dz_size)(const ConvPoolGeometry& g);
+  // The floats of the weight-gradient lanes that backward_images accumulates.
+  int64_t (*weight_lanes_size)(const ConvPoolGeometry& g);
   void (*forward_images)(const ConvPoolGeometry& g, const ForwardImages& call, int64_t n_begin, int64_t n_end);
   void (*backward_images)(const ConvPoolGeometry& g, const BackwardImages& call, int64_t n_begin,
                           int64_t n_end);
   // Turns the weight-gradient lanes that backward_images accumulates
-  // (C_out * C_in * K * K * 16 floats) into C_out * C_in * K * K sums.
+  // (weight_lanes_size floats) into C_out * C_in * K * K sums.
   void (*sum_weight_lanes)(const ConvPoolGeometry& g, const float* lanes, float* out);
   // A dense layer over `rows` contiguous rows of in into contiguous rows of out.
   void (*dense_rows)(const DenseLayer& layer, const float* in, int64_t rows, float* out);
