@@ -39,9 +39,9 @@ inline bool supported(const ConvPoolGeometry& g) { return g.pool >= 1 && g.pool 
 
 inline int64_t xp_size(const ConvPoolGeometry& g) { return Workspace(g).xp_size(g); }
 inline int64_t dz_size(const ConvPoolGeometry& g) { return Workspace(g).dz_size(g, use_column_lanes(g)); }
-// sum_weight_lanes' layouts: 16 column lanes per weight, or each weight in
-// the lane of its output channel, C_out rounded up to whole vectors (16
-// times fewer floats, which every backward call zeroes).
+// The floats of sum_weight_lanes' layouts, which every backward call zeroes:
+// with column lanes 16 per weight; with channel lanes one per weight, C_out
+// rounded up to whole vectors.
 inline int64_t weight_lanes_size(const ConvPoolGeometry& g) {
   const int64_t per_channel = g.in_channels * g.kernel * g.kernel;
   return use_column_lanes(g) ? g.out_channels * per_channel * kLanes : round16(g.out_channels) * per_channel;
