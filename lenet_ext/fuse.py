@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
-from .ops import conv_sigmoid_avgpool2d
+from .ops import _as_int, conv_sigmoid_avgpool2d
 
 __all__ = ["FusedSequential", "fuse"]
 
@@ -25,12 +25,10 @@ _ZEROS = ((0, 0), 0, [0, 0])
 
 
 def _square(value) -> Optional[int]:
-    """The side of a square size given as an int or a pair, else None."""
-    if isinstance(value, int):
-        return value
-    if isinstance(value, (tuple, list)) and len(value) == 2 and value[0] == value[1]:
-        return int(value[0])
-    return None
+    """The side of a square size given as an int (of any integer type) or a pair, else None."""
+    if isinstance(value, (tuple, list)):
+        return _as_int(value[0]) if len(value) == 2 and value[0] == value[1] else None
+    return _as_int(value)
 
 
 # A module's hook dicts, which _has_hooks reads.

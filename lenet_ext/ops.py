@@ -4,6 +4,7 @@ Each operator's schema and argument checks are in csrc/ops/<name>.cpp, its
 kernels in csrc/ops/cpu and csrc/ops/cuda under the same name.
 """
 
+import operator
 from collections import namedtuple
 from typing import Optional
 
@@ -26,10 +27,27 @@ def conv_sigmoid_avgpool2d(
     stored: each pooled output is computed from x in one pass, and backward
     recomputes what it needs (see csrc/ops/autograd/conv_sigmoid_avgpool2d_autograd.cpp).
     """
+    sizes = []
     for name, value in (("padding", padding), ("pool", pool)):
-        if not isinstance(value, int) or isinstance(value, bool):
+        size = _as_int(value)
+        if size is None:
             raise TypeError(f"conv_sigmoid_avgpool2d: expected {name} to be an int, got {type(value).__name__}")
-    return torch.ops.lenet_ext.conv_sigmoid_avgpool2d.default(x, weight, bias, padding, pool)
+        sizes.append(size)
+    return torch.ops.lenet_ext.conv_sigmoid_avgpool2d.default(x, weight, bias, *sizes)
+
+
+def _as_int(value) -> Optional[int]:
+    """value as an int when it is one, or an integer of another type (numpy's,
+    anything with __index__) as torch's own size arguments take them; None
+    for anything else, and for a bool."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def _output_shape(x, weight, bias, padding, pool):

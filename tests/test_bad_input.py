@@ -1,5 +1,6 @@
 """Each bad argument gets an error that names it; none crashes or computes."""
 
+import numpy as np
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -107,6 +108,27 @@ def test_non_integer_sizes(name):
     args = lenet_layer2(**{name: 2.0})
     with pytest.raises(RuntimeError, match=f"type 'int' for argument '{name}'"):
         torch.ops.lenet_ext.conv_sigmoid_avgpool2d(*args.values())
+    with pytest.raises(TypeError, match=f"expected {name} to be an int, got bool"):
+        conv_sigmoid_avgpool2d(**lenet_layer2(**{name: True}))
+
+
+class Index:
+    """An integer of a type of its own, as numpy's are: int() of it is its __index__."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __index__(self):
+        return self.value
+
+
+@pytest.mark.parametrize("integer", [np.int64, np.int32, Index], ids=["int64", "int32", "__index__"])
+def test_integer_sizes_of_other_types(integer):
+    """Sizes as torch's own take them: any integer type."""
+    args = lenet_layer2(padding=1)
+    expected = conv_sigmoid_avgpool2d(**args)
+    got = conv_sigmoid_avgpool2d(**{**args, "padding": integer(1), "pool": integer(2)})
+    assert torch.equal(got, expected)
 
 
 def test_backward_checks_grad_out_shape():

@@ -1,5 +1,6 @@
 """lenet_ext.fuse: Conv2d -> Sigmoid -> AvgPool2d runs of any nn.Sequential, fused, parameters shared."""
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -46,6 +47,16 @@ def test_fuse_leaves_other_layers_alone():
     (g_fused,) = torch.autograd.grad(fused(x).sum(), x)
     (g_model,) = torch.autograd.grad(model(x).sum(), x)
     torch.testing.assert_close(g_fused, g_model)
+
+
+def test_fuse_takes_sizes_of_any_integer_type():
+    """Layers configured with numpy's integers, as torch's layers accept them, are fused too."""
+    size = np.int64
+    model = nn.Sequential(nn.Conv2d(1, 6, size(5), padding=size(2)), nn.Sigmoid(), nn.AvgPool2d(size(2))).double()
+    fused = lenet_ext.fuse(model)
+    assert fused.fused_runs() == [(0, 3)]
+    x = torch.rand(3, 1, 28, 28, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), model(x), **TOLERANCES[torch.float64])
 
 
 def test_fuse_keeps_the_state_dict_and_mode():
