@@ -5,17 +5,18 @@ from typing import Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from .ops import _as_int
+
 __all__ = ["get_output_size", "summary"]
 
 Size2 = Union[int, Sequence[int]]
 
 
 def _pair(name: str, value: Size2) -> Tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value, value
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        return int(value[0]), int(value[1])
-    raise TypeError(f"get_output_size: expected {name} to be an int or a pair of ints, got {value!r}")
+    pair = tuple(_as_int(v) for v in value) if isinstance(value, (tuple, list)) else (_as_int(value),) * 2
+    if len(pair) != 2 or None in pair:
+        raise TypeError(f"get_output_size: expected {name} to be an int or a pair of ints, got {value!r}")
+    return pair
 
 
 def get_output_size(input_size: Size2, kernel_size: Size2, padding_size: Size2, slide_size: Size2) -> Tuple[int, int]:

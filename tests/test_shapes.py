@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import lenet_ext
@@ -16,6 +17,8 @@ def test_get_output_size_reproduces_the_chapter():
     assert lenet_ext.get_output_size((28, 28), (2, 2), (0, 0), (2, 2)) == (14, 14)
     assert lenet_ext.get_output_size(14, 5, 0, 1) == (10, 10)
     assert lenet_ext.get_output_size((11, 9), (2, 2), (0, 0), (2, 2)) == (5, 4)
+    # Any integer type, as torch's sizes take them.
+    assert lenet_ext.get_output_size(np.int64(28), (np.int32(5), 5), 4, 1) == (28, 28)
 
 
 def test_get_output_size_rejects_bad_sizes():
@@ -25,6 +28,9 @@ def test_get_output_size_rejects_bad_sizes():
         lenet_ext.get_output_size((3, 3), (5, 5), (0, 0), (1, 1))
     with pytest.raises(TypeError, match="kernel_size"):
         lenet_ext.get_output_size((28, 28), "5", (0, 0), (1, 1))
+    for bad in (True, (5, 5, 5), (5, 5.0), 5.0):
+        with pytest.raises(TypeError, match="kernel_size"):
+            lenet_ext.get_output_size((28, 28), bad, (0, 0), (1, 1))
 
 
 def test_summary_prints_the_table_with_parameter_counts():
