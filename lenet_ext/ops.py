@@ -14,6 +14,8 @@ from torch import Tensor
 
 __all__ = ["conv_sigmoid_avgpool2d"]
 
+_INT64_MAX = 2**63 - 1  # the schemas' int
+
 
 def conv_sigmoid_avgpool2d(
     x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, padding: int = 0, pool: int = 2
@@ -32,6 +34,8 @@ def conv_sigmoid_avgpool2d(
         size = _as_int(value)
         if size is None:
             raise TypeError(f"conv_sigmoid_avgpool2d: expected {name} to be an int, got {type(value).__name__}")
+        if not -_INT64_MAX - 1 <= size <= _INT64_MAX:
+            raise ValueError(f"conv_sigmoid_avgpool2d: expected {name} to fit in 64 bits, got {size}")
         sizes.append(size)
     return torch.ops.lenet_ext.conv_sigmoid_avgpool2d.default(x, weight, bias, *sizes)
 
@@ -83,6 +87,11 @@ def _output_shape(x, weight, bias, padding, pool):
         torch._check_type(bias.dtype == x.dtype, lambda: f"{name}expected bias to have x's dtype {x.dtype}, got {bias.dtype}")
         torch._check_value(bias.device == x.device, lambda: f"{name}expected bias on x's device {x.device}, got {bias.device}")
     torch._check_value(padding >= 0, lambda: f"{name}expected padding >= 0, got {padding}")
+    torch._check_value(  # padded_image_fits
+        max(c_in, c_out) * (h + 2 * padding) * (w + 2 * padding) <= 2**56,
+        lambda: f"{name}expected one image padded, max(C_in, C_out) x (H + 2 * padding) x (W + 2 * padding), to have "
+        f"at most 2^56 elements, got padding {padding} for x of shape {list(x.shape)} and weight of shape {list(weight.shape)}",
+    )
     torch._check_value(
         k <= h + 2 * padding and k <= w + 2 * padding,
         lambda: f"{name}kernel size {k} is larger than the padded input {h + 2 * padding}x{w + 2 * padding}",

@@ -52,6 +52,12 @@ BAD_INPUTS = {
     ),
     "negative_padding": (lenet_layer2(padding=-1), ValueError, r"padding >= 0, got -1"),
     "pool_zero": (lenet_layer2(pool=0), ValueError, r"pool >= 1, got 0"),
+    # The padded sizes' sums and products would wrap around an int64.
+    "padding_past_int64_sizes": (lenet_layer2(padding=2**63 - 1), ValueError, r"at most 2\^56 elements, got padding 9223372036854775807"),
+    "padding_past_2_56_elements": (lenet_layer2(padding=2**26), ValueError, r"at most 2\^56 elements, got padding 67108864"),
+    "empty_batch_of_vast_images": (
+        lenet_layer2(x=torch.empty(0, 6, 2**29, 2**29)), ValueError, r"at most 2\^56 elements, got padding 0 for x of shape \[0, 6, 536870912, 536870912\]"
+    ),
     "pool_larger_than_conv_output": (lenet_layer2(pool=11), ValueError, r"pool 11 is larger than the conv output 10x10"),
     "empty_kernel": (lenet_layer2(weight=torch.randn(16, 6, 0, 0)), ValueError, r"kernel size >= 1"),
     "no_out_channels": (lenet_layer2(weight=torch.randn(0, 6, 5, 5), bias=torch.randn(0)), ValueError, r"at least one output channel"),
@@ -110,6 +116,14 @@ def test_non_integer_sizes(name):
         torch.ops.lenet_ext.conv_sigmoid_avgpool2d(*args.values())
     with pytest.raises(TypeError, match=f"expected {name} to be an int, got bool"):
         conv_sigmoid_avgpool2d(**lenet_layer2(**{name: True}))
+
+
+@pytest.mark.parametrize("name", ["padding", "pool"])
+@pytest.mark.parametrize("value", [2**63, -(2**63) - 1])
+def test_sizes_past_64_bits(name, value):
+    """The schema's ints are int64_t; the wrapper names the argument where the schema's own error would not."""
+    with pytest.raises(ValueError, match=f"expected {name} to fit in 64 bits, got {value}"):
+        conv_sigmoid_avgpool2d(**lenet_layer2(**{name: value}))
 
 
 class Index:

@@ -140,6 +140,8 @@ def _lenet_bad_inputs():
         "fc1_bias_size": ("fc1_bias", torch.randn(1), ValueError, r"fc1_bias to be 1-d of size out_features = 120"),
         "fc3_bias_dtype": ("fc3_bias", torch.randn(10, dtype=torch.float64), TypeError, r"fc3_bias to have x's dtype"),
         "pool_zero": ("pool2", 0, ValueError, r"pool >= 1"),
+        # Block 2's features, 16 x (2^60 + 5)^2, would wrap around an int64.
+        "conv2_padding_past_int64_sizes": ("conv2_padding", 2**61, ValueError, r"at most 2\^56 elements, got padding 2305843009213693952"),
     }
 
 

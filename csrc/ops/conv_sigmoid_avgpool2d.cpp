@@ -3,9 +3,11 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <c10/util/Exception.h>
+#include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 
 // register_fake for these is in lenet_ext/ops.py, the autograd kernel in
 // autograd/conv_sigmoid_avgpool2d_autograd.cpp.
@@ -27,6 +29,20 @@ namespace {
 
 bool is_supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble;
+}
+
+// One image's padded input, over the larger of its channel counts: at least
+// its conv output, and within a small factor of each per-image buffer of the
+// kernels. Past 2^56 elements (far past any memory) sums of such buffers
+// could overflow the kernels' int64_t sizes and indices.
+bool padded_image_fits(const ConvPoolGeometry& g) {
+  const uint64_t twice_padding = 2 * static_cast<uint64_t>(g.padding);  // padding >= 0
+  uint64_t height = 0, width = 0, area = 0, elements = 0;
+  const uint64_t channels = static_cast<uint64_t>(std::max(g.in_channels, g.out_channels));
+  return !c10::add_overflows(static_cast<uint64_t>(g.height), twice_padding, &height) &&
+         !c10::add_overflows(static_cast<uint64_t>(g.width), twice_padding, &width) &&
+         !c10::mul_overflows(height, width, &area) && !c10::mul_overflows(area, channels, &elements) &&
+         elements <= (uint64_t(1) << 56);
 }
 
 }  // namespace
@@ -84,6 +100,9 @@ ConvPoolGeometry check_forward_args(
   g.kernel = weight.size(2);
   g.padding = padding;
   g.pool = pool;
+  TORCH_CHECK_VALUE(padded_image_fits(g), op, "expected one image padded, max(C_in, C_out) x (H + 2 * padding) x ",
+                    "(W + 2 * padding), to have at most 2^56 elements, got padding ", padding, " for x of shape ",
+                    x.sizes, " and weight of shape ", weight.sizes());
   TORCH_CHECK_VALUE(g.kernel <= g.height + 2 * padding && g.kernel <= g.width + 2 * padding, op,
                     "kernel size ", g.kernel, " is larger than the padded input ",
                     g.height + 2 * padding, "x", g.width + 2 * padding,
