@@ -116,6 +116,47 @@ def test_every_cpu_kernel_passes_nan_and_inf_through_the_sigmoid(out_channels, w
     assert got[0, :, 0, 0].isnan().all() and not got[0, :, 0, 1:].isnan().any()
 
 
+def non_finite_pixel_grads(op, value, batch, out_channels, width, device="cpu"):
+    """op's output and gradients, with one pixel of value, for a conv block of 3 input channels, kernel 5, padding 1."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 3, width, width, generator=gen)
+    x[0, 1, 5, 6] = value
+    weight, bias = torch.randn(out_channels, 3, 5, 5, generator=gen), torch.randn(out_channels, generator=gen)
+    grad_out = torch.randn(batch, out_channels, (width - 2) // 2, (width - 2) // 2, generator=gen)
+    inputs = [t.to(device).requires_grad_() for t in (x, weight, bias)]
+    out = op(*inputs, 1, 2)
+    return (out.detach(), *torch.autograd.grad(out, inputs, grad_out.to(device)))
+
+
+NON_FINITE = pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")], ids=["inf", "minus_inf", "nan"])
+# LeNet's blocks: 16 channels, a whole number of groups and vectors, and 6, which are not.
+NON_FINITE_LAYOUTS = pytest.mark.parametrize("out_channels, width", [(16, 14), (6, 28)], ids=["channel_lanes", "column_lanes"])
+
+
+def check_non_finite_pixel(value, batch, out_channels, width, device):
+    """An infinite pixel saturates the units it reaches, whose zero derivative times it is NaN in
+    every weight gradient, as in torch's backward, and nowhere else; a NaN spreads alike. Each
+    sigmoid must be exactly 0 or 1 there, and padding lanes of zero weights must not carry NaN."""
+    got = non_finite_pixel_grads(conv_sigmoid_avgpool2d, value, batch, out_channels, width, device)
+    want = non_finite_pixel_grads(reference, value, batch, out_channels, width, device)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, equal_nan=True, **TOLERANCES[torch.float32])
+
+
+@NON_FINITE
+@NON_FINITE_LAYOUTS
+@pytest.mark.parametrize("batch", [1, 17])
+def test_every_cpu_kernel_meets_a_non_finite_pixel_as_torch(batch, out_channels, width, value, cpu_kernel):
+    check_non_finite_pixel(value, batch, out_channels, width, "cpu")
+
+
+@requires_cuda
+@NON_FINITE
+@NON_FINITE_LAYOUTS
+def test_cuda_meets_a_non_finite_pixel_as_torch(out_channels, width, value):
+    check_non_finite_pixel(value, 17, out_channels, width, "cuda")
+
+
 def _cpu_kernel_in_a_new_process(env):
     code = "import lenet_ext; print(lenet_ext._C.cpu_kernel())"
     return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True)

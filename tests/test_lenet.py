@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lenet_ext import LeNet, reference_lenet
 
-from conftest import DEVICES, REFERENCE_TABLE, d2l_net, outputs_and_grads, twin_pair
+from conftest import DEVICES, REFERENCE_TABLE, d2l_net, outputs_and_grads, requires_cuda, twin_pair
 from conftest import LENET_TOLERANCES as TOLERANCES
 
 def test_children_are_the_reference_layers():
@@ -193,6 +193,33 @@ def test_outputs_and_gradients_match_the_reference(mode, dtype, device):
     torch.testing.assert_close(grad_x, ref_grad_x, **TOLERANCES[dtype])
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, **TOLERANCES[dtype])
+
+
+def _check_a_non_finite_pixel(value, batch, device):
+    """A pixel of value in image 0 reaches the logits and every gradient as in the reference: an
+    infinite one saturates the units it reaches, whose zero derivative times it is NaN."""
+    net, ref = twin_pair(device=device)
+    x = torch.rand(batch, 1, 28, 28, device=device)
+    x[0, 0, 9, 12] = value
+    target = torch.randint(0, 10, (batch,), device=device)
+    got, want = outputs_and_grads(net, x, target), outputs_and_grads(ref, x, target)
+    for g, w in zip([got[0], got[1], *got[2]], [want[0], want[1], *want[2]]):
+        torch.testing.assert_close(g, w, equal_nan=True, **TOLERANCES[torch.float32])
+
+
+NON_FINITE = pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")], ids=["inf", "minus_inf", "nan"])
+
+
+@NON_FINITE
+@pytest.mark.parametrize("batch", [1, 70])  # the small-batch path, and tiles of 64
+def test_a_non_finite_pixel_on_every_cpu_kernel(value, batch, cpu_kernel):
+    _check_a_non_finite_pixel(value, batch, "cpu")
+
+
+@requires_cuda
+@NON_FINITE
+def test_a_non_finite_pixel_on_cuda(value):
+    _check_a_non_finite_pixel(value, 70, "cuda")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -77,10 +77,15 @@ inline vec splat(float s) { return vec{} + s; }
 // division is a reciprocal estimate and one Newton step (about 2^-28).
 inline vec sigmoid_vec(vec z) {
   // Past these, 1 + e^-z would overflow (z < -88.37) or e^-z is below every
-  // denormal (z > 103.9); the clamp keeps +-inf from turning into NaN.
-  // vmaxps/vminps return their second operand when either is NaN: a NaN z
-  // stays NaN. (A ?: select compiles to a compare and a blend.)
+  // denormal (z > 103.9); the clamp keeps the reciprocal's Newton step from
+  // meeting an infinity. vmaxps/vminps return their second operand when
+  // either is NaN: a NaN z stays NaN. (A ?: select compiles to a compare and
+  // a blend.)
   const __m512 zz = _mm512_min_ps(_mm512_set1_ps(103.9f), _mm512_max_ps(_mm512_set1_ps(-88.3762626647949f), (__m512)z));
+  // Below the clamp the sigmoid is 0, as torch's is past z = -88.72: a
+  // saturated unit's derivative is then 0, and an infinite input times it
+  // NaN, as in torch's backward. NaN compares unordered, so it is kept.
+  const __mmask16 above_clamp = _mm512_cmp_ps_mask((__m512)z, _mm512_set1_ps(-88.3762626647949f), _CMP_NLT_UQ);
   const __m512 minus_log2e_hi = _mm512_set1_ps(-1.44269502162933349609375f);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(zz, minus_log2e_hi), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 f = _mm512_fmsub_ps(zz, minus_log2e_hi, n);
@@ -93,14 +98,17 @@ inline vec sigmoid_vec(vec z) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   const __m512 d = _mm512_add_ps(_mm512_scalef_ps(p, n), _mm512_set1_ps(1.0f));
   const __m512 y = _mm512_rcp14_ps(d);
-  return (vec)_mm512_mul_ps(y, _mm512_fnmadd_ps(d, y, _mm512_set1_ps(2.0f)));
+  return (vec)_mm512_maskz_mul_ps(above_clamp, y, _mm512_fnmadd_ps(d, y, _mm512_set1_ps(2.0f)));
 }
 #else
 // exp(x) for float32 vectors: 2^n * e^r with n = round(x / ln 2), |r| <= ln(2)/2,
 // and a degree-6 polynomial for e^r (Cephes' expf), relative error about 2e-7.
 inline vec exp_vec(vec x) {
-  // Clamped so that both comparisons are false for NaN, which passes through.
-  x = x > splat(88.3762626647949f) ? splat(88.3762626647949f) : x;
+  // Clamped so that the exponent n stays in [-126, 128], 128 giving inf: e^x
+  // overflows at 88.72, and past 88.38 sigmoid_vec's 1 / (1 + e^x) is
+  // below 4e-39 either way, 0 as torch's is past 88.72 (see sigmoid_vec).
+  // Both comparisons are false for NaN, which passes through.
+  x = x > splat(88.8f) ? splat(88.8f) : x;
   x = x < splat(-87.3365478515625f) ? splat(-87.3365478515625f) : x;
   const vec t = x * 1.44269504088896341f + 0.5f;
   ivec n = __builtin_convertvector(t, ivec);  // truncates towards zero ...
@@ -121,7 +129,9 @@ inline vec exp_vec(vec x) {
 }
 
 inline vec sigmoid_vec(vec z) {
-  return 1.0f / (1.0f + exp_vec(-z));  // finite: exp_vec clamps its argument at 88.38
+  // 0 where e^-z is inf (z < -88.38): a saturated unit's derivative is then
+  // 0, and an infinite input times it NaN, as in torch's backward.
+  return 1.0f / (1.0f + exp_vec(-z));
 }
 #endif
 
