@@ -17,7 +17,8 @@ from lenet_ext import LeNet
 from lenet_ext.model import lenet_args
 from lenet_ext.ops import reference_lenet_forward
 
-from test_conv_sigmoid_avgpool2d import CASES, TOLERANCES, grads_of, make_inputs, reference as reference_conv
+from test_conv_sigmoid_avgpool2d import CASES, TOLERANCES, grads_of, make_inputs, non_finite_pixel_grads
+from test_conv_sigmoid_avgpool2d import reference as reference_conv
 
 EMULATED = torch.ops.lenet_ext._lenet_forward_tile_emulated.default
 TRAIN_EMULATED = torch.ops.lenet_ext._lenet_train_forward_tile_emulated.default
@@ -161,6 +162,20 @@ def test_lenet_backward_tile_programs_match_the_reference(batch, tile, conv1_til
     assert_grads_match(got, reference_grads(inputs, args, mask), mask)
 
 
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")], ids=["inf", "minus_inf", "nan"])
+def test_lenet_tile_programs_meet_a_non_finite_pixel_as_the_reference(value):
+    """An infinite pixel saturates the units it reaches, whose zero derivative times it is NaN in
+    conv1's weight gradient; the logits and the other gradients stay as the reference's."""
+    args = random_lenet_args(9)
+    args[0][0, 0, 9, 12] = value
+    torch.testing.assert_close(EMULATED(*args, 8, 256), reference(args), equal_nan=True, atol=2e-5, rtol=2e-4)
+    inputs = backward_inputs(args)
+    mask = [True] * 11
+    got = BACKWARD_EMULATED(*inputs, *args[1:], mask, 8, 1, 256)
+    for i, (g, w) in enumerate(zip(got, reference_grads(inputs, args, mask))):
+        torch.testing.assert_close(g.double(), w, equal_nan=True, atol=1e-5, rtol=1e-4, msg=f"gradient {i}")
+
+
 @pytest.mark.parametrize("tile", range(1, 18))
 def test_lenet_backward_tile_program_takes_every_tile_size(tile):
     """Its dense products, too, run a tile's images in passes of up to eight, each count a loop of its own."""
@@ -276,6 +291,32 @@ def test_conv_backward_tile_program_computes_what_is_asked(mask):
         assert (g is not None) == asked
         if asked:
             torch.testing.assert_close(g, w, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")], ids=["inf", "minus_inf", "nan"])
+@pytest.mark.parametrize("out_channels", [16, 6], ids=["whole_groups", "partial_group"])
+def test_conv_tile_programs_meet_a_non_finite_pixel_as_torch(out_channels, value):
+    def emulated(x, weight, bias, padding, pool):
+        return _EmulatedConv.apply(x, weight, bias, padding, pool)
+
+    got = non_finite_pixel_grads(emulated, value, 3, out_channels, 14)
+    want = non_finite_pixel_grads(reference_conv, value, 3, out_channels, 14)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, equal_nan=True, **TOLERANCES[torch.float32])
+
+
+class _EmulatedConv(torch.autograd.Function):
+    """The conv operator's tile programs, forward and backward, as one differentiable function."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding, pool):
+        ctx.save_for_backward(x, weight, bias)
+        ctx.sizes = (padding, pool)
+        return CONV_EMULATED(x, weight, bias, padding, pool, 2, 64)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return (*CONV_BACKWARD_EMULATED(grad_out, *ctx.saved_tensors, *ctx.sizes, [True] * 3, 2, 64), None, None)
 
 
 # z from -100 to 100, with the edges of the tile programs' sigmoid: below

@@ -48,7 +48,9 @@ LENET_HOST_DEVICE void preactivation_grads(const ConvTileShape& s, const float* 
       LENET_UNROLL
       for (int c = 0; c < kChannelsPerThread; ++c) {
         const float a = tile_sigmoid(z[c]);
-        value[c] = g[c] * a * (1.0f - a);
+        // A channel past C_out has zero weights, whose z an infinite x makes
+        // NaN: its dL/dz must stay 0, since dL/dx sums over the whole group.
+        value[c] = first + c < s.out_channels ? g[c] * a * (1.0f - a) : 0.0f;
       }
       store4(dz(dy, dx), value);
     });
