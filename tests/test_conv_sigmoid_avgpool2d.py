@@ -135,8 +135,9 @@ NON_FINITE_LAYOUTS = pytest.mark.parametrize("out_channels, width", [(16, 14), (
 
 def check_non_finite_pixel(value, batch, out_channels, width, device):
     """An infinite pixel saturates the units it reaches, whose zero derivative times it is NaN in
-    every weight gradient, as in torch's backward, and nowhere else; a NaN spreads alike. Each
-    sigmoid must be exactly 0 or 1 there, and padding lanes of zero weights must not carry NaN."""
+    every weight gradient, as in torch's backward, and nowhere else; a NaN spreads alike. A
+    saturated unit's dL/dz must be exactly 0 for that, and padding lanes of zero weights must not
+    carry NaN."""
     got = non_finite_pixel_grads(conv_sigmoid_avgpool2d, value, batch, out_channels, width, device)
     want = non_finite_pixel_grads(reference, value, batch, out_channels, width, device)
     for g, w in zip(got, want):

@@ -26,8 +26,8 @@ inline void column_dz_block(const ConvPoolGeometry& g, const Workspace& ws, cons
       const vec go = load_first(grad_image + ((co0 + c) * g.out_height + ph) * g.out_width + j0, cols) * 0.25f;
       for (int dy = 0; dy < 2; ++dy) {
         for (int dx = 0; dx < 2; ++dx) {
-          const vec s = sigmoid_vec(acc[c][dy][dx] + b);
-          d[c][dy][dx] = go * s * (1.0f - s);
+          const vec z = acc[c][dy][dx] + b;
+          d[c][dy][dx] = sigmoid_backward_vec(go, sigmoid_vec(z), z);
           bias_sum[c] += d[c][dy][dx];
         }
       }
@@ -70,8 +70,8 @@ inline void dz_strip(const ConvPoolGeometry& g, const Workspace& ws, const float
     go *= 1.0f / float(P * P);
     for (int dy = 0; dy < P; ++dy) {
       for (int dx = 0; dx < P; ++dx) {
-        const vec s = sigmoid_vec(acc[dy][q * P + dx]);
-        const vec d = go * s * (1.0f - s);
+        const vec z = acc[dy][q * P + dx];
+        const vec d = sigmoid_backward_vec(go, sigmoid_vec(z), z);
         grad_bias += d;
         const int64_t oh = ph * P + dy, ow = (pw0 + q) * P + dx;
         const int64_t ext_h = g.out_height * P, ext_w = g.out_width * P;

@@ -70,6 +70,8 @@ inline vec splat(float s) { return vec{} + s; }
 // first: 25 multiply-adds per sigmoid), so each build computes it with the
 // fewest instructions its instruction set allows.
 #if defined(LENET_SIMD_AVX512)
+constexpr float kSigmoidClampLow = -88.3762626647949f;  // 1 + e^-z overflows below
+
 // 1 / (1 + e^-z), with e^-z = 2^t, t = -z log2(e) = n + f, n = round(t),
 // |f| <= 1/2: two FMAs give f with log2(e) carried to 48 bits, so t's own
 // rounding never reaches the result; a degree-5 polynomial fit for relative
@@ -77,15 +79,11 @@ inline vec splat(float s) { return vec{} + s; }
 // division is a reciprocal estimate and one Newton step (about 2^-28).
 inline vec sigmoid_vec(vec z) {
   // Past these, 1 + e^-z would overflow (z < -88.37) or e^-z is below every
-  // denormal (z > 103.9); the clamp keeps the reciprocal's Newton step from
-  // meeting an infinity. vmaxps/vminps return their second operand when
-  // either is NaN: a NaN z stays NaN. (A ?: select compiles to a compare and
-  // a blend.)
-  const __m512 zz = _mm512_min_ps(_mm512_set1_ps(103.9f), _mm512_max_ps(_mm512_set1_ps(-88.3762626647949f), (__m512)z));
-  // Below the clamp the sigmoid is 0, as torch's is past z = -88.72: a
-  // saturated unit's derivative is then 0, and an infinite input times it
-  // NaN, as in torch's backward. NaN compares unordered, so it is kept.
-  const __mmask16 above_clamp = _mm512_cmp_ps_mask((__m512)z, _mm512_set1_ps(-88.3762626647949f), _CMP_NLT_UQ);
+  // denormal (z > 103.9); the clamp keeps +-inf from turning into NaN, and
+  // leaves a sigmoid of 3.8e-39 below it (sigmoid_backward_vec makes its
+  // gradient 0). vmaxps/vminps return their second operand when either is
+  // NaN: a NaN z stays NaN. (A ?: select compiles to a compare and a blend.)
+  const __m512 zz = _mm512_min_ps(_mm512_set1_ps(103.9f), _mm512_max_ps(_mm512_set1_ps(kSigmoidClampLow), (__m512)z));
   const __m512 minus_log2e_hi = _mm512_set1_ps(-1.44269502162933349609375f);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(zz, minus_log2e_hi), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 f = _mm512_fmsub_ps(zz, minus_log2e_hi, n);
@@ -98,7 +96,17 @@ inline vec sigmoid_vec(vec z) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   const __m512 d = _mm512_add_ps(_mm512_scalef_ps(p, n), _mm512_set1_ps(1.0f));
   const __m512 y = _mm512_rcp14_ps(d);
-  return (vec)_mm512_maskz_mul_ps(above_clamp, y, _mm512_fnmadd_ps(d, y, _mm512_set1_ps(2.0f)));
+  return (vec)_mm512_mul_ps(y, _mm512_fnmadd_ps(d, y, _mm512_set1_ps(2.0f)));
+}
+
+// dL/dz = g s (1 - s) for dL/ds = g and s = sigmoid_vec(z); 0 below the
+// clamp, as torch's is where its sigmoid is 0: an infinite x times a
+// saturated unit's dL/dz is then NaN, as in torch's backward. NaN compares
+// unordered, so it stays NaN. (Backward only: the forward's 3.8e-39 for 0
+// is within any tolerance, and the compare would cost it time.)
+inline vec sigmoid_backward_vec(vec g, vec s, vec z) {
+  const __mmask16 above_clamp = _mm512_cmp_ps_mask((__m512)z, _mm512_set1_ps(kSigmoidClampLow), _CMP_NLT_UQ);
+  return (vec)_mm512_maskz_mul_ps(above_clamp, (__m512)(g * s), (__m512)(1.0f - s));
 }
 #else
 // exp(x) for float32 vectors: 2^n * e^r with n = round(x / ln 2), |r| <= ln(2)/2,
@@ -129,10 +137,13 @@ inline vec exp_vec(vec x) {
 }
 
 inline vec sigmoid_vec(vec z) {
-  // 0 where e^-z is inf (z < -88.38): a saturated unit's derivative is then
-  // 0, and an infinite input times it NaN, as in torch's backward.
-  return 1.0f / (1.0f + exp_vec(-z));
+  return 1.0f / (1.0f + exp_vec(-z));  // 0 where e^-z is inf (z < -88.38)
 }
+
+// dL/dz = g s (1 - s) for dL/ds = g and s = sigmoid_vec(z): 0 where s is,
+// as torch's is where its sigmoid is 0, so that an infinite x times a
+// saturated unit's dL/dz is NaN, as in torch's backward.
+inline vec sigmoid_backward_vec(vec g, vec s, vec) { return g * s * (1.0f - s); }
 #endif
 
 // v rounded up to a whole number of vectors.
