@@ -81,16 +81,24 @@ def fusable_config(conv: nn.Conv2d, pool: nn.AvgPool2d) -> bool:
     )
 
 
+def _conv_block_kinds(conv: nn.Module, act: nn.Module, pool: nn.Module) -> bool:
+    """Whether three modules are a Conv2d -> Sigmoid -> AvgPool2d run, subclasses included: a
+    _ConvBlock, which fuses them whenever they are fusable."""
+    return isinstance(conv, nn.Conv2d) and isinstance(act, nn.Sigmoid) and isinstance(pool, nn.AvgPool2d)
+
+
 def fusable(conv: nn.Module, act: nn.Module, pool: nn.Module) -> bool:
     """Whether conv_sigmoid_avgpool2d computes exactly what these three modules do.
 
-    Read at every call, so that a layer changed after construction is run
-    unfused rather than wrongly.
+    The classes themselves, not subclasses, whose forward may compute
+    anything (a lazy Conv2d becomes one at its first call). Read at every
+    call, so that a layer changed after construction is run unfused rather
+    than wrongly, and one that became fusable is fused.
     """
     return (
-        isinstance(conv, nn.Conv2d)
-        and isinstance(act, nn.Sigmoid)
-        and isinstance(pool, nn.AvgPool2d)
+        type(conv) is nn.Conv2d
+        and type(act) is nn.Sigmoid
+        and type(pool) is nn.AvgPool2d
         and fusable_config(conv, pool)
         and not (_has_hooks(conv) or _has_hooks(act) or _has_hooks(pool))
     )
@@ -132,9 +140,10 @@ def _plan(children: Tuple[nn.Module, ...]):
     """Steps that compute the children in order; returns (steps, fused runs)."""
     steps, runs, i = [], [], 0
     while i < len(children):
-        if i + 2 < len(children) and fusable(*children[i : i + 3]):
+        if i + 2 < len(children) and _conv_block_kinds(*children[i : i + 3]):
             steps.append(_ConvBlock(*children[i : i + 3]))
-            runs.append((i, i + 3))
+            if fusable(*children[i : i + 3]):
+                runs.append((i, i + 3))
             i += 3
         elif (
             i + 1 < len(children)

@@ -1,6 +1,7 @@
 """lenet_ext.fuse: Conv2d -> Sigmoid -> AvgPool2d runs of any nn.Sequential, fused, parameters shared."""
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -8,6 +9,7 @@ import lenet_ext
 
 from conftest import LENET_TOLERANCES as TOLERANCES
 from conftest import d2l_net
+from test_lenet import AtenOpRecorder
 
 
 def test_fuse_shares_parameters_and_fuses_the_conv_blocks():
@@ -69,3 +71,52 @@ def test_fuse_keeps_the_state_dict_and_mode():
 def test_fuse_returns_non_sequential_modules_unchanged():
     conv = nn.Conv2d(1, 1, 3)
     assert lenet_ext.fuse(conv) is conv
+
+
+class _ShiftedSigmoid(nn.Sigmoid):
+    def forward(self, x):
+        return torch.sigmoid(x) - 0.5
+
+
+class _ConvPlusOne(nn.Conv2d):
+    def _conv_forward(self, x, weight, bias):
+        return super()._conv_forward(x, weight, bias) + 1
+
+
+class _SumPool(nn.AvgPool2d):
+    def forward(self, x):
+        return super().forward(x) * 4
+
+
+@pytest.mark.parametrize("position", [0, 1, 2], ids=["conv", "sigmoid", "pool"])
+def test_fuse_runs_subclassed_layers_as_they_are(position):
+    """A subclass may compute anything: its run is not fused, in a fused Sequential or in LeNet."""
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(1, 6, 5, padding=2), nn.Sigmoid(), nn.AvgPool2d(2)]
+    subclass = [_ConvPlusOne(1, 6, 5, padding=2), _ShiftedSigmoid(), _SumPool(2)][position]
+    layers[position] = subclass
+    x = torch.rand(2, 1, 28, 28)
+    lenet = lenet_ext.LeNet()
+    lenet[position] = subclass
+    for model, fused_runs in ((lenet_ext.fuse(nn.Sequential(*layers)), []), (lenet, [(3, 6)])):
+        assert model.fused_runs() == fused_runs
+        with AtenOpRecorder() as recorder:
+            out = model(x)
+        assert [op for op in recorder.ops if op.startswith("lenet_ext")] == ["lenet_ext.conv_sigmoid_avgpool2d"] * len(fused_runs)
+        expected = x
+        for layer in model:
+            expected = layer(expected)
+        torch.testing.assert_close(out, expected, **TOLERANCES[torch.float32])
+
+
+def test_fuse_fuses_a_lazy_conv_once_it_is_initialized():
+    model = nn.Sequential(nn.LazyConv2d(4, 3), nn.Sigmoid(), nn.AvgPool2d(2))
+    fused = lenet_ext.fuse(model)
+    x = torch.rand(2, 3, 12, 12)
+    first = fused(x)  # initializes the conv, which becomes an nn.Conv2d
+    assert type(model[0]) is nn.Conv2d and fused.fused_runs() == [(0, 3)]
+    with AtenOpRecorder() as recorder:
+        out = fused(x)
+    assert recorder.ops.count("lenet_ext.conv_sigmoid_avgpool2d") == 1
+    torch.testing.assert_close(out, model(x), **TOLERANCES[torch.float32])
+    torch.testing.assert_close(first, out)
