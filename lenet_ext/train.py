@@ -178,7 +178,10 @@ def train(args) -> Dict[str, Dict[str, List[float]]]:
     device = dist.device
     if args.batch_size % dist.world:
         raise SystemExit(f"--batch-size {args.batch_size} must split evenly over the {dist.world} processes")
-    train_set, test_set = load_idx_dataset(args.data_dir) if args.data_dir else load_digits_dataset()
+    try:
+        train_set, test_set = load_idx_dataset(args.data_dir) if args.data_dir else load_digits_dataset()
+    except (OSError, ValueError) as e:  # --data-dir's files missing or not IDX
+        raise SystemExit(f"python -m lenet_ext.train: error: {e}") from e
     lead = dist.rank == 0  # prints, evaluates and saves
 
     net = LeNet()
@@ -319,6 +322,10 @@ def parse_args(argv=None):
         parser.error("--device cuda: no CUDA device is visible")
     if args.epochs < 0:
         parser.error(f"--epochs must be >= 0, got {args.epochs}")
+    if args.data_dir and not os.path.isdir(args.data_dir):
+        parser.error(f"--data-dir {args.data_dir}: no such directory")
+    if args.load and not os.path.isfile(args.load):
+        parser.error(f"--load {args.load}: no such file")
     return args
 
 

@@ -95,6 +95,23 @@ def test_train_command_line_help_and_errors():
     assert bad.returncode != 0 and "--batch-size" in bad.stderr
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--data-dir", "{tmp}/absent"], "--data-dir {tmp}/absent: no such directory"),
+        (["--data-dir", "{tmp}"], "error: --data-dir {tmp}: no train-images-idx3-ubyte"),
+        (["--load", "{tmp}/absent.pt"], "--load {tmp}/absent.pt: no such file"),
+    ],
+    ids=["no_directory", "no_idx_files", "no_state_dict"],
+)
+def test_train_command_line_names_missing_files(tmp_path, capsys, argv, message):
+    """An error message, not a traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        train_mod.main([a.format(tmp=tmp_path) for a in argv] + ["--epochs", "0", "--quiet"])
+    assert exit_info.value.code != 0
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err + str(exit_info.value.code)
+
+
 def test_two_gloo_processes_take_the_same_steps_as_one(tmp_path):
     """torchrun --nproc-per-node 2: DDP on gloo reaches the weights one process reaches on the full batch."""
     fake_mnist(str(tmp_path), gz=False, n_train=128, n_test=32)
