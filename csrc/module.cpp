@@ -122,39 +122,53 @@ PyObject* take_phase_clocks(PyObject*, PyObject*) {
 }
 #endif
 
-// _C.unchanged(types, entries, empty): whether type(o) is t for each pair
-// (o, t) of the flat tuple `types`, d.get(k) is v for each triple (d, k, v)
-// of `entries` (d a dict), and every dict of `empty` is empty. LeNet.forward
-// checks with it that nothing it decided its operator arguments from (the
-// layers' types, configuration, parameters and hooks) was replaced: a few
+// _C.unchanged(types, entries, empty, absent): whether type(o) is t for each
+// pair (o, t) of the flat tuple `types`, d.get(k) is v for each triple
+// (d, k, v) of `entries` (d a dict), every dict of `empty` is empty, and k
+// is not in d for each pair (d, k) of `absent`. LeNet.forward checks with it
+// that nothing it decided its operator arguments from (the layers' types,
+// configuration, parameters, hooks and forward methods) was replaced: a few
 // dozen identity tests, several times cheaper here than in Python.
 PyObject* unchanged(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 3 || !PyTuple_Check(args[0]) || !PyTuple_Check(args[1]) || !PyTuple_Check(args[2])) {
-    PyErr_SetString(PyExc_TypeError, "unchanged: expected three tuples (types, entries, empty)");
+  if (nargs != 4 || !PyTuple_Check(args[0]) || !PyTuple_Check(args[1]) || !PyTuple_Check(args[2]) ||
+      !PyTuple_Check(args[3])) {
+    PyErr_SetString(PyExc_TypeError, "unchanged: expected four tuples (types, entries, empty, absent)");
     return nullptr;
   }
-  PyObject *types = args[0], *entries = args[1], *empty = args[2];
-  if (PyTuple_GET_SIZE(types) % 2 != 0 || PyTuple_GET_SIZE(entries) % 3 != 0) {
-    PyErr_SetString(PyExc_ValueError, "unchanged: expected (object, type) pairs and (dict, key, value) triples");
+  PyObject *types = args[0], *entries = args[1], *empty = args[2], *absent = args[3];
+  if (PyTuple_GET_SIZE(types) % 2 != 0 || PyTuple_GET_SIZE(entries) % 3 != 0 || PyTuple_GET_SIZE(absent) % 2 != 0) {
+    PyErr_SetString(PyExc_ValueError,
+                    "unchanged: expected (object, type) pairs, (dict, key, value) triples and (dict, key) pairs");
     return nullptr;
   }
   for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(types); i += 2) {
     if (reinterpret_cast<PyObject*>(Py_TYPE(PyTuple_GET_ITEM(types, i))) != PyTuple_GET_ITEM(types, i + 1))
       Py_RETURN_FALSE;
   }
-  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(entries); i += 3) {
-    PyObject* dict = PyTuple_GET_ITEM(entries, i);
+  // The value under a key of a dict (borrowed; nullptr when absent), or an error set.
+  const auto lookup = [](PyObject* dict, PyObject* key, const char* what, PyObject** value) {
     if (!PyDict_Check(dict)) {
-      PyErr_SetString(PyExc_TypeError, "unchanged: expected a dict in each triple of entries");
-      return nullptr;
+      PyErr_Format(PyExc_TypeError, "unchanged: expected a dict in each %s", what);
+      return false;
     }
-    PyObject* value = PyDict_GetItemWithError(dict, PyTuple_GET_ITEM(entries, i + 1));  // borrowed
-    if (value == nullptr && PyErr_Occurred()) return nullptr;
+    *value = PyDict_GetItemWithError(dict, key);
+    return *value != nullptr || !PyErr_Occurred();
+  };
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(entries); i += 3) {
+    PyObject* value = nullptr;
+    if (!lookup(PyTuple_GET_ITEM(entries, i), PyTuple_GET_ITEM(entries, i + 1), "triple of entries", &value))
+      return nullptr;
     if (value != PyTuple_GET_ITEM(entries, i + 2)) Py_RETURN_FALSE;
   }
   for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(empty); ++i) {
     PyObject* dict = PyTuple_GET_ITEM(empty, i);
     if (!PyDict_Check(dict) || PyDict_GET_SIZE(dict) != 0) Py_RETURN_FALSE;
+  }
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(absent); i += 2) {
+    PyObject* value = nullptr;
+    if (!lookup(PyTuple_GET_ITEM(absent, i), PyTuple_GET_ITEM(absent, i + 1), "pair of absent", &value))
+      return nullptr;
+    if (value != nullptr) Py_RETURN_FALSE;
   }
   Py_RETURN_TRUE;
 }
@@ -173,8 +187,8 @@ PyMethodDef module_methods[] = {
 #endif
     {"cpu_kernel", cpu_kernel, METH_NOARGS, "The CPU kernels float32 calls run on now."},
     {"unchanged", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(unchanged)), METH_FASTCALL,
-     "unchanged(types, entries, empty): type(o) is t for each (o, t), d.get(k) is v for each (d, k, v), "
-     "and every dict of empty is empty."},
+     "unchanged(types, entries, empty, absent): type(o) is t for each (o, t), d.get(k) is v for each (d, k, v), "
+     "every dict of empty is empty, and k not in d for each (d, k) of absent."},
     {"set_cpu_kernel", set_cpu_kernel, METH_O,
      "Runs later float32 calls on the named CPU kernels (generic, baseline, avx2, avx512, auto)."},
     {nullptr, nullptr, 0, nullptr}};

@@ -1,6 +1,7 @@
 """Running Conv2d -> Sigmoid -> AvgPool2d runs of an nn.Sequential through the fused operator."""
 
 from collections import OrderedDict
+from types import MethodType
 from typing import List, Optional, Tuple
 
 import torch
@@ -39,6 +40,13 @@ def _has_hooks(module: nn.Module) -> bool:
     return bool(
         module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
     )
+
+
+def _forward_replaced(module: nn.Module) -> bool:
+    """A forward set on the instance (patched, or wrapped by a tool), which calls run instead of its class's.
+    Read as an attribute, which torch.compile guards on (it does not guard a look into __dict__)."""
+    forward = module.forward
+    return not (isinstance(forward, MethodType) and forward.__func__ is type(module).forward)
 
 
 # The dicts of hooks registered for every module, which _global_hooks reads.
@@ -100,7 +108,7 @@ def fusable(conv: nn.Module, act: nn.Module, pool: nn.Module) -> bool:
         and type(act) is nn.Sigmoid
         and type(pool) is nn.AvgPool2d
         and fusable_config(conv, pool)
-        and not (_has_hooks(conv) or _has_hooks(act) or _has_hooks(pool))
+        and not any(_has_hooks(m) or _forward_replaced(m) for m in (conv, act, pool))
     )
 
 
@@ -131,7 +139,7 @@ class _LinearSigmoid:
 
     def __call__(self, x: Tensor) -> Tensor:
         linear, act = self.modules
-        if _has_hooks(linear) or _has_hooks(act) or not isinstance(act, nn.Sigmoid) or _global_hooks():
+        if any(_has_hooks(m) or _forward_replaced(m) for m in (linear, act)) or _global_hooks():
             return act(linear(x))
         return torch.sigmoid(F.linear(x, linear.weight, linear.bias))
 

@@ -15,6 +15,7 @@ from .fuse import (
     FusedSequential,
     _as_scriptable,
     _conv_padding,
+    _forward_replaced,
     _functorch_transforms_active,
     _global_hooks,
     _square,
@@ -99,8 +100,9 @@ def _layout_snapshot(layers: tuple, hook_dicts: tuple) -> Optional[tuple]:
     """_C.unchanged's arguments for what _LayoutCache.args decided from: the
     layers' types; the attributes of _config_key and the parameters, by
     identity, in the dicts they live in (instance dicts, _parameters); the
-    hook dicts, empty. None when one of them lives elsewhere (a property, a
-    parameter replaced by a plain attribute): then every call reads them."""
+    hook dicts, empty; no forward in the layers' instance dicts. None when
+    one of them lives elsewhere (a property, a parameter replaced by a plain
+    attribute): then every call reads them."""
     entries = []
     for i, names in _CONFIG_ATTRIBUTES:
         entries += [(layers[i].__dict__, name) for name in names]
@@ -112,14 +114,16 @@ def _layout_snapshot(layers: tuple, hook_dicts: tuple) -> Optional[tuple]:
     types = tuple(item for pair in zip(layers, _LENET_TYPES) for item in pair)
     triples = tuple(item for (where, key), value in zip(entries, values) for item in (where, key, value))
     empty = hook_dicts + tuple(getattr(_module_globals, name) for name in _GLOBAL_HOOK_DICTS)
-    return types, triples, empty
+    absent = tuple(item for layer in layers for item in (layer.__dict__, "forward"))  # _forward_replaced
+    return types, triples, empty, absent
 
 
 class _LayoutCache:
     """lenet_args for one set of 12 layer objects. LeNet.forward keeps one per
     model. What the arguments were decided from (the layers' types, their hook
     dictionaries, which register_*_hook and a handle's remove() change in
-    place, the attributes of _config_key and the parameters) is checked at
+    place, their instance dicts' lack of a forward, the attributes of
+    _config_key and the parameters) is checked at
     every call, in C (_C.unchanged) where they sit in plain dicts; anything
     replaced sends the call through the full reading again."""
 
@@ -145,7 +149,12 @@ class _LayoutCache:
 
     def read(self, x: Tensor, layers: tuple) -> Optional[tuple]:
         """The arguments from the layers as they are now, or None."""
-        if tuple(map(type, layers)) != _LENET_TYPES or any(self.hook_dicts) or _global_hooks():
+        if (
+            tuple(map(type, layers)) != _LENET_TYPES
+            or any(self.hook_dicts)
+            or _global_hooks()
+            or any(map(_forward_replaced, layers))
+        ):
             return None
         key = _config_key(layers)
         decided_key, config = self.decided

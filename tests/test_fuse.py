@@ -120,3 +120,24 @@ def test_fuse_fuses_a_lazy_conv_once_it_is_initialized():
     assert recorder.ops.count("lenet_ext.conv_sigmoid_avgpool2d") == 1
     torch.testing.assert_close(out, model(x), **TOLERANCES[torch.float32])
     torch.testing.assert_close(first, out)
+
+
+@pytest.mark.parametrize("position", [0, 1, 2, 5, 6], ids=["conv", "sigmoid", "pool", "linear", "linear_sigmoid"])
+def test_fuse_runs_a_layer_whose_forward_was_replaced(position):
+    """A forward set on the instance (patched, or wrapped by a tool) is what the layer computes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Sigmoid(), nn.AvgPool2d(2), nn.Flatten(), nn.Identity(),
+                          nn.Linear(4 * 13 * 13, 5), nn.Sigmoid())  # fmt: skip
+    fused = lenet_ext.fuse(model)
+    x = torch.rand(2, 1, 28, 28)
+    fused(x)
+    layer = model[position]
+    layer.forward = lambda t: type(layer).forward(layer, t) * 3
+    assert fused.fused_runs() == ([] if position < 3 else [(0, 3)])
+    expected = x
+    for m in model:
+        expected = m(expected)
+    torch.testing.assert_close(fused(x), expected, **TOLERANCES[torch.float32])
+    del layer.forward
+    assert fused.fused_runs() == [(0, 3)]
+    torch.testing.assert_close(fused(x), model(x), **TOLERANCES[torch.float32])

@@ -248,6 +248,30 @@ def test_compile_fullgraph(device):
         torch.testing.assert_close(compiled(x), ref(x), **TOLERANCES[torch.float32])
 
 
+def test_compiled_lenet_is_the_whole_network_operator_until_a_layer_changes():
+    """torch.compile traces the operator call, not the layers, and guards on what LeNet decided
+    it from: a forward patched onto a layer recompiles into the layers."""
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+        return gm.forward
+
+    net, ref = twin_pair()
+    compiled = torch.compile(net, backend=recording_backend, fullgraph=True)
+    x = torch.rand(4, 1, 28, 28)
+    compiled(x)
+    with torch.inference_mode():
+        compiled(x)
+    assert ["lenet_ext.lenet_train_forward.default" in g for g in graphs] == [True, False]
+    assert ["lenet_ext.lenet_forward.default" in g for g in graphs] == [False, True]
+    for model in (net, ref):
+        model[1].forward = torch.tanh
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), ref(x), **TOLERANCES[torch.float32])
+    assert len(graphs) == 3 and not any(op.startswith("lenet_ext.lenet") for op in graphs[2])
+
+
 def test_to_dtype_and_load_state_dict_keep_matching():
     net, ref = LeNet(), d2l_net()
     net.to(torch.float64)
@@ -452,6 +476,10 @@ CHANGES_AFTER_A_CALL = {
     "pool_divisor": lambda net, ref: [setattr(m[5], "divisor_override", 3) for m in (net, ref)],
     "padding_same": lambda net, ref: [setattr(m[0], "padding", "same") for m in (net, ref)],
     "hook_added": lambda net, ref: [_hook_doubling_fc2(m) for m in (net, ref)],
+    # A forward set on the instance, as patching or a wrapping tool does: calls run it.
+    "conv_forward_patched": _same_to_both(lambda m: setattr(m[3], "forward", lambda x: nn.Conv2d.forward(m[3], x) + 1)),
+    "sigmoid_forward_patched": _same_to_both(lambda m: setattr(m[1], "forward", torch.tanh)),
+    "linear_forward_patched": _same_to_both(lambda m: setattr(m[11], "forward", lambda x: nn.Linear.forward(m[11], x) * 2)),
 }
 
 
@@ -576,14 +604,19 @@ def test_unchanged_compares_by_identity_and_names_bad_arguments():
     from lenet_ext import _C
 
     where = {"a": (1, 1)}
-    assert _C.unchanged((where, dict), (where, "a", where["a"]), ({},))
-    assert not _C.unchanged((where, list), (), ())
-    assert not _C.unchanged((), (where, "a", tuple([1, 1])), ())  # equal but another object
-    assert not _C.unchanged((), (where, "b", None), ())  # a missing key is not None
-    assert not _C.unchanged((), (), ({"hook": None},))
-    with pytest.raises(TypeError, match="three tuples"):
-        _C.unchanged([], (), ())
+    assert _C.unchanged((where, dict), (where, "a", where["a"]), ({},), (where, "b"))
+    assert not _C.unchanged((where, list), (), (), ())
+    assert not _C.unchanged((), (where, "a", tuple([1, 1])), (), ())  # equal but another object
+    assert not _C.unchanged((), (where, "b", None), (), ())  # a missing key is not None
+    assert not _C.unchanged((), (), ({"hook": None},), ())
+    assert not _C.unchanged((), (), (), (where, "a"))
+    with pytest.raises(TypeError, match="four tuples"):
+        _C.unchanged([], (), (), ())
     with pytest.raises(ValueError, match="pairs"):
-        _C.unchanged((where,), (), ())
+        _C.unchanged((where,), (), (), ())
+    with pytest.raises(ValueError, match="pairs"):
+        _C.unchanged((), (), (), (where,))
     with pytest.raises(TypeError, match="dict"):
-        _C.unchanged((), ([], "a", 1), ())
+        _C.unchanged((), ([], "a", 1), (), ())
+    with pytest.raises(TypeError, match="dict"):
+        _C.unchanged((), (), (), ([], "a"))
