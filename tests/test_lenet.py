@@ -12,6 +12,7 @@ from lenet_ext import LeNet, reference_lenet
 
 from conftest import DEVICES, REFERENCE_TABLE, d2l_net, outputs_and_grads, requires_cuda, twin_pair
 from conftest import LENET_TOLERANCES as TOLERANCES
+from test_conv_sigmoid_avgpool2d import NON_FINITE
 
 def test_children_are_the_reference_layers():
     net, ref = LeNet(), d2l_net()
@@ -205,9 +206,6 @@ def _check_a_non_finite_pixel(value, batch, device):
     got, want = outputs_and_grads(net, x, target), outputs_and_grads(ref, x, target)
     for g, w in zip([got[0], got[1], *got[2]], [want[0], want[1], *want[2]]):
         torch.testing.assert_close(g, w, equal_nan=True, **TOLERANCES[torch.float32])
-
-
-NON_FINITE = pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")], ids=["inf", "minus_inf", "nan"])
 
 
 @NON_FINITE

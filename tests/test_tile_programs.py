@@ -17,7 +17,7 @@ from lenet_ext import LeNet
 from lenet_ext.model import lenet_args
 from lenet_ext.ops import reference_lenet_forward
 
-from test_conv_sigmoid_avgpool2d import CASES, TOLERANCES, grads_of, make_inputs, non_finite_pixel_grads
+from test_conv_sigmoid_avgpool2d import CASES, NON_FINITE, TOLERANCES, grads_of, make_inputs, non_finite_pixel_grads
 from test_conv_sigmoid_avgpool2d import reference as reference_conv
 
 EMULATED = torch.ops.lenet_ext._lenet_forward_tile_emulated.default
@@ -162,7 +162,7 @@ def test_lenet_backward_tile_programs_match_the_reference(batch, tile, conv1_til
     assert_grads_match(got, reference_grads(inputs, args, mask), mask)
 
 
-@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")], ids=["inf", "minus_inf", "nan"])
+@NON_FINITE
 def test_lenet_tile_programs_meet_a_non_finite_pixel_as_the_reference(value):
     """An infinite pixel saturates the units it reaches, whose zero derivative times it is NaN in
     conv1's weight gradient; the logits and the other gradients stay as the reference's."""
@@ -293,7 +293,7 @@ def test_conv_backward_tile_program_computes_what_is_asked(mask):
             torch.testing.assert_close(g, w, **TOLERANCES[torch.float32])
 
 
-@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")], ids=["inf", "minus_inf", "nan"])
+@NON_FINITE
 @pytest.mark.parametrize("out_channels", [16, 6], ids=["whole_groups", "partial_group"])
 def test_conv_tile_programs_meet_a_non_finite_pixel_as_torch(out_channels, value):
     def emulated(x, weight, bias, padding, pool):
