@@ -5,9 +5,12 @@ backward (csrc/ops/tile/conv_sigmoid_avgpool2d_tile.h).
 
 The lenet_ext::_*_tile_emulated operators run a kernel's phases thread by
 thread; each phase runs twice, its threads in opposite orders, and fails if
-the results differ (a race the barrier would have to prevent). These tests
-check the programs' index math, shared-memory layouts and partial last tiles
-against the PyTorch reference without a GPU.
+the shared memory differs (a race the barrier would have to prevent), and
+each operator runs twice, its blocks in opposite orders, and fails if its
+outputs differ (a race that reaches global memory). These tests check the
+programs' index math, shared-memory layouts and partial last tiles against
+the PyTorch reference without a GPU, and that the two checks catch the races
+they are for.
 """
 
 import pytest
@@ -26,6 +29,7 @@ CONV_EMULATED = torch.ops.lenet_ext._conv_sigmoid_avgpool2d_tile_emulated.defaul
 CONV_BACKWARD_EMULATED = torch.ops.lenet_ext._conv_sigmoid_avgpool2d_backward_tile_emulated.default
 BACKWARD_EMULATED = torch.ops.lenet_ext._lenet_backward_tile_emulated.default
 SUMS_EMULATED = torch.ops.lenet_ext._tile_partial_sums_emulated.default
+RACE_PROBE = torch.ops.lenet_ext._tile_emulation_race_probe.default
 # (images per block, threads per block): one thread, fewer threads than items,
 # a tile that does not divide the batch, the CUDA launch's shape.
 TILINGS = [(1, 1), (3, 7), (2, 33), (8, 256)]
@@ -377,3 +381,22 @@ def test_partial_sums_bad_input():
         SUMS_EMULATED(torch.zeros(3), 32)
     with pytest.raises(TypeError, match="expected float32"):
         SUMS_EMULATED(torch.zeros(3, 2, dtype=torch.float64), 32)
+
+
+@pytest.mark.parametrize(
+    "race, error",
+    [
+        ("shared", "phase 0 depends on the order of its threads"),
+        ("global", "output 0 depends on the order of the blocks and threads"),
+        ("blocks", "output 0 depends on the order of the blocks and threads"),
+    ],
+)
+def test_emulation_stops_at_a_race(race, error):
+    """A small program with a race: a thread reading the shared memory another writes in the
+    same phase, into shared or into global memory, or a block reading the next one's output.
+    Without the race the same program runs, its read behind the barrier."""
+    assert RACE_PROBE("none").tolist() == [2.0, 3.0, 4.0, 1.0] * 3
+    with pytest.raises(RuntimeError, match=error):
+        RACE_PROBE(race)
+    with pytest.raises(ValueError, match="expected race none, shared, global or blocks, got racy"):
+        RACE_PROBE("racy")
