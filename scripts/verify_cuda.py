@@ -34,7 +34,7 @@ process runs once more under gdb or cuda-gdb, for the C++ backtrace
 --only runs the named stages after the build (an in-place build that is up
 to date takes seconds), for example a second run of the benchmark alone.
 Without a GPU (--no-gpu-ok) the script runs what it can on the CPU, for
-checking the script itself.
+checking the script itself, in a budget sized for a few cores.
 """
 
 import argparse
@@ -56,6 +56,10 @@ STAGES = ("build", "bad-input", "tests", *SANITIZER_TOOLS, "launches", "phases",
           "ncu", "bench-reference")  # fmt: skip
 TIMING_STAGES = ("launches", "phases", "bench-no-compile", "bench", "tiles", "ncu", "bench-reference")
 PYTEST = (sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider")  # the suite's, and a crashed test's rerun
+# Seconds for all stages: sized for a one-GPU machine with 16 cores, and without a GPU (--no-gpu-ok,
+# a check of the script) for a machine of a few cores, which builds and tests several times slower.
+GPU_BUDGET = 450
+NO_GPU_BUDGET = 1800
 
 
 class Stage:
@@ -382,10 +386,19 @@ def bad_input_stage(stage, out, left, build_env):
     return crashed
 
 
+def budgets(requested, has_gpu):
+    """Seconds for all stages (`requested`, or the machine's default), and the limit of the
+    longest two, the build and the test suite: 240 of the GPU machine's 450, a share that a
+    larger budget keeps."""
+    budget = requested or (GPU_BUDGET if has_gpu else NO_GPU_BUDGET)
+    return budget, 240 * budget / GPU_BUDGET
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
-    parser.add_argument("--budget", type=float, default=450, help="seconds for all stages together (default 450)")
+    parser.add_argument("--budget", type=float, help=f"seconds for all stages together (default {GPU_BUDGET} with a "
+                        f"GPU, {NO_GPU_BUDGET} without); the build's and the suite's own limits grow with it")  # fmt: skip
     parser.add_argument("--no-gpu-ok", action="store_true", help="without a GPU, run what the CPU can")
     parser.add_argument("--only", help="comma-separated stages to run after the build, from: " + ", ".join(STAGES[1:]))
     parser.add_argument("--keep-going", action="store_true", help="time the kernels even when the tests failed")
@@ -395,8 +408,7 @@ def main(argv=None):
         parser.error(f"--only: unknown stages {sorted(only - set(STAGES))}; the stages are {', '.join(STAGES[1:])}")
     out = os.path.abspath(args.out_dir)
     os.makedirs(out, exist_ok=True)
-    deadline = time.monotonic() + args.budget
-    left = lambda: deadline - time.monotonic()  # noqa: E731
+    start = time.monotonic()
     stages = {name: Stage(name) for name in STAGES}
     for name in set(STAGES) - only - {"build"}:
         stages[name].status, stages[name].detail = "skipped", "not in --only"
@@ -411,6 +423,9 @@ def main(argv=None):
     if not has_gpu and not args.no_gpu_ok:
         sys.exit("verify_cuda: no CUDA device is visible (torch.cuda.is_available() is False); "
                  "--no-gpu-ok runs the CPU part only")  # fmt: skip
+    budget, long_stage = budgets(args.budget, has_gpu)
+    deadline = start + budget
+    left = lambda: deadline - time.monotonic()  # noqa: E731
 
     # Build: machine code for this GPU only, all cores.
     build_env = {"FORCE_CUDA": "1" if facts["cuda"] else "0", "MAX_JOBS": str(os.cpu_count() or 4)}
@@ -418,7 +433,7 @@ def main(argv=None):
         build_env["TORCH_CUDA_ARCH_LIST"] = "{}.{}".format(*facts["capability"])
     stage = stages["build"]
     code, stage.seconds = run([sys.executable, "setup.py", "build_ext", "--inplace"], os.path.join(out, "build.log"),
-                              min(240, left()), env=build_env)  # fmt: skip
+                              min(long_stage, left()), env=build_env)  # fmt: skip
     stage.status = "passed" if code == 0 else "FAILED"
     stage.detail = "arch " + build_env["TORCH_CUDA_ARCH_LIST"] if has_gpu else "setup.py's default archs (no GPU)"
     with open(os.path.join(out, "build.log"), errors="replace") as f:  # setup.py's shared_libstdcxx_link_args
@@ -443,7 +458,7 @@ def main(argv=None):
     if wanted("tests"):
         command, env = pytest_command(junit, restarts=64 if still_crashes else 8)
         command += tests_ignored
-        code, stage.seconds = run(command, os.path.join(out, "tests.log"), min(240, left() - 120), env=env)
+        code, stage.seconds = run(command, os.path.join(out, "tests.log"), min(long_stage, left() - 120), env=env)
         stage.status = outcome(code)
     if stage.status != "skipped" and os.path.exists(junit):
         suite = ET.parse(junit).getroot()

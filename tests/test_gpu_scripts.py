@@ -156,6 +156,12 @@ def test_find_cuda_tool_returns_an_existing_path_or_none(name):
     assert found is None or os.path.exists(found)
 
 
+def test_verify_cuda_budget_defaults_by_machine_and_its_long_stages_keep_their_share():
+    assert verify_cuda.budgets(None, has_gpu=True) == (450, 240)
+    assert verify_cuda.budgets(None, has_gpu=False) == (1800, 960)
+    assert verify_cuda.budgets(540, has_gpu=True) == (540, 288)
+
+
 def test_verify_cuda_names_the_stages_when_only_names_an_unknown_one(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         verify_cuda.main([str(tmp_path), "--only", "bench,benchmark"])
