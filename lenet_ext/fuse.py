@@ -49,6 +49,11 @@ def _forward_replaced(module: nn.Module) -> bool:
     return not (isinstance(forward, MethodType) and forward.__func__ is type(module).forward)
 
 
+def _customized(module: nn.Module) -> bool:
+    """Whether a module must run as it is: it has hooks, or a forward of its own."""
+    return _has_hooks(module) or _forward_replaced(module)
+
+
 # The dicts of hooks registered for every module, which _global_hooks reads.
 _GLOBAL_HOOK_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
 
@@ -108,7 +113,7 @@ def fusable(conv: nn.Module, act: nn.Module, pool: nn.Module) -> bool:
         and type(act) is nn.Sigmoid
         and type(pool) is nn.AvgPool2d
         and fusable_config(conv, pool)
-        and not any(_has_hooks(m) or _forward_replaced(m) for m in (conv, act, pool))
+        and not any(map(_customized, (conv, act, pool)))
     )
 
 
@@ -139,7 +144,7 @@ class _LinearSigmoid:
 
     def __call__(self, x: Tensor) -> Tensor:
         linear, act = self.modules
-        if any(_has_hooks(m) or _forward_replaced(m) for m in (linear, act)) or _global_hooks():
+        if any(map(_customized, (linear, act))) or _global_hooks():
             return act(linear(x))
         return torch.sigmoid(F.linear(x, linear.weight, linear.bias))
 

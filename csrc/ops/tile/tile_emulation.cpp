@@ -31,6 +31,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <iterator>
 #include <tuple>
 #include <vector>
 
@@ -288,9 +289,10 @@ at::Tensor tile_emulation_race_probe(c10::string_view race_name) {
   constexpr const char* op = "_tile_emulation_race_probe";
   constexpr int64_t kTiles = 3;
   constexpr int kThreads = 4;
+  constexpr int kRaces = static_cast<int>(std::size(kRaceNames));
   int race = 0;
-  while (race < 4 && race_name != kRaceNames[race]) ++race;
-  TORCH_CHECK_VALUE(race < 4, op, ": expected race none, shared, global or blocks, got ", race_name);
+  while (race < kRaces && race_name != kRaceNames[race]) ++race;
+  TORCH_CHECK_VALUE(race < kRaces, op, ": expected race none, shared, global or blocks, got ", race_name);
   return in_both_orders(op, kThreads, [&](const Emulator& emulator) {
     at::Tensor out = at::zeros({kTiles * kThreads});
     const RaceProbeParams params{{2 * kThreads}, static_cast<Race>(race), kTiles, out.mutable_data_ptr<float>()};
