@@ -14,7 +14,6 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 import count_launches  # noqa: E402
 import kernel_workload  # noqa: E402
-import minimal_error_extension  # noqa: E402
 import phase_profile  # noqa: E402
 import tile_sweep  # noqa: E402
 import verify_cuda  # noqa: E402
@@ -228,37 +227,14 @@ def test_linkage_names_the_libraries_and_the_unversioned_std_imports(tmp_path):
         assert "libc10.so" in text
 
 
-def counting_runs(run, calls):
-    """verify_cuda.run, recording each command; the minimal extension's build is skipped (40 s)."""
-
-    def counted(cmd, log_path, timeout, env=None):
-        calls.append(cmd)
-        if any("minimal_error_extension.py" in part for part in cmd):
-            return 0, 0.0
-        return run(cmd, log_path, timeout, env)
-
-    return counted
-
-
-def test_a_crash_of_the_bad_input_tests_is_tried_with_libstdcxx_preloaded(tmp_path, monkeypatch):
-    """A stand-in for the bad-input tests that crashes unless a library is preloaded: the stage
-    reports the crash, the preloaded run, the backtrace and the minimal extension's result, and
-    says the crash is still there."""
-    crashes_unless_preloaded = "import os, ctypes; os.environ.get('LD_PRELOAD') or ctypes.string_at(0)"
-    monkeypatch.setattr(verify_cuda, "BAD_INPUT_TESTS", (sys.executable, "-c", crashes_unless_preloaded))
-    monkeypatch.setattr(verify_cuda, "built_extension", lambda: sys.executable)
-    monkeypatch.setattr(verify_cuda, "loaded_libstdcxx", lambda extension: "/preloaded/libstdc++.so.6")
-    monkeypatch.setattr(verify_cuda, "other_compilers", lambda: [("/usr/bin/g++-other", None)])
+def test_a_crash_of_the_bad_input_tests_is_reported_with_a_backtrace(tmp_path, monkeypatch):
+    """A stand-in for the bad-input tests that crashes: the stage reports the signal and the
+    compiler, and says the crash is there."""
+    monkeypatch.setattr(verify_cuda, "BAD_INPUT_TESTS", (sys.executable, "-c", "import ctypes; ctypes.string_at(0)"))
     stage = verify_cuda.Stage("bad-input")
-    monkeypatch.setattr(verify_cuda, "run", counting_runs(verify_cuda.run, calls := []))
-    no_time_to_rebuild = lambda: 250  # noqa: E731
-    assert verify_cuda.bad_input_stage(stage, str(tmp_path), no_time_to_rebuild, {}) is True
+    assert verify_cuda.bad_input_stage(stage, str(tmp_path), lambda: 250) is True
     assert stage.status == "FAILED"
-    assert "crashed (signal 11)" in stage.detail
-    assert "with /preloaded/libstdc++.so.6 preloaded: passed" in stage.detail
-    assert "a minimal extension's ValueError with an integer: raised" in stage.detail
-    assert "no time to rebuild with another compiler" in stage.detail
-    assert any("minimal_error_extension.py" in " ".join(cmd) for cmd in calls)
+    assert "crashed (signal 11) built with " in stage.detail
     if shutil.which("gdb") or verify_cuda.find_cuda_tool("cuda-gdb"):
         assert "SIGSEGV" in (tmp_path / "crash-backtrace.log").read_text()
 
@@ -266,24 +242,5 @@ def test_a_crash_of_the_bad_input_tests_is_tried_with_libstdcxx_preloaded(tmp_pa
 def test_bad_input_tests_that_pass_end_the_stage(tmp_path, monkeypatch):
     monkeypatch.setattr(verify_cuda, "BAD_INPUT_TESTS", (sys.executable, "-c", "pass"))
     stage = verify_cuda.Stage("bad-input")
-    assert verify_cuda.bad_input_stage(stage, str(tmp_path), lambda: 600, {}) is False
+    assert verify_cuda.bad_input_stage(stage, str(tmp_path), lambda: 600) is False
     assert stage.status == "passed" and not (tmp_path / "crash-backtrace.log").exists()
-
-
-def test_other_compilers_leave_out_the_current_one(monkeypatch, tmp_path):
-    if shutil.which("g++") is None:
-        pytest.skip("no g++")
-    monkeypatch.setenv("CXX", "g++")
-    assert all(os.path.realpath(cxx) != os.path.realpath(shutil.which("g++")) for cxx, _ in verify_cuda.other_compilers())
-    monkeypatch.setenv("CXX", str(tmp_path / "some-other-c++"))
-    cxx, cc = verify_cuda.other_compilers()[0]
-    assert os.path.realpath(cxx) == os.path.realpath(shutil.which("g++"))
-    assert cc is None or os.path.basename(cc).startswith("gcc")
-
-
-def test_minimal_error_extension_raises_both_ways(tmp_path, capsys):
-    """The discriminator a crash of the bad-input tests runs (about 30 s: it compiles an extension)."""
-    assert minimal_error_extension.main([str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "module function: ValueError: expected pool >= 1, got 0" in out
-    assert "operator: ValueError: expected pool >= 1, got 0 for x of shape [2, 3]" in out
