@@ -12,7 +12,8 @@ so each program's row shows its own best tile, whatever the others take;
 "auto" is the tile choose_tile picks now. A tile too large for shared memory
 falls back to the largest half of it that fits, so two columns can agree.
 5 and 10 are there for the work's balance: LeNet's forward has 50 conv2
-items (a group of eight channels at a pooled position) per image, and a
+items (a group of eight channels at a pooled position; a conv pass of one or
+two images takes groups of two, four times as many) per image, and a
 conv pass of 5 images (a tile of 5, or of 10 in two passes) makes 250, one
 nearly whole round of a block's 256 threads; a tile of 10 also reads the
 dense layers' weights once for ten images. Both leave room for three blocks

@@ -22,12 +22,11 @@
 #include <utility>
 
 #include "../cuda_kernel_choice.h"
+#include "../tile/tile_common.h"
 #include "../tile/tile_partial_sums.h"
 #include "phase_clocks.h"
 
 namespace lenet_ext {
-
-constexpr int kTileProgramThreads = 256;
 
 // Stamp `stamp` of this block (phase_clocks.h), by thread 0 when recording.
 // The thread and block indices are read again at each stamp (volatile asm

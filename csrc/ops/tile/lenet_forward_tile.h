@@ -39,6 +39,12 @@ namespace lenet_ext {
 // as a longer phase.
 constexpr int kConv1ChannelsPerItem = 6;
 constexpr int kConv2ChannelsPerItem = 8;
+// Conv block 2's groups for a pass whose kConv2ChannelsPerItem-wide items
+// would fill under half of a block's threads (LeNet's 50 per image: passes
+// of one or two images, the tiles of small batches), where a phase lasts
+// as long as its longest thread: four times the items, each a quarter as
+// long.
+constexpr int kConv2NarrowChannelsPerItem = 2;
 
 // The dense phases split each output feature's dot products into
 // kDenseSlices slices: slice s takes every kDenseSlices-th group of four
@@ -116,7 +122,10 @@ inline LeNetTileShape make_tile_shape(int in_channels, int height, int width, in
   s.conv_passes = tile > kConvPassImages ? 2 : 1;
   const int pass_images = (tile + s.conv_passes - 1) / s.conv_passes;
   s.conv1 = make_conv_tile_shape(g1, pass_images, 0, kConv1ChannelsPerItem);
-  s.conv2 = make_conv_tile_shape(g2, pass_images, 0, kConv2ChannelsPerItem);
+  const int wide_items = pass_images * ((c2 + kConv2ChannelsPerItem - 1) / kConv2ChannelsPerItem) *
+                         int(g2.out_height * g2.out_width);
+  const bool narrow = 2 * wide_items < kTileProgramThreads;
+  s.conv2 = make_conv_tile_shape(g2, pass_images, 0, narrow ? kConv2NarrowChannelsPerItem : kConv2ChannelsPerItem);
   s.f0 = c2 * s.conv2.out_h * s.conv2.out_w, s.f1 = f1, s.f2 = f2, s.f3 = f3;
   s.tile = tile;
   AlignedBuffers buffers(0);
@@ -219,16 +228,17 @@ LENET_HOST_DEVICE void conv_block1(const LeNetTileParams& p, float* smem, int64_
 }
 
 // Conv block 2 of a pass, flattened as nn.Flatten orders it (c, h, w), into
-// the pass's slots of block 2's buffer.
-LENET_HOST_DEVICE void conv_block2(const LeNetTileParams& p, float* smem, int64_t tile_index, int pass, int tid,
-                                   int threads) {
+// the pass's slots of block 2's buffer, in items of G channels.
+template <int G>
+LENET_HOST_DEVICE void conv_block2_groups(const LeNetTileParams& p, float* smem, int64_t tile_index, int pass,
+                                          int tid, int threads) {
   const LeNetTileShape& s = p.s;
   const ConvTileShape& c2 = s.conv2;
   const ConvPass at = conv_pass(p, tile_index, pass);
   using conv_tile_phases::ChannelGroupItem;
   const auto per_item = [&](const ChannelGroupItem& item) {
     const auto [image, first, ph, pw] = item;
-    float out[kConv2ChannelsPerItem];
+    float out[G];
     conv_tile_phases::pooled_group(c2, smem, image, first, ph, pw, out);
     // Channel first + c's feature is c planes on.
     const int feature = (first * c2.out_h + ph) * c2.out_w + pw;
@@ -236,7 +246,16 @@ LENET_HOST_DEVICE void conv_block2(const LeNetTileParams& p, float* smem, int64_
     float* to_global = p.block2 && image < at.real_images ? p.block2 + (at.first_image + image) * s.f0 + feature : nullptr;
     store_group(out, c2.out_channels - first, to_smem, c2.out_h * c2.out_w, to_global, c2.out_h * c2.out_w);
   };
-  conv_tile_phases::for_each_channel_group_item<kConv2ChannelsPerItem>(c2, c2.out_h, c2.out_w, tid, threads, per_item);
+  conv_tile_phases::for_each_channel_group_item<G>(c2, c2.out_h, c2.out_w, tid, threads, per_item);
+}
+
+// Conv block 2 of a pass, in the groups its layout was made for.
+LENET_HOST_DEVICE void conv_block2(const LeNetTileParams& p, float* smem, int64_t tile_index, int pass, int tid,
+                                   int threads) {
+  if (p.s.conv2.group_width == kConv2NarrowChannelsPerItem)
+    conv_block2_groups<kConv2NarrowChannelsPerItem>(p, smem, tile_index, pass, tid, threads);
+  else
+    conv_block2_groups<kConv2ChannelsPerItem>(p, smem, tile_index, pass, tid, threads);
 }
 
 // Dense phase, part one, for groups of W inputs (4: float4 loads; 1: any

@@ -13,6 +13,10 @@
 
 namespace lenet_ext {
 
+// The threads of every tile program's block (../cuda/tile_program.cuh
+// launches them), which the layouts size their phases' items for.
+constexpr int kTileProgramThreads = 256;
+
 // Loops over a thread's few values (a channel group, a dense row's four
 // inputs) unrolled on the GPU, so that its arrays live in registers, not in
 // local memory.
