@@ -122,10 +122,10 @@ inline LeNetTileShape make_tile_shape(int in_channels, int height, int width, in
   s.conv_passes = tile > kConvPassImages ? 2 : 1;
   const int pass_images = (tile + s.conv_passes - 1) / s.conv_passes;
   s.conv1 = make_conv_tile_shape(g1, pass_images, 0, kConv1ChannelsPerItem);
-  const int wide_items = pass_images * ((c2 + kConv2ChannelsPerItem - 1) / kConv2ChannelsPerItem) *
-                         int(g2.out_height * g2.out_width);
-  const bool narrow = 2 * wide_items < kTileProgramThreads;
-  s.conv2 = make_conv_tile_shape(g2, pass_images, 0, narrow ? kConv2NarrowChannelsPerItem : kConv2ChannelsPerItem);
+  const ConvTileShape wide = make_conv_tile_shape(g2, pass_images, 0, kConv2ChannelsPerItem);
+  const int wide_items = conv_tile_phases::channel_group_items<kConv2ChannelsPerItem>(wide, wide.out_h, wide.out_w);
+  s.conv2 = 2 * wide_items < kTileProgramThreads ? make_conv_tile_shape(g2, pass_images, 0, kConv2NarrowChannelsPerItem)
+                                                 : wide;
   s.f0 = c2 * s.conv2.out_h * s.conv2.out_w, s.f1 = f1, s.f2 = f2, s.f3 = f3;
   s.tile = tile;
   AlignedBuffers buffers(0);
