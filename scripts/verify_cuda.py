@@ -382,16 +382,16 @@ def main(argv=None):
     # The bad-input tests alone first (seconds): a C++ runtime of the extension's own beside
     # torch's crashes every error message that formats a number (setup.py links torch's).
     stage = stages["bad-input"]
-    still_crashes = False
+    bad_input_crashed = False
     if wanted("bad-input"):
-        still_crashes = bad_input_stage(stage, out, left)
-    tests_ignored = ["--ignore=tests/test_bad_input.py"] if still_crashes else []
+        bad_input_crashed = bad_input_stage(stage, out, left)
+    tests_ignored = ["--ignore=tests/test_bad_input.py"] if bad_input_crashed else []
 
     # The whole suite, CUDA variants included.
     stage = stages["tests"]
     junit = os.path.join(out, "tests.xml")
     if wanted("tests"):
-        command, env = pytest_command(junit, restarts=64 if still_crashes else 8)
+        command, env = pytest_command(junit, restarts=64 if bad_input_crashed else 8)
         command += tests_ignored
         code, stage.seconds = run(command, os.path.join(out, "tests.log"), min(long_stage, left() - 120), env=env)
         stage.status = outcome(code)
