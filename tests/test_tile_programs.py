@@ -7,10 +7,10 @@ The lenet_ext::_*_tile_emulated operators run a kernel's phases thread by
 thread; each phase runs twice, its threads in opposite orders, and fails if
 the shared memory differs (a race the barrier would have to prevent), and
 each operator runs twice, its blocks in opposite orders, and fails if its
-outputs differ (a race that reaches global memory). These tests check the
-programs' index math, shared-memory layouts and partial last tiles against
-the PyTorch reference without a GPU, and that the two checks catch the races
-they are for.
+outputs differ (a race that reaches global memory); a phase that writes past
+its block's shared memory fails too. These tests check the programs' index
+math, shared-memory layouts and partial last tiles against the PyTorch
+reference without a GPU, and that the checks catch what they are for.
 """
 
 import pytest
@@ -389,14 +389,16 @@ def test_partial_sums_bad_input():
         ("shared", "phase 0 depends on the order of its threads"),
         ("global", "output 0 depends on the order of the blocks and threads"),
         ("blocks", "output 0 depends on the order of the blocks and threads"),
+        ("outside", "phase 0 writes outside its block's 8 floats of shared memory"),
     ],
 )
 def test_emulation_stops_at_a_race(race, error):
     """A small program with a race: a thread reading the shared memory another writes in the
-    same phase, into shared or into global memory, or a block reading the next one's output.
-    Without the race the same program runs, its read behind the barrier."""
+    same phase, into shared or into global memory, or a block reading the next one's output;
+    or with a write past its shared memory. Without them the same program runs, its read
+    behind the barrier."""
     assert RACE_PROBE("none").tolist() == [2.0, 3.0, 4.0, 1.0] * 3
     with pytest.raises(RuntimeError, match=error):
         RACE_PROBE(race)
-    with pytest.raises(ValueError, match="expected race none, shared, global or blocks, got racy"):
+    with pytest.raises(ValueError, match="expected race none, shared, global, blocks or outside, got racy"):
         RACE_PROBE("racy")

@@ -22,8 +22,9 @@
 //   run in reverse thread order second. Its outputs must be equal: a race
 //   between threads whose effect reaches global memory only, or a block that
 //   reads or overwrites another block's output, makes them differ.
-// _tile_emulation_race_probe runs a small program with such a race through
-// both checks, for the tests of the checks themselves. What this cannot
+// Besides, no phase may write outside its block's shared memory.
+// _tile_emulation_race_probe runs a small program with such a fault through
+// the checks, for the tests of the checks themselves. What this cannot
 // see: the GPU's own rules (coalescing, bank conflicts, occupancy, the
 // memory model's ordering), which the GPU run and compute-sanitizer cover.
 #include <ATen/ATen.h>
@@ -65,6 +66,30 @@ namespace {
 // Which order an emulated launch runs its blocks and its threads in (see above).
 enum class LaunchOrder { kLastBlockFirst, kFirstBlockFirst };
 
+// Floats on each side of a block's shared memory that no phase may touch: a
+// write there is one past the block's own (on the GPU, a fault or another
+// block's data), and a read of their NaN shows in the outputs.
+constexpr size_t kGuardFloats = 16;
+constexpr uint32_t kGuardBits = 0x7fc0dead;  // a NaN unlike std::nanf's
+
+float guard_value() {
+  float value;
+  std::memcpy(&value, &kGuardBits, sizeof(value));
+  return value;
+}
+
+bool guards_intact(const std::vector<float>& memory) {
+  const auto intact = [&](size_t from) {
+    for (size_t i = from; i < from + kGuardFloats; ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, &memory[i], sizeof(bits));
+      if (bits != kGuardBits) return false;
+    }
+    return true;
+  };
+  return intact(0) && intact(memory.size() - kGuardFloats);
+}
+
 // Runs the programs of one operator call (see ../cuda/tile_program.cuh) as
 // the CUDA kernels would, in `order`.
 struct Emulator {
@@ -77,7 +102,8 @@ struct Emulator {
   void run(const typename Program::Params& params, int64_t tiles) const {
     TORCH_CHECK_VALUE(threads >= 1, op, ": expected threads >= 1, got ", threads);
     const bool mirrored = order == LaunchOrder::kFirstBlockFirst;
-    std::vector<float> smem(params.s.floats), other(params.s.floats);
+    const size_t floats = static_cast<size_t>(params.s.floats);
+    std::vector<float> smem(floats + 2 * kGuardFloats, guard_value()), other;
     const auto run_threads = [&](int phase, float* memory, int64_t tile, bool reversed) {
       for (int64_t k = 0; k < threads; ++k) {
         const int tid = static_cast<int>(reversed ? threads - 1 - k : k);
@@ -87,14 +113,15 @@ struct Emulator {
     for (int64_t k = 0; k < tiles; ++k) {
       const int64_t tile = mirrored ? k : tiles - 1 - k;
       // Whatever a previous block left behind; the program must not read it.
-      std::fill(smem.begin(), smem.end(), std::nanf(""));
+      std::fill(smem.begin() + kGuardFloats, smem.end() - kGuardFloats, std::nanf(""));
       for (int phase = 0; phase < Program::kPhases; ++phase) {
         other = smem;
-        run_threads(phase, other.data(), tile, !mirrored);
-        run_threads(phase, smem.data(), tile, mirrored);  // kept: its global writes come last
-        // A program without shared memory (its data() is null) has nothing to compare.
-        TORCH_CHECK(smem.empty() || std::memcmp(smem.data(), other.data(), smem.size() * sizeof(float)) == 0, op,
-                    ": phase ", phase, " depends on the order of its threads");
+        run_threads(phase, other.data() + kGuardFloats, tile, !mirrored);
+        run_threads(phase, smem.data() + kGuardFloats, tile, mirrored);  // kept: its global writes come last
+        TORCH_CHECK(guards_intact(smem) && guards_intact(other), op, ": phase ", phase, " writes outside its block's ",
+                    floats, " floats of shared memory");
+        TORCH_CHECK(std::memcmp(smem.data(), other.data(), smem.size() * sizeof(float)) == 0, op, ": phase ", phase,
+                    " depends on the order of its threads");
       }
     }
   }
@@ -246,15 +273,16 @@ at::Tensor tile_partial_sums_emulated(const at::Tensor& partials, int64_t thread
   });
 }
 
-// A program with one of these races, or none, for the tests of the checks
+// A program with one of these faults, or none, for the tests of the checks
 // above; a thread's two phases write its own float of the output.
 enum class Race {
-  kNone,    // a thread reads its neighbour's shared memory behind the barrier
-  kShared,  // ... in the phase that writes it, into shared memory
-  kGlobal,  // ... in the phase that writes it, into global memory
-  kBlocks,  // a block reads the output of the block after it
+  kNone,     // a thread reads its neighbour's shared memory behind the barrier
+  kShared,   // ... in the phase that writes it, into shared memory
+  kGlobal,   // ... in the phase that writes it, into global memory
+  kBlocks,   // a block reads the output of the block after it
+  kOutside,  // the last thread writes one float past the block's shared memory
 };
-constexpr const char* kRaceNames[] = {"none", "shared", "global", "blocks"};
+constexpr const char* kRaceNames[] = {"none", "shared", "global", "blocks", "outside"};
 
 struct RaceProbeParams {
   struct {
@@ -276,6 +304,7 @@ struct RaceProbeProgram {
       smem[tid] = static_cast<float>(tid + 1);
       if (p.race == Race::kShared) smem[threads + tid] = smem[neighbour];
       if (p.race == Race::kGlobal) *out = smem[neighbour];
+      if (p.race == Race::kOutside && tid == threads - 1) smem[p.s.floats] = 0.0f;
       return;
     }
     if (p.race == Race::kNone) *out = smem[neighbour];
@@ -292,7 +321,7 @@ at::Tensor tile_emulation_race_probe(c10::string_view race_name) {
   constexpr int kRaces = static_cast<int>(std::size(kRaceNames));
   int race = 0;
   while (race < kRaces && race_name != kRaceNames[race]) ++race;
-  TORCH_CHECK_VALUE(race < kRaces, op, ": expected race none, shared, global or blocks, got ", race_name);
+  TORCH_CHECK_VALUE(race < kRaces, op, ": expected race none, shared, global, blocks or outside, got ", race_name);
   return in_both_orders(op, kThreads, [&](const Emulator& emulator) {
     at::Tensor out = at::zeros({kTiles * kThreads});
     const RaceProbeParams params{{2 * kThreads}, static_cast<Race>(race), kTiles, out.mutable_data_ptr<float>()};
