@@ -40,6 +40,10 @@ CASES = {
     # whole groups and a partial one, two blocks of input channels.
     "image_groups": (37, 8, 20, 9, 9, 5, 1, 2),
     "image_groups_pool3": (18, 3, 17, 10, 10, 3, 2, 3),
+    # Rows of whole quads of four floats, which the CUDA programs stage a quad at a
+    # time: padding 4 (whole quads of zeros), and padding 2 over several channels.
+    "row_quads_padding4": (3, 2, 3, 7, 12, 3, 4, 2),
+    "row_quads_padding2": (2, 3, 4, 5, 8, 5, 2, 2),
 }
 
 # Tolerances against the float64 reference. float32 accumulates in float32:

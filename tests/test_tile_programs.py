@@ -85,8 +85,10 @@ def test_lenet_tile_program_takes_every_tile_size(tile):
         dict(size=13, k1=3, pad1=1, pool1=3, c1=5, k2=2, pad2=1, pool2=1, c2=3, f1=9, f2=7, f3=4),
         dict(size=9, k1=1, pad1=0, pool1=1, c1=2, k2=3, pad2=2, pool2=4, c2=17, f1=5, f2=3, f3=2),
         dict(c1=10, c2=12, f1=30),  # both blocks' last channel group part full
+        dict(size=27),  # both blocks' padded rows of odd length: windows read a float at a time
     ],
-    ids=["32x32", "rgb_47_classes_no_bias", "odd_pools_and_paddings", "kernel1_pool4", "partial_channel_groups"],
+    ids=["32x32", "rgb_47_classes_no_bias", "odd_pools_and_paddings", "kernel1_pool4", "partial_channel_groups",
+         "odd_rows"],
 )
 def test_lenet_tile_program_takes_every_configuration(config):
     args = random_lenet_args(5, **config)
@@ -114,6 +116,25 @@ def test_lenet_tile_program_reads_dense_weights_that_are_not_16_byte_aligned():
     args[9] = storage[1:].view_as(args[9]).copy_(args[9])
     assert args[9].data_ptr() % 16 != 0 and args[9].is_contiguous()
     torch.testing.assert_close(EMULATED(*args, 8, 256), reference(args), atol=2e-5, rtol=2e-4)
+
+
+@pytest.mark.parametrize("offset", [1, 2], ids=["4_bytes", "8_bytes"])
+def test_tile_programs_stage_images_that_are_not_16_byte_aligned(offset):
+    """x off a 16-byte boundary: LeNet's rows, whole quads of floats, are staged a float at a
+    time (a quad's load would fault on a GPU, and the emulation stops there)."""
+    args = list(random_lenet_args(9))
+    storage = torch.empty(args[0].numel() + offset)
+    args[0] = storage[offset:].view_as(args[0]).copy_(args[0])
+    assert args[0].data_ptr() % 16 != 0 and args[0].is_contiguous()
+    torch.testing.assert_close(EMULATED(*args, 5, 64), reference(args), atol=2e-5, rtol=2e-4)
+    x, weight, bias, padding, pool = make_inputs(CASES["row_quads_padding2"], torch.float32, "cpu")
+    shifted = torch.empty(x.numel() + offset)[offset:].view_as(x).copy_(x)
+    out = CONV_EMULATED(x, weight, bias, padding, pool, 2, 33)
+    torch.testing.assert_close(CONV_EMULATED(shifted, weight, bias, padding, pool, 2, 33), out, atol=0, rtol=0)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    grads = [CONV_BACKWARD_EMULATED(grad_out, t, weight, bias, padding, pool, [True] * 3, 2, 33) for t in (x, shifted)]
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 def test_lenet_tile_program_empty_batch_and_bad_input():

@@ -124,6 +124,31 @@ LENET_HOST_DEVICE int parameter_group_items(const ConvTileShape& s) {
   return channel_groups(s) * (s.in_channels * s.kernel * s.kernel / parameter_taps_per_item(s) + 1);
 }
 
+// Where a tile's images go in shared memory, from offset `at` on: x_at, and
+// `end`, the first offset past them. Rows of whole quads of four floats with
+// an even padding (LeNet's 28 columns, padded by 2) start their interior on
+// a 16-byte boundary, the rows then being whole quads too, with a quad's room
+// on each side of the buffer for the padding that its first and last quads
+// straddle: stage_images then copies them a quad at a time. Other sizes
+// start at `at`.
+struct ImagesPlace {
+  int x_at, end;
+};
+inline ImagesPlace place_images(const ConvTileShape& s, int at) {
+  const int floats = s.tile * s.in_channels * s.padded_h * s.padded_w;
+  if (s.width % 4 != 0 || s.padding % 2 != 0) return {at, at + floats};
+  const int lead = (4 - s.padding % 4) % 4;  // padding cells before a row's interior in its quad
+  const int start = (at + 3) / 4 * 4;
+  return {start + lead, start + floats + (lead > 0 ? 4 : 0)};
+}
+
+// Whether stage_images copies the images in quads: rows placed by
+// place_images, from an x whose rows are whole 16-byte aligned quads.
+LENET_HOST_DEVICE bool rows_in_quads(const ConvTileShape& s, const float* x) {
+  return s.width % 4 == 0 && s.padding % 2 == 0 && (s.x_at + s.padding) % 4 == 0 &&
+         reinterpret_cast<std::uintptr_t>(x) % 16 == 0;
+}
+
 // The layout for `tile` images per block; `threads` is the block size, which
 // the backward's slice count is chosen for (0 for the forward). A forward
 // whose items take `channels_per_item` channels (an even number; the
@@ -162,7 +187,8 @@ inline ConvTileShape make_conv_tile_shape(const ConvPoolGeometry& g, int tile, i
   // First, so that a channel group's weights start on a 16-byte boundary.
   s.weight_at = take(s.in_channels * s.kernel * s.kernel * s.channel_stride);
   s.bias_at = take(s.channel_stride);
-  s.x_at = take(tile * s.in_channels * s.padded_h * s.padded_w);
+  const ImagesPlace images = place_images(s, at);
+  s.x_at = images.x_at, at = images.end;
   const bool backward = backward_threads > 0;
   if (backward) at = (at + kChannelsPerThread - 1) / kChannelsPerThread * kChannelsPerThread;  // dz on 16 bytes
   s.dz_at = backward ? take(tile * s.channel_stride * s.ext_h * s.ext_w) : at;
@@ -224,6 +250,28 @@ LENET_HOST_DEVICE void stage_images(const ConvTileShape& s, const float* x, floa
   // A plane is one input channel of one image; the real images have the first real_planes.
   const int real_planes = real_images * s.in_channels;
   const float* tile_x = x + first_image * s.in_channels * s.height * s.width;
+  if (rows_in_quads(s, x)) {
+    // A quad of four cells per item, a quarter of the items one at a time
+    // takes, each of them an index walk, bounds tests and an address:
+    // quad k of a padded row starts `lead` cells before column 4k, so that
+    // quad 0 also takes the previous row's last `lead` cells (padding), and
+    // one quad past the last row takes that row's.
+    const int lead = s.x_at % 4;
+    const int row_quads = s.padded_w / 4;
+    const int quads = s.tile * s.in_channels * s.padded_h * row_quads + (lead > 0 ? 1 : 0);
+    float* first_quad = smem + s.x_at - lead;
+    IndexWalk<3> at(tid, threads, {0, s.padded_h, row_quads});  // (plane, padded row, quad of the row)
+#if defined(__CUDA_ARCH__)
+#pragma unroll 4
+#endif
+    for (int i = tid; i < quads; i += threads, at.advance()) {
+      const int y = at.coord[1] - s.padding, column = 4 * at.coord[2] - lead - s.padding;
+      const bool inside = at.coord[0] < real_planes && y >= 0 && y < s.height && column >= 0 && column < s.width;
+      const int from = inside ? (at.coord[0] * s.height + y) * s.width + column : 0;
+      copy4_or_zeros(tile_x + from, inside, first_quad + 4 * i);
+    }
+    return;
+  }
   IndexWalk<3> at(tid, threads, {0, s.padded_h, s.padded_w});  // (plane, padded row, padded column)
 #if defined(__CUDA_ARCH__)
 #pragma unroll 4
@@ -273,8 +321,9 @@ LENET_HOST_DEVICE void conv_channels(const ConvTileShape& s, const float* smem, 
 // (ph * pool + dy, ...). LeNet's shape (pool 2, kernel 5) holds the window's
 // 6 x 6 inputs of an input channel in registers, read once for the 4
 // positions and the G channels that share them, and its 4 x G sums; other
-// shapes compute one position at a time.
-template <int P, int K, int G, typename Fn>
+// shapes compute one position at a time. kPairs: the window's rows are read
+// two floats at a time, which needs every window on an even offset.
+template <int P, int K, int G, bool kPairs, typename Fn>
 LENET_HOST_DEVICE void window_z_unrolled(const ConvTileShape& s, const float* smem, int image, int first, int ph,
                                          int pw, const Fn& fn) {
   constexpr int kSide = P + K - 1;
@@ -295,8 +344,18 @@ LENET_HOST_DEVICE void window_z_unrolled(const ConvTileShape& s, const float* sm
     float patch[kSide][kSide];
     LENET_UNROLL
     for (int r = 0; r < kSide; ++r) {
-      LENET_UNROLL
-      for (int c = 0; c < kSide; ++c) patch[r][c] = top[r * s.padded_w + c];
+      if constexpr (kPairs) {
+        static_assert(kSide % 2 == 0, "a window row of whole pairs");
+        LENET_UNROLL
+        for (int c = 0; c < kSide; c += 2) {
+          float pair[2];
+          load2(top + r * s.padded_w + c, pair);
+          patch[r][c] = pair[0], patch[r][c + 1] = pair[1];
+        }
+      } else {
+        LENET_UNROLL
+        for (int c = 0; c < kSide; ++c) patch[r][c] = top[r * s.padded_w + c];
+      }
     }
     LENET_UNROLL
     for (int kh = 0; kh < K; ++kh) {
@@ -328,7 +387,12 @@ LENET_HOST_DEVICE void window_z(const ConvTileShape& s, const float* smem, int i
   if (s.group_width != G) throw std::logic_error("lenet_ext: a conv item's channel group is not the weights' layout");
 #endif
   if (s.pool == 2 && s.kernel == 5) {
-    window_z_unrolled<2, 5, G>(s, smem, image, first, ph, pw, fn);
+    // A window starts at an even column of an even row of an image's planes:
+    // on an even offset when the rows and the buffer's start are (LeNet's).
+    if (s.padded_w % 2 == 0 && s.x_at % 2 == 0)
+      window_z_unrolled<2, 5, G, true>(s, smem, image, first, ph, pw, fn);
+    else
+      window_z_unrolled<2, 5, G, false>(s, smem, image, first, ph, pw, fn);
     return;
   }
   for (int dy = 0; dy < s.pool; ++dy) {

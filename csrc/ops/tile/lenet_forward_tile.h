@@ -133,13 +133,16 @@ inline LeNetTileShape make_tile_shape(int in_channels, int height, int width, in
     conv->weight_at = buffers.take(conv->in_channels * conv->kernel * conv->kernel * conv->channel_stride);
     conv->bias_at = buffers.take(conv->channel_stride);
   }
-  const int x_floats = pass_images * in_channels * s.conv1.padded_h * s.conv1.padded_w;
+  // x (with the room place_images leaves around it) and block 1 one after
+  // the other, where the slices go later.
+  const ImagesPlace x = place_images(s.conv1, buffers.end);
+  const int x_floats = (x.end - buffers.end + 3) / 4 * 4;  // block 1 on 16 bytes too
   const int block1_floats = pass_images * c1 * s.conv2.padded_h * s.conv2.padded_w;
   const int widest = f1 > f2 ? (f1 > f3 ? f1 : f3) : (f2 > f3 ? f2 : f3);
   const int slice_floats = tile * widest * kDenseSlices;
-  s.slices_at = s.conv1.x_at =
-      buffers.take(x_floats + block1_floats > slice_floats ? x_floats + block1_floats : slice_floats);
-  s.conv2.x_at = s.conv1.x_at + x_floats;
+  s.slices_at = buffers.take(x_floats + block1_floats > slice_floats ? x_floats + block1_floats : slice_floats);
+  s.conv1.x_at = x.x_at;
+  s.conv2.x_at = s.slices_at + x_floats;
   const int fc1_floats = (tile * f1 + 3) / 4 * 4, block2_floats = s.conv_passes * pass_images * s.f0;
   s.block2_at = buffers.take(block2_floats > fc1_floats + tile * f2 ? block2_floats : fc1_floats + tile * f2);
   s.fc1_at = s.block2_at, s.fc2_at = s.block2_at + fc1_floats;
@@ -377,7 +380,7 @@ struct LeNetTileProgram {
   // each tile.
   static constexpr int kTileCandidates[] = {10, 5, 4, 2, 1};
   // Three blocks per multiprocessor, as their buffers allow at a tile of 10
-  // (LeNet's: 17,576 floats, 68.7 KiB; three, each with the 1 KiB a block
+  // (LeNet's: 17,580 floats, 68.7 KiB; three, each with the 1 KiB a block
   // reserves, fit an H100's 228 KiB): registers at most 85 a thread, where
   // the dense phases' ten images would take the compiler to 97 on sm_90, and
   // the multiprocessor down to two blocks.

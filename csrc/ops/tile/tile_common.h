@@ -100,6 +100,20 @@ LENET_HOST_DEVICE void store4(float* p, const float (&in)[4]) {
 #endif
 }
 
+// Four floats from `from` to `to`, or four zeros unless `load` (`from` is
+// then not read), both 16-byte aligned: one vector load and one vector store
+// on the GPU, where loading into an array and storing it with store4 leaves
+// the compiler four scalar stores.
+LENET_HOST_DEVICE void copy4_or_zeros(const float* from, bool load, float* to) {
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<float4*>(to) = load ? *reinterpret_cast<const float4*>(from) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#else
+  float quad[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if (load) load4(from, quad);
+  store4(to, quad);
+#endif
+}
+
 // The tile programs' sigmoid, 1 / (1 + exp(-z)) with the reciprocal
 // correctly rounded, as the division rounds it, for z >= -87; below, where
 // the sigmoid is under 1.7e-38, it is 0. On the GPU the reciprocal is the
