@@ -124,19 +124,22 @@ LENET_HOST_DEVICE int parameter_group_items(const ConvTileShape& s) {
   return channel_groups(s) * (s.in_channels * s.kernel * s.kernel / parameter_taps_per_item(s) + 1);
 }
 
+// Whether x's rows are whole quads of four floats with an even padding
+// (LeNet's 28 columns, padded by 2): their padded rows are then whole quads
+// too, and with the interior of each on a 16-byte boundary (place_images),
+// stage_images copies them a quad at a time.
+LENET_HOST_DEVICE bool rows_of_quads(const ConvTileShape& s) { return s.width % 4 == 0 && s.padding % 2 == 0; }
+
 // Where a tile's images go in shared memory, from offset `at` on: x_at, and
-// `end`, the first offset past them. Rows of whole quads of four floats with
-// an even padding (LeNet's 28 columns, padded by 2) start their interior on
-// a 16-byte boundary, the rows then being whole quads too, with a quad's room
-// on each side of the buffer for the padding that its first and last quads
-// straddle: stage_images then copies them a quad at a time. Other sizes
-// start at `at`.
+// `end`, the first offset past them. Rows of quads start their interior on a
+// 16-byte boundary, with a quad's room on each side of the buffer for the
+// padding that its first and last quads straddle; other sizes start at `at`.
 struct ImagesPlace {
   int x_at, end;
 };
 inline ImagesPlace place_images(const ConvTileShape& s, int at) {
   const int floats = s.tile * s.in_channels * s.padded_h * s.padded_w;
-  if (s.width % 4 != 0 || s.padding % 2 != 0) return {at, at + floats};
+  if (!rows_of_quads(s)) return {at, at + floats};
   const int lead = (4 - s.padding % 4) % 4;  // padding cells before a row's interior in its quad
   const int start = (at + 3) / 4 * 4;
   return {start + lead, start + floats + (lead > 0 ? 4 : 0)};
@@ -145,8 +148,7 @@ inline ImagesPlace place_images(const ConvTileShape& s, int at) {
 // Whether stage_images copies the images in quads: rows placed by
 // place_images, from an x whose rows are whole 16-byte aligned quads.
 LENET_HOST_DEVICE bool rows_in_quads(const ConvTileShape& s, const float* x) {
-  return s.width % 4 == 0 && s.padding % 2 == 0 && (s.x_at + s.padding) % 4 == 0 &&
-         reinterpret_cast<std::uintptr_t>(x) % 16 == 0;
+  return rows_of_quads(s) && (s.x_at + s.padding) % 4 == 0 && reinterpret_cast<std::uintptr_t>(x) % 16 == 0;
 }
 
 // The layout for `tile` images per block; `threads` is the block size, which
